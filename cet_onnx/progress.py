@@ -35,7 +35,7 @@ class Progress:
         self.unit = unit
         self.n = 0
         self.start = time.perf_counter()
-        self._last_draw = 0.0
+        self._last_draw = self.start if not sys.stderr.isatty() else 0.0
         self._tty = sys.stderr.isatty()
 
     def update(self, k: int = 1) -> None:
@@ -64,7 +64,7 @@ class Progress:
             text = f"{self.desc}: {self.n} {self.unit} [{_fmt_seconds(elapsed)}, {rate:.1f} {self.unit}/s]"
         if self._tty:
             sys.stderr.write("\r" + text + ("\n" if final else ""))
-        elif final or self.n == 1 or elapsed >= 5.0:
+        else:
             sys.stderr.write(text + "\n")
         sys.stderr.flush()
 

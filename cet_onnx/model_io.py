@@ -1,0 +1,222 @@
+"""Load, prepare and save ONNX models.
+
+Loading checks the file, refuses external-data paths that leave the model's folder,
+runs ``onnx.checker``, turns weight-holding ``Constant`` nodes into initializers (Paddle
+exports keep weights there), simplifies with onnxsim (a failure only warns) and infers
+shapes. Saving is atomic: everything is written to a temporary folder beside the target,
+then renamed into place, so an interrupted run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from .errors import InputError, RuntimeFailure
+
+#: Models larger than this are saved with external data (protobuf's 2 GB limit).
+PROTOBUF_LIMIT = 2**31 - 2**20
+
+
+def warn(msg: str) -> None:
+    """Print a warning line on stderr."""
+    print(f"WARNING: {msg}", file=sys.stderr)
+
+
+def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
+    base = path.parent.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        target = (base / info.location).resolve()
+        if base != target and base not in target.parents:
+            raise InputError(f"{path}: tensor '{tensor.name}' points to external data "
+                             f"'{info.location}' outside the model's folder")
+        if not target.is_file():
+            raise InputError(f"{path}: tensor '{tensor.name}' needs external data file "
+                             f"'{info.location}', which does not exist")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX model (with its external data); never modifies the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'decode failed'})") from None
+    if not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no graph nodes)")
+    _check_external_paths(model, path)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read external data ({exc})") from None
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise InputError(f"{path}: invalid ONNX model: {first}") from None
+    return model
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move tensor-valued ``Constant`` nodes of the main graph into initializers.
+
+    Returns how many were moved. Weights hidden in Constant nodes are then found and
+    quantized exactly like initializers.
+    """
+    graph = model.graph
+    keep, moved = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Run onnxsim; on any failure warn and return the model unchanged."""
+    try:
+        import onnxsim
+    except ImportError:
+        warn("onnxsim is not installed; continuing without simplification")
+        return model
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        warn(f"{source}: larger than 2 GB, skipping onnxsim simplification")
+        return model
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:
+        warn(f"{source}: onnxsim failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+             "continuing with the unsimplified model")
+        return model
+    if not ok:
+        warn(f"{source}: onnxsim could not validate its result; continuing with the unsimplified model")
+        return model
+    return simplified
+
+
+def infer_shapes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Shape inference; models over 2 GB are inferred without their weights."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            return onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:
+        warn(f"{source}: shape inference failed ({str(exc).strip().splitlines()[0]}); continuing")
+    return model
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int, source: str) -> onnx.ModelProto:
+    """Convert the model to at least opset ``target``; name the op that blocks it on failure."""
+    current = opset_version(model)
+    if current >= target:
+        return model
+    from onnx import version_converter
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        detail = text[0] if text else type(exc).__name__
+        ops = [n.op_type for n in model.graph.node]
+        blocking = next((op for op in dict.fromkeys(ops) if op in detail), None)
+        what = f"op '{blocking}' blocked it" if blocking else detail
+        raise RuntimeFailure(f"{source}: cannot convert opset {current} to {target} "
+                             f"(needed by the quantized types): {what}") from None
+    return converted
+
+
+def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> onnx.ModelProto:
+    """Load → Constant weights to initializers → simplify → shape inference."""
+    model = load_model(path)
+    constants_to_initializers(model)
+    if do_simplify:
+        model = simplify(model, str(path))
+        constants_to_initializers(model)
+    return infer_shapes(model, str(path))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write ``model`` (and ``extra_files`` beside it) atomically.
+
+    Everything goes to a temporary folder in the target's folder first; only when all
+    writes succeeded are the files renamed into place. Models over 2 GB get their
+    weights in ``<name>.data`` beside the model.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: output folder '{parent}' does not exist")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        names = [path.name]
+        tmp_model = tmpdir / path.name
+        if model.ByteSize() >= PROTOBUF_LIMIT:
+            data_name = path.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            names.append(data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        for name, data in (extra_files or {}).items():
+            (tmpdir / name).write_bytes(data)
+            names.append(name)
+        for name in names:
+            os.replace(tmpdir / name, parent / name)
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Name → initializer of the main graph."""
+    return {t.name: t for t in model.graph.initializer}
+
+
+def to_array(tensor: onnx.TensorProto):
+    """numpy view of an initializer."""
+    return numpy_helper.to_array(tensor)
+
+
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = {external_data_helper.ExternalDataInfo(t).location
+                 for t in external_data_helper._get_all_tensors(model)
+                 if external_data_helper.uses_external_data(t)}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())

@@ -1,0 +1,95 @@
+"""Pack integer codes into ONNX INT2 / INT4 / INT8 tensors, and unpack them again.
+
+ONNX stores INT4 two values per byte and INT2 four per byte, the first element in the
+lowest bits; a tensor with an odd count pads the last byte with zeros. Packing here is
+vectorised numpy and writes ``raw_data`` directly, so multi-GB weights pack quickly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from .quantizer import QuantizedWeight, container_bits, packed_nbytes
+
+_ELEM_TYPE = {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}
+
+
+def elem_type_for_bits(bits: int) -> int:
+    """ONNX element type (TensorProto enum) that stores ``bits``-bit signed codes."""
+    return _ELEM_TYPE[container_bits(bits)]
+
+
+def pack_bits(q: np.ndarray, cbits: int) -> bytes:
+    """Pack signed codes into ``cbits``-bit fields, little end first."""
+    flat = np.asarray(q).astype(np.int8, copy=False).ravel()
+    if cbits == 8:
+        return flat.tobytes()
+    per = 8 // cbits
+    mask = (1 << cbits) - 1
+    u = flat.view(np.uint8) & np.uint8(mask)
+    pad = (-u.size) % per
+    if pad:
+        u = np.concatenate([u, np.zeros(pad, np.uint8)])
+    u = u.reshape(-1, per)
+    shifts = (np.arange(per, dtype=np.uint8) * cbits).astype(np.uint8)
+    return np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_bits(data: bytes, count: int, cbits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` sign-extended int8 codes."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if cbits == 8:
+        return raw.view(np.int8)[:count].copy()
+    per = 8 // cbits
+    shifts = (np.arange(per, dtype=np.uint8) * cbits).astype(np.uint8)
+    fields = ((raw[:, None] >> shifts) & np.uint8((1 << cbits) - 1)).ravel()[:count]
+    sign = np.uint8(1 << (cbits - 1))
+    return (fields.astype(np.int16) - ((fields & sign).astype(np.int16) << 1)).astype(np.int8)
+
+
+def make_int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
+    """An initializer holding ``q`` (int8 codes in range for ``bits``) in its packed ONNX type."""
+    cbits = container_bits(bits)
+    t = TensorProto()
+    t.name = name
+    t.data_type = _ELEM_TYPE[cbits]
+    t.dims.extend(int(d) for d in np.shape(q))
+    t.raw_data = pack_bits(q, cbits)
+    return t
+
+
+def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, int | None, int | None, bool]:
+    """(codes, scale, axis, block_size, needs_reshape) exactly as written to the model.
+
+    INT2 weights always use DequantizeLinear's blocked form: onnxruntime's QDQ selectors
+    exclude 4- and 16-bit weights but not 2-bit ones, fuse INT2 weights into QLinearConv /
+    QLinearMatMul and then refuse to load the model; blocked scales are never fused. A
+    per-channel (or per-tensor) scale becomes one block spanning the whole reduction axis;
+    a Conv kernel ``[O, I, k...]`` is stored as ``[O, I·k...]`` and reshaped back after
+    dequantization so that its scales are not repeated per kernel position.
+    """
+    if container_bits(qw.fmt.bits) != 2 or qw.block_size is not None:
+        return qw.q, qw.scale, qw.axis, qw.block_size, False
+    q, c, r = qw.q, qw.channel_axis, qw.reduction_axis
+    nch = q.shape[c]
+    scale = np.broadcast_to(np.asarray(qw.scale, np.float32), (nch,)) if qw.axis is None else qw.scale
+    if q.ndim > 2 and c == 0:
+        q2 = q.reshape(nch, -1)
+        return q2, scale.reshape(nch, 1).astype(np.float32), 1, q2.shape[1], True
+    # blocked over the whole reduction axis; the scale is repeated along any other axes
+    view = [1] * q.ndim
+    view[c] = nch
+    shape = list(q.shape)
+    shape[r] = 1
+    full = np.broadcast_to(scale.reshape(view), shape).astype(np.float32)
+    return q, full, r, q.shape[r], False
+
+
+def stored_nbytes(qw: QuantizedWeight) -> int:
+    """Bytes of codes, float32 scales and zero points as :func:`stored_form` writes them."""
+    cbits = container_bits(qw.fmt.bits)
+    _, scale, _, _, reshape = stored_form(qw)
+    nscale = int(np.prod(np.shape(scale), dtype=np.int64))
+    extra = 8 * qw.q.ndim if reshape else 0  # the int64 target shape of the Reshape
+    return packed_nbytes(qw.q.size, cbits) + 4 * nscale + packed_nbytes(nscale, cbits) + extra
