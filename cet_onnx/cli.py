@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import signal
 import sys
 from pathlib import Path
@@ -23,19 +22,9 @@ from .errors import CetError, InputError
 EXAMPLE_MODEL = "models/digits/model.onnx"
 
 
-def _sanitize(o: Any) -> Any:
-    """Make a report strictly JSON: non-finite floats become strings."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return "inf" if o > 0 else "-inf" if o < 0 else "nan"
-    if isinstance(o, dict):
-        return {k: _sanitize(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_sanitize(v) for v in o]
-    return o
-
-
 def emit_json(obj: dict) -> None:
-    click.echo(json.dumps(_sanitize(obj), indent=2, default=str))
+    from .pipeline import strict_json
+    click.echo(json.dumps(strict_json(obj), indent=2, default=str))
 
 
 def _on_signal(signum, frame):
@@ -109,6 +98,50 @@ def calib_options(fn: Callable) -> Callable:
     return fn
 
 
+def probe_options(fn: Callable) -> Callable:
+    """Options of the sensitivity probes, shared by quantize and analyze."""
+    options = [
+        click.option("--bits", "bits", default="2,4,8", show_default=True, metavar="B[,B...]",
+                     help="Candidate bit-widths for the allocator (each 2..8)."),
+        click.option("--candidate-block", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="Block size of the block-wise candidates (default: --block-size, else 32; 0: per-channel only)."),
+        click.option("--loss", type=click.Choice(["kl", "logmse", "mse", "ce"]), default=None,
+                     help="Loss the probes measure (default: ce with --labels, logmse for classifier-like "
+                          "outputs, else mse)."),
+        click.option("--loss-output", default=None, metavar="NAME", help="Model output the loss is measured on."),
+        click.option("--labels", type=click.Path(dir_okay=False), default=None,
+                     help=".npy of integer labels aligned with the --calib samples (task loss 'ce')."),
+        click.option("--weight-clip", type=click.Choice(["auto", "mse", "none"]), default="auto", show_default=True,
+                     help="Weight clipping range: per-group MSE search (auto: at 4 bits and below) or max |w|."),
+        click.option("--weight-grid", type=click.Choice(["auto", "symmetric", "asymmetric"]), default="auto",
+                     show_default=True,
+                     help="Weight grid: asymmetric uses all 2^b codes with a zero point (auto: at 4 bits and below; "
+                          "8-bit stays symmetric for onnxruntime's integer kernels)."),
+        click.option("--probe-size", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Calibration samples each probe runs on."),
+        click.option("--hutchinson-samples", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Random directions per weight for --allocator hawq."),
+        click.option("--fidelity-samples", type=click.IntRange(min=0), default=12, show_default=True,
+                     help="Random assignments whose measured loss is compared with the prediction."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Probe cache folder (default: $CET_ONNX_CACHE or ~/.cache/cet-onnx)."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the probe cache."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError:
+        raise InputError(f"--bits: expected comma-separated integers, got '{text}'") from None
+    if not bits or min(bits) < 2 or max(bits) > 8:
+        raise InputError(f"--bits: every width must be between 2 and 8, got '{text}'")
+    return bits
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON result on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -148,19 +181,36 @@ def main() -> None:
               help="Exit 1 (and write nothing) if any output's SQNR is below DB.")
 @click.option("--verify-min-agreement", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
               help="Exit 1 (and write nothing) if top-1 agreement with the float model is below FRACTION.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random calibration data.")
+@click.option("--avg-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="X",
+              help="Mixed precision: average stored bits per weight parameter, scales and zero points included.")
+@click.option("--max-size", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MB",
+              help="Mixed precision: bytes (1 MB = 10^6) of the emitted weights, scales and zero points included.")
+@click.option("--max-loss", type=float, default=None, metavar="E",
+              help="Mixed precision: smallest weights whose measured loss stays <= E (closed loop).")
+@click.option("--allocator", type=click.Choice(["cet", "hawq", "sqnr", "uniform"]), default="cet", show_default=True,
+              help="How a budget is spent: CET probes, Hessian-trace proxy, layer SQNR, or one bit-width for all.")
+@probe_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
 @json_option
 @quiet_option
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
-             verify_size, verify_min_sqnr, verify_min_agreement, seed, as_json, quiet):
+             verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, bits,
+             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, probe_size, hutchinson_samples, fidelity_samples,
+             cache_dir, no_cache, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
+    Without a budget every weight gets --weight-bits. With --avg-bits, --max-size or
+    --max-loss each weight gets its own format (bit-width and scale granularity), chosen by
+    --allocator from the candidates --bits x {per-channel, blocks of --candidate-block}.
+
     \b
-    Example:
+    Examples:
       cet-onnx quantize models/digits/model.onnx -o digits.w4.onnx \\
           --calib models/digits/calib.npz --weight-bits 4 --block-size 32
+      cet-onnx quantize models/digits/model.onnx -o digits.mixed.onnx \\
+          --calib models/digits/calib.npz --avg-bits 3
     """
     from .pipeline import QuantizeOptions, quantize as run_quantize, report_path
     from .progress import set_quiet
@@ -171,12 +221,24 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weight_bits=weight_bits, per_tensor=per_tensor, block_size=block_size, act_bits=int(act_bits),
         weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method, percentile=percentile,
         simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
-        verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout))
+        verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout),
+        **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, probe_size,
+                        hutchinson_samples, fidelity_samples, cache_dir, no_cache),
+        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss)
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
     if as_json:
         emit_json({"ok": True, **report})
         return
     _print_quantize_summary(report, report_path(output))
+
+
+def _probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, probe_size,
+                  hutchinson_samples, fidelity_samples, cache_dir, no_cache) -> dict:
+    block = candidate_block if candidate_block is not None else (block_size or 32)
+    return dict(bits=_bits_list(bits), candidate_block=block or None, loss=loss, loss_output=loss_output,
+                weight_clip=weight_clip, weight_grid=weight_grid,
+                labels=labels, probe_size=probe_size, hutchinson_samples=hutchinson_samples,
+                fidelity_samples=fidelity_samples, cache_dir=cache_dir, use_cache=not no_cache)
 
 
 def _fmt_sqnr(v) -> str:
@@ -196,7 +258,97 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         for o in v["outputs"]:
             agree = f", top-1 agreement {100 * o['top1_agreement']:.2f} %" if o["top1_agreement"] is not None else ""
             click.echo(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{agree}")
+    if v.get("accuracy"):
+        click.echo(f"  top-1 accuracy on them: float {100 * v['accuracy']['fp32']:.2f} %, "
+                   f"quantized {100 * v['accuracy']['quantized']:.2f} %")
+    a = report.get("allocation")
+    if a:
+        counts: dict[str, int] = {}
+        for w in report["weights"]:
+            counts[w["format"]] = counts.get(w["format"], 0) + 1
+        click.echo(f"allocation ({a['allocator']}, {a['budget']}, loss {a['loss']} on '{a['loss_output']}'): "
+                   + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+        pred = "n/a" if a["predicted_loss"] is None else f"{a['predicted_loss']:.4g}"
+        click.echo(f"  loss: float weights {a['base_loss']:.4g}, predicted {pred}, measured {a['measured_loss']:.4g}")
+        f = a.get("fidelity")
+        if f:
+            click.echo(f"  fidelity over {len(f['assignments'])} random assignments: Spearman {f['spearman']:.3f}, "
+                       f"median measured/predicted {f['median_measured_over_predicted']:.2f}")
+        click.echo(f"  probes: {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
+                   f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
     click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, metavar="PREFIX",
+              help="Write PREFIX.json and PREFIX.csv (default: MODEL's name + .sensitivity).")
+@calib_options
+@click.option("--weight-only", is_flag=True, help="Probe without activation quantization.")
+@click.option("--act-symmetric", is_flag=True, help="Signed symmetric activations.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen.")
+@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Block size of block-wise candidates.")
+@click.option("--allocators", default="cet", show_default=True, metavar="A[,A]",
+              help="Sensitivities to measure: cet, hawq, sqnr.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@probe_options
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many most / least sensitive weights to print.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
+@json_option
+@quiet_option
+@handle_errors
+def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
+            act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
+            labels, weight_clip, weight_grid, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
+            as_json, quiet):
+    """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
+
+    Writes a JSON and a CSV table and prints the most and least sensitive weights, plus the
+    fidelity of the additive prediction on random assignments.
+
+    \b
+    Example:
+      cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
+    """
+    from .analysis_io import sensitivity_csv, write_analysis
+    from .pipeline import QuantizeOptions, analyze as run_analyze
+    from .progress import set_quiet
+    set_quiet(quiet or as_json)
+    names = tuple(a.strip() for a in allocators.split(",") if a.strip())
+    bad = [a for a in names if a not in ("cet", "hawq", "sqnr")]
+    if bad or not names:
+        raise InputError(f"--allocators: expected a list of cet, hawq, sqnr, got '{allocators}'")
+    opts = QuantizeOptions(weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method,
+                           simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
+                           seed=seed, image=_image_options(image_size, mean, std, layout),
+                           **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid,
+                                           probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache))
+    result = run_analyze(model, calib, opts, names)
+    prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"
+    paths = write_analysis(result, prefix)
+    if as_json:
+        emit_json({"ok": True, "files": [str(p) for p in paths], **result})
+        return
+    click.echo(f"loss {result['loss']} on '{result['loss_output']}' over {result['probe_samples']} samples; "
+               f"float-weight loss {result['base_loss']:.4g}; {result['probe_runs']} forward passes in "
+               f"{result['probe_seconds']:.1f}s ({result['forward_passes_per_second']}/s)")
+    rows = result.get("cet") or result[names[0]]
+    lowest = min(result["formats"], key=lambda f: int(f.split("/")[0][3:]))
+    ranked = sorted((r for r in rows if lowest in r["formats"]), key=lambda r: r["formats"][lowest]["predicted"],
+                    reverse=True)
+    click.echo(f"most sensitive at {lowest}:")
+    for r in ranked[:top]:
+        click.echo(f"  {r['name']} ({r['op']}, {r['params']:,} params): predicted dL {r['formats'][lowest]['predicted']:.4g}")
+    click.echo(f"least sensitive at {lowest}:")
+    for r in ranked[::-1][:top]:
+        click.echo(f"  {r['name']} ({r['op']}, {r['params']:,} params): predicted dL {r['formats'][lowest]['predicted']:.4g}")
+    fid = result.get("fidelity")
+    if fid:
+        click.echo(f"fidelity over {len(fid['assignments'])} random assignments: Spearman {fid['spearman']:.3f}, "
+                   f"median measured/predicted {fid['median_measured_over_predicted']:.2f}")
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 @main.command()

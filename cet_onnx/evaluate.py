@@ -11,22 +11,9 @@ import numpy as np
 from .calib_data import ImageOptions, batched, load_samples, model_inputs
 from .errors import InputError
 from .model_io import load_model, model_file_bytes
-from .pipeline import effective_batch_size
+from .pipeline import effective_batch_size, load_labels
 from .runner import concat_outputs, make_session, run_batches, select_providers
 from .verify import accuracy, compare_outputs, median_latency_ms
-
-
-def load_labels(path: str, count: int) -> np.ndarray:
-    """Integer labels from ``.npy``, checked to line up with ``count`` samples."""
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"labels '{path}': cannot read ({type(exc).__name__}: {exc})") from None
-    if labels.dtype.kind not in "iu":
-        raise InputError(f"labels '{path}': expected integer class labels, got dtype {labels.dtype}")
-    if labels.shape[0] != count:
-        raise InputError(f"labels '{path}': {labels.shape[0]} labels for {count} samples")
-    return labels
 
 
 def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike, data: str | None, *,

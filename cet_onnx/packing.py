@@ -59,8 +59,8 @@ def make_int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
     return t
 
 
-def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, int | None, int | None, bool]:
-    """(codes, scale, axis, block_size, needs_reshape) exactly as written to the model.
+def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None, bool]:
+    """(codes, scale, zero_point, axis, block_size, needs_reshape) exactly as written to the model.
 
     INT2 weights always use DequantizeLinear's blocked form: onnxruntime's QDQ selectors
     exclude 4- and 16-bit weights but not 2-bit ones, fuse INT2 weights into QLinearConv /
@@ -70,26 +70,28 @@ def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, int | None
     dequantization so that its scales are not repeated per kernel position.
     """
     if container_bits(qw.fmt.bits) != 2 or qw.block_size is not None:
-        return qw.q, qw.scale, qw.axis, qw.block_size, False
+        return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, False
     q, c, r = qw.q, qw.channel_axis, qw.reduction_axis
     nch = q.shape[c]
-    scale = np.broadcast_to(np.asarray(qw.scale, np.float32), (nch,)) if qw.axis is None else qw.scale
+    per_channel = [np.broadcast_to(np.asarray(p), (nch,)) if qw.axis is None else np.asarray(p)
+                   for p in (qw.scale, qw.zero_point)]
     if q.ndim > 2 and c == 0:
         q2 = q.reshape(nch, -1)
-        return q2, scale.reshape(nch, 1).astype(np.float32), 1, q2.shape[1], True
-    # blocked over the whole reduction axis; the scale is repeated along any other axes
+        scale, zp = (p.reshape(nch, 1) for p in per_channel)
+        return q2, scale.astype(np.float32), zp.astype(np.int8), 1, q2.shape[1], True
+    # blocked over the whole reduction axis; the parameters repeat along any other axes
     view = [1] * q.ndim
     view[c] = nch
     shape = list(q.shape)
     shape[r] = 1
-    full = np.broadcast_to(scale.reshape(view), shape).astype(np.float32)
-    return q, full, r, q.shape[r], False
+    scale, zp = (np.broadcast_to(p.reshape(view), shape) for p in per_channel)
+    return q, scale.astype(np.float32), zp.astype(np.int8), r, q.shape[r], False
 
 
 def stored_nbytes(qw: QuantizedWeight) -> int:
     """Bytes of codes, float32 scales and zero points as :func:`stored_form` writes them."""
     cbits = container_bits(qw.fmt.bits)
-    _, scale, _, _, reshape = stored_form(qw)
+    _, scale, _, _, _, reshape = stored_form(qw)
     nscale = int(np.prod(np.shape(scale), dtype=np.int64))
     extra = 8 * qw.q.ndim if reshape else 0  # the int64 target shape of the Reshape
     return packed_nbytes(qw.q.size, cbits) + 4 * nscale + packed_nbytes(nscale, cbits) + extra

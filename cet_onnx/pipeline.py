@@ -1,4 +1,4 @@
-"""The quantize pipeline: model → calibration → weights → rewrite → verify → save.
+"""The quantize pipeline: model → calibration → curvature → solver → rewrite → verify → save.
 
 Each stage is a call into a module with one job; this module only wires them together,
 times them and assembles the report. Nothing is written until every stage succeeded.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,19 +17,26 @@ import numpy as np
 import onnx
 
 from . import __version__
+from . import probe_cache
+from .allocate import (ALLOCATORS, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget,
+                       fidelity, measure_cet, measure_hawq, measure_sqnr, solve)
 from .calib_data import ImageOptions, ModelInput, batched, load_samples, model_inputs
 from .errors import InputError, RuntimeFailure
+from .losses import LOSSES, default_loss
 from .model_io import initializer_map, model_file_bytes, prepare_model, save_model, to_array, warn
-from .quantizer import QuantizedWeight, WeightFormat, activation_params, quantize_weight
+from .probes import ProbeSession
+from .quantizer import (ActivationParams, QuantizedWeight, WeightFormat, activation_params, clip_for,
+                        grid_symmetric, quantize_weight)
 from .rewriter import activation_tensors, rewrite
 from .runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
-from .verify import compare_outputs
+from .solver import pareto_front
+from .verify import accuracy, compare_outputs
 from .weights import WeightInfo, find_weights
 
 
 @dataclass
 class QuantizeOptions:
-    """Every knob of ``cet-onnx quantize`` (the CLI maps its flags onto these)."""
+    """Every knob of ``cet-onnx quantize`` / ``analyze`` (the CLI maps its flags onto these)."""
 
     weight_bits: int = 8
     per_tensor: bool = False
@@ -47,11 +53,40 @@ class QuantizeOptions:
     verify_size: int = 64
     seed: int = 0
     image: ImageOptions | None = None
+    weight_clip: str = "auto"
+    weight_grid: str = "auto"
+    # mixed precision (used when a budget is set)
+    allocator: str = "cet"
+    avg_bits: float | None = None
+    max_size_mb: float | None = None
+    max_loss: float | None = None
+    bits: tuple[int, ...] = (2, 4, 8)
+    candidate_block: int | None = 32
+    loss: str | None = None
+    loss_output: str | None = None
+    labels: str | None = None
+    probe_size: int = 128
+    hutchinson_samples: int = 4
+    fidelity_samples: int = 12
+    pareto_points: int = 12
+    cache_dir: str | None = None
+    use_cache: bool = True
+
+    @property
+    def budget(self) -> Budget | None:
+        set_ = [v is not None for v in (self.avg_bits, self.max_size_mb, self.max_loss)]
+        if sum(set_) > 1:
+            raise InputError("give only one of --avg-bits, --max-size and --max-loss")
+        if not any(set_):
+            return None
+        return Budget(self.avg_bits, None if self.max_size_mb is None else self.max_size_mb * 1e6, self.max_loss)
 
 
-@dataclass
 class Timer:
-    stages: dict[str, float] = field(default_factory=dict)
+    """Wall time of each named stage."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
 
     def stage(self, name: str):
         timer = self
@@ -61,7 +96,7 @@ class Timer:
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                timer.stages[name] = round(time.perf_counter() - self.t0, 4)
+                timer.stages[name] = round(timer.stages.get(name, 0.0) + time.perf_counter() - self.t0, 4)
                 return False
         return _Ctx()
 
@@ -99,52 +134,84 @@ def split_samples(samples: list, verify_size: int) -> tuple[list, list]:
 
 def choose_format(w: WeightInfo, opts: QuantizeOptions) -> WeightFormat:
     """The uniform format for one weight: per-tensor, per-channel, or block-wise where it fits."""
+    sym = grid_symmetric(opts.weight_bits, opts.weight_grid)
     if opts.per_tensor:
-        return WeightFormat(opts.weight_bits, "tensor")
+        return WeightFormat(opts.weight_bits, "tensor", symmetric=sym)
     if opts.block_size and w.shape[w.reduction_axis] >= opts.block_size:
-        return WeightFormat(opts.weight_bits, "block", opts.block_size)
-    return WeightFormat(opts.weight_bits, "channel")
+        return WeightFormat(opts.weight_bits, "block", opts.block_size, symmetric=sym)
+    return WeightFormat(opts.weight_bits, "channel", symmetric=sym)
 
 
-def quantize_weights(model: onnx.ModelProto, weights: list[WeightInfo],
-                     formats: dict[str, WeightFormat]) -> dict[str, QuantizedWeight]:
-    """Round every weight to its format (round-to-nearest for now)."""
-    inits = initializer_map(model)
-    return {w.name: quantize_weight(to_array(inits[w.name]), formats[w.name], w.channel_axis, w.reduction_axis)
+def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo],
+                     formats: dict[str, WeightFormat], clip: str = "auto") -> dict[str, QuantizedWeight]:
+    """Round every weight to its format (round-to-nearest, clipping range per ``clip``)."""
+    return {w.name: quantize_weight(values[w.name], formats[w.name], w.channel_axis, w.reduction_axis,
+                                    clip_ratio=clip_for(formats[w.name], clip))
             for w in weights}
 
 
-def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
-             opts: QuantizeOptions, min_sqnr: float | None = None,
-             min_agreement: float | None = None) -> dict[str, Any]:
-    """Quantize ``model_path`` into ``out_path`` and return the report (also saved beside it)."""
-    timer = Timer()
-    t_start = time.perf_counter()
-    out_path = Path(out_path)
-    if Path(model_path).resolve() == out_path.resolve():
-        raise InputError(f"{out_path}: the output would overwrite the input model")
-    if not out_path.parent.exists() and str(out_path.parent):
-        raise InputError(f"{out_path}: output folder '{out_path.parent}' does not exist")
-    providers = select_providers(opts.device)
+def load_labels(path: str, count: int) -> np.ndarray:
+    """Integer labels from ``.npy``, checked to line up with ``count`` samples."""
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"labels '{path}': cannot read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if labels.dtype.kind not in "iu" or labels.ndim < 1:
+        raise InputError(f"labels '{path}': expected integer class labels, got dtype {labels.dtype} shape {list(labels.shape)}")
+    if labels.shape[0] != count:
+        raise InputError(f"labels '{path}': {labels.shape[0]} labels for {count} samples")
+    return labels
 
+
+@dataclass
+class Prepared:
+    """Everything the stages after calibration need."""
+
+    model: onnx.ModelProto
+    inputs: list[ModelInput]
+    weights: list[WeightInfo]
+    skipped: dict[str, str]
+    values: dict[str, np.ndarray]
+    calib_samples: list
+    verify_samples: list
+    batch_size: int
+    calib_batches: list
+    verify_batches: list
+    act_params: dict[str, ActivationParams] | None
+    providers: list[str]
+    labels: np.ndarray | None
+    timer: Timer = field(default_factory=Timer)
+
+
+def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions) -> Prepared:
+    """Load, read data, find weights and calibrate activations."""
+    timer = Timer()
+    providers = select_providers(opts.device)
+    if opts.loss is not None and opts.loss not in LOSSES:
+        raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got '{opts.loss}'")
+    if opts.loss == "ce" and not opts.labels:
+        raise InputError("--loss ce needs --labels")
+    if opts.allocator not in ALLOCATORS:
+        raise InputError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got '{opts.allocator}'")
     with timer.stage("load"):
         model = prepare_model(model_path, opts.simplify)
         inputs = model_inputs(model)
     with timer.stage("data"):
         limit = opts.calib_size + opts.verify_size if opts.calib_size else None
         samples = load_samples(calib, inputs, limit=limit, image=opts.image, seed=opts.seed)
+        labels = load_labels(opts.labels, len(samples)) if opts.labels else None
         calib_samples, verify_samples = split_samples(samples, opts.verify_size)
         bs = effective_batch_size(inputs, opts.batch_size)
         calib_batches = batched(calib_samples, bs, inputs=inputs)
         verify_batches = batched(verify_samples, bs, inputs=inputs)
-
     weights, skipped = find_weights(model)
     if not weights:
         raise InputError(f"{model_path}: no quantizable weights (Conv, ConvTranspose, Gemm or MatMul "
                          "with a float initializer weight)")
     for name, why in skipped.items():
         warn(f"weight '{name}' left in float: {why}")
-
+    inits = initializer_map(model)
+    values = {w.name: to_array(inits[w.name]).astype(np.float32) for w in weights}
     act_params = None
     if not opts.weight_only:
         with timer.stage("calibrate"):
@@ -152,49 +219,215 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
             ranges = collect_ranges(model, tensors, calib_batches, providers, opts.calib_method,
                                     symmetric=opts.act_symmetric, num_bits=opts.act_bits, percentile=opts.percentile)
             act_params = {t: activation_params(lo, hi, opts.act_bits, opts.act_symmetric) for t, (lo, hi) in ranges.items()}
+    return Prepared(model, inputs, weights, skipped, values, calib_samples, verify_samples, bs, calib_batches,
+                    verify_batches, act_params, providers, labels, timer)
 
+
+def _loss_output(model: onnx.ModelProto, requested: str | None) -> str:
+    outputs = [o.name for o in model.graph.output]
+    if requested is not None:
+        if requested not in outputs:
+            raise InputError(f"--loss-output '{requested}' is not a model output (outputs: {', '.join(outputs)})")
+        return requested
+    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not floats:
+        raise InputError("the model has no float output to measure a loss on; choose one with --loss-output")
+    return floats[0]
+
+
+def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dict[str, Any]]:
+    """The long-lived probe session on the first ``--probe-size`` calibration samples."""
+    n = min(opts.probe_size, len(p.calib_samples))
+    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
+    n = sum(next(iter(b.values())).shape[0] for b in batches)
+    labels = p.labels[:n] if p.labels is not None else None
+    out = _loss_output(p.model, opts.loss_output)
+    ref_probe = make_session(p.model, p.providers)
+    sample = ref_probe.run([out], batches[0])[0]
+    del ref_probe
+    loss = opts.loss or default_loss(sample, labels is not None)
+    if loss == "ce" and labels is None:
+        raise InputError("--loss ce needs --labels")
+    session = ProbeSession(p.model, p.weights, p.values, p.act_params, batches, p.providers, loss, out, labels)
+    info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
+            "device": session.device}
+    return session, info
+
+
+def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, cand: Candidates,
+                  allocator: str, probe_info: dict[str, Any]) -> Sensitivity:
+    """Probe results for ``allocator``, from the cache when the same model, data and settings were probed."""
+    settings = {"allocator": allocator, "formats": [f.label for f in cand.formats], "loss": probe_info["loss"],
+                "loss_output": probe_info["loss_output"], "act": None if p.act_params is None else
+                [opts.act_bits, opts.act_symmetric, opts.calib_method, opts.percentile],
+                "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None, "rounding": "rtn",
+                "clip": opts.weight_clip, "grid": opts.weight_grid,
+                "version": __version__}
+    cache_dir = Path(opts.cache_dir) if opts.cache_dir else probe_cache.default_dir()
+    key = probe_cache.cache_key(p.model, session.batches, settings, session.labels)
+    if opts.use_cache:
+        entry = probe_cache.load(cache_dir, key)
+        if entry is not None:
+            return Sensitivity(allocator, np.array(entry["costs"], dtype=np.float64), entry["details"],
+                               0, 0.0)
+    if allocator == "cet":
+        sens = measure_cet(session, cand)
+    elif allocator == "hawq":
+        sens = measure_hawq(session, cand, opts.hutchinson_samples, opts.seed)
+    else:
+        sens = measure_sqnr(session, cand)
+    if opts.use_cache:
+        probe_cache.store(cache_dir, key, {"costs": sens.costs.tolist(), "details": sens.details})
+    return sens
+
+
+def _sensitivity_table(cand: Candidates, sens: Sensitivity) -> list[dict[str, Any]]:
+    rows = []
+    for i, w in enumerate(cand.weights):
+        per = {}
+        for j, f in enumerate(cand.formats):
+            if not cand.available[i, j]:
+                continue
+            d = dict(sens.details[i].get(f.label, {})) if sens.allocator == "cet" else {}
+            d["predicted"] = float(sens.costs[i, j])
+            d["bytes"] = int(cand.sizes[i, j])
+            per[f.label] = d
+        row = {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size, "formats": per}
+        if sens.allocator == "hawq":
+            row.update(sens.details[i])
+        rows.append(row)
+    return rows
+
+
+def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
+            allocators: tuple[str, ...] = ("cet",)) -> dict[str, Any]:
+    """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL."""
+    t0 = time.perf_counter()
+    p = prepare(model_path, calib, opts)
+    with p.timer.stage("probe"):
+        session, info = probe_session(p, opts)
+        cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values, opts.weight_clip)
+        result: dict[str, Any] = {"tool": f"cet-onnx {__version__}", "model": str(model_path), **info,
+                                  "formats": [f.label for f in cand.formats]}
+        runs0 = session.runs
+        tp = time.perf_counter()
+        for allocator in allocators:
+            sens = sensitivities(p, opts, session, cand, allocator, info)
+            result[allocator] = _sensitivity_table(cand, sens)
+            if allocator == "cet":
+                cet_sens = sens
+        elapsed = time.perf_counter() - tp
+        result["probe_runs"] = session.runs - runs0
+        result["probe_seconds"] = round(elapsed, 3)
+        result["forward_passes_per_second"] = round((session.runs - runs0) / elapsed, 2) if elapsed > 0 else None
+    if "cet" in allocators and opts.fidelity_samples:
+        with p.timer.stage("fidelity"):
+            result["fidelity"] = fidelity(session, cet_sens, cand, opts.fidelity_samples, opts.seed)
+    result["timings_s"] = {**p.timer.stages, "total": round(time.perf_counter() - t0, 3)}
+    return result
+
+
+def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
+    """Mixed-precision stage: probes, exact solve, closed loop, Pareto front and fidelity."""
+    session, info = probe_session(p, opts)
+    cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values, opts.weight_clip)
+    runs0, t0 = session.runs, time.perf_counter()
+    sens = None if opts.allocator == "uniform" else sensitivities(p, opts, session, cand, opts.allocator, info)
+    probe_seconds = time.perf_counter() - t0
+    report: dict[str, Any] = {"allocator": opts.allocator, "budget": budget.describe(), **info,
+                              "formats": [f.label for f in cand.formats]}
+    history: list = []
+    if budget.max_loss is not None and sens is not None:
+        sol, history = closed_loop_loss_budget(session, sens, cand, budget)
+    else:
+        sol = solve(sens, cand, budget, session.base_loss)
+    measured = session.loss(cand.assignment(sol.choice))
+    report.update({
+        "predicted_loss": None if sens is None else session.base_loss + sol.cost,
+        "measured_loss": measured,
+        "predicted_bytes": sol.size,
+        "closed_loop": history,
+        "probe_runs": session.runs - runs0,
+        "probe_seconds": round(probe_seconds, 3),
+        "forward_passes_per_second": round((session.runs - runs0) / (time.perf_counter() - t0), 2),
+    })
+    if sens is not None:
+        report["per_weight_predicted"] = {w.name: float(sens.costs[i, sol.choice[i]]) for i, w in enumerate(p.weights)}
+        front = pareto_front(sens.costs, cand.sizes, opts.pareto_points)
+        report["pareto_front"] = [{"bytes": s.size, "predicted_loss": session.base_loss + s.cost,
+                                   "avg_bits": 8 * s.size / sum(w.size for w in p.weights)} for s in front]
+        if opts.fidelity_samples:
+            report["fidelity"] = fidelity(session, sens, cand, opts.fidelity_samples, opts.seed)
+    formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
+    return formats, report
+
+
+def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
+             opts: QuantizeOptions, min_sqnr: float | None = None,
+             min_agreement: float | None = None) -> dict[str, Any]:
+    """Quantize ``model_path`` into ``out_path`` and return the report (also saved beside it)."""
+    t_start = time.perf_counter()
+    out_path = Path(out_path)
+    if Path(model_path).resolve() == out_path.resolve():
+        raise InputError(f"{out_path}: the output would overwrite the input model")
+    if not out_path.parent.exists() and str(out_path.parent):
+        raise InputError(f"{out_path}: output folder '{out_path.parent}' does not exist")
+    budget = opts.budget
+    p = prepare(model_path, calib, opts)
+    timer = p.timer
+    allocation = None
+    if budget is not None:
+        with timer.stage("allocate"):
+            formats, allocation = _allocate(p, opts, budget)
+    else:
+        formats = {w.name: choose_format(w, opts) for w in p.weights}
     with timer.stage("quantize_weights"):
-        formats = {w.name: choose_format(w, opts) for w in weights}
-        qweights = quantize_weights(model, weights, formats)
+        qweights = quantize_weights(p.values, p.weights, formats, opts.weight_clip)
     with timer.stage("rewrite"):
-        result = rewrite(model, weights, qweights, act_params, source=str(model_path))
+        result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path))
         qmodel = result.model
         try:
             onnx.checker.check_model(qmodel, full_check=True)
         except Exception as exc:
             raise RuntimeFailure(f"the quantized model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
-
     with timer.stage("verify"):
-        verification = verify(model, qmodel, verify_batches, providers)
+        vlabels = p.labels[len(p.labels) - len(p.verify_samples):] if p.labels is not None and \
+            p.verify_samples is not p.calib_samples else None
+        verification = verify(p.model, qmodel, p.verify_batches, p.providers, vlabels)
 
-    fp32_bytes = int(sum(4 * w.size for w in weights))
+    total_params = int(sum(w.size for w in p.weights))
+    fp32_bytes = 4 * total_params
     q_bytes = int(sum(qw.nbytes() for qw in qweights.values()))
     report: dict[str, Any] = {
         "tool": f"cet-onnx {__version__}",
         "model": str(model_path),
         "output": str(out_path),
         "options": {k: v for k, v in asdict(opts).items() if k != "image"},
-        "calibration": {"source": calib or "random", "calib_samples": len(calib_samples),
-                        "verify_samples": len(verify_samples), "batch_size": bs,
-                        "disjoint": verify_samples is not calib_samples},
+        "calibration": {"source": calib or "random", "calib_samples": len(p.calib_samples),
+                        "verify_samples": len(p.verify_samples), "batch_size": p.batch_size,
+                        "disjoint": p.verify_samples is not p.calib_samples},
         "opset": result.opset,
         "weights": [
             {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
              "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
-             "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes()}
-            for w in weights],
-        "skipped_weights": skipped,
+             "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
+             **({"predicted_delta_loss": allocation["per_weight_predicted"][w.name]}
+                if allocation and "per_weight_predicted" in allocation else {})}
+            for w in p.weights],
+        "skipped_weights": p.skipped,
         "quantized_biases": result.quantized_biases,
-        "activation_tensors": len(act_params or {}),
+        "activation_tensors": len(p.act_params or {}),
         "totals": {
-            "weight_params": int(sum(w.size for w in weights)),
+            "weight_params": total_params,
             "weight_bytes_fp32": fp32_bytes,
             "weight_bytes": q_bytes,
             "weight_compression": round(fp32_bytes / q_bytes, 4) if q_bytes else None,
-            "avg_bits": round(8 * q_bytes / sum(w.size for w in weights), 4),
+            "avg_bits": round(8 * q_bytes / total_params, 4),
         },
         "verification": verification,
     }
+    if allocation is not None:
+        report["allocation"] = allocation
     gate_errors = []
     worst_sqnr = verification["min_sqnr_db"]
     if min_sqnr is not None and (worst_sqnr is None or worst_sqnr < min_sqnr):
@@ -203,20 +436,18 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     if min_agreement is not None and (agree is None or agree < min_agreement):
         gate_errors.append(f"top-1 agreement {agree} < --verify-min-agreement {min_agreement}")
     report["verification"]["passed"] = not gate_errors
-
-    with timer.stage("save"):
-        report["timings_s"] = timer.stages
-        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
-        if gate_errors:
-            raise RuntimeFailure("verification failed: " + "; ".join(gate_errors) + " (nothing written)")
-        text = json.dumps(report, indent=2, default=_json_default)
-        save_model(qmodel, out_path, extra_files={report_path(out_path).name: text.encode()})
+    if gate_errors:
+        raise RuntimeFailure("verification failed: " + "; ".join(gate_errors) + " (nothing written)")
+    report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
+    text = json.dumps(strict_json(report), indent=2)
+    save_model(qmodel, out_path, extra_files={report_path(out_path).name: text.encode()})
     report["totals"]["file_bytes_fp32"] = model_file_bytes(Path(model_path))
     report["totals"]["file_bytes"] = model_file_bytes(out_path)
     return report
 
 
-def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers) -> dict[str, Any]:
+def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers,
+           labels: np.ndarray | None = None) -> dict[str, Any]:
     """Run both models on held-out batches and compare every output."""
     if not batches:
         return {"samples": 0, "outputs": [], "min_sqnr_db": None, "min_top1_agreement": None}
@@ -226,21 +457,30 @@ def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, provi
     ref = concat_outputs(run_batches(ref_sess, batches, "verify: float model"))
     test = concat_outputs(run_batches(q_sess, batches, "verify: quantized model", names))
     metrics = compare_outputs(names, ref, test)
-    sqnrs = [m.sqnr_db for m in metrics if np.isfinite(m.sqnr_db) or m.sqnr_db == float("inf")]
+    sqnrs = [m.sqnr_db for m in metrics if not np.isnan(m.sqnr_db)]
     agrees = [m.top1_agreement for m in metrics if m.top1_agreement is not None]
-    return {
+    out: dict[str, Any] = {
         "samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
         "outputs": [m.as_dict() for m in metrics],
         "min_sqnr_db": min(sqnrs) if sqnrs else None,
         "min_top1_agreement": min(agrees) if agrees else None,
     }
+    if labels is not None and ref and ref[0].shape[0] == len(labels):
+        out["accuracy"] = {"fp32": accuracy(ref[0], labels), "quantized": accuracy(test[0], labels)}
+    return out
 
 
-def _json_default(o):
+def strict_json(o: Any) -> Any:
+    """Plain JSON types; non-finite floats become strings."""
+    if isinstance(o, dict):
+        return {str(k): strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
     if isinstance(o, (np.integer,)):
         return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+    if isinstance(o, (float, np.floating)):
+        f = float(o)
+        return f if np.isfinite(f) else ("inf" if f > 0 else "-inf" if f < 0 else "nan")
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    return o

@@ -37,6 +37,7 @@ class Progress:
         self.start = time.perf_counter()
         self._last_draw = self.start if not sys.stderr.isatty() else 0.0
         self._tty = sys.stderr.isatty()
+        self._drawn_n = -1
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -54,6 +55,7 @@ class Progress:
         if _quiet:
             return
         self._last_draw = now
+        self._drawn_n = self.n
         elapsed = now - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if self.total:
@@ -69,7 +71,7 @@ class Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.n or self.total:
+        if (self.n or self.total) and (self._tty or self._drawn_n != self.n):
             self._draw(time.perf_counter(), final=True)
 
 

@@ -4,11 +4,14 @@ No graph code lives here: arrays in, arrays out. The rewriter turns the results 
 ONNX initializers, and later stages (curvature probes, Hessian-aware rounding) call the
 same functions, so the error they measure is exactly the error that is emitted.
 
-Conventions, matching ONNX ``DequantizeLinear``:
+Conventions, matching ONNX ``DequantizeLinear`` (``w ≈ (q − zero_point) · scale``):
 
-* weights are symmetric, ``w ≈ scale * q`` with ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``
-  and zero point 0; a bit-width ``b`` is stored in the smallest ONNX integer type that
-  holds it (INT2, INT4 or INT8), so 3 bits live in an INT4 container;
+* a bit-width ``b`` is stored in the smallest ONNX integer type that holds it (INT2, INT4 or
+  INT8), so 3 bits live in an INT4 container;
+* *symmetric* weights have zero point 0 and codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``;
+  *asymmetric* weights use all ``2^b`` codes ``[-2^(b-1), 2^(b-1)-1]`` over ``[min, max]`` of the
+  group (always containing 0) with an integer zero point — at 2 bits that is four levels
+  instead of three, at no extra storage since a zero point is stored either way;
 * granularity ``tensor`` has one scale, ``channel`` one scale per output channel
   (``axis`` = the channel axis) and ``block`` one scale per output channel and block of
   ``block_size`` consecutive elements along the reduction axis (``axis`` = the reduction
@@ -26,15 +29,15 @@ import numpy as np
 
 Granularity = Literal["tensor", "channel", "block"]
 
-#: ``rounding(w, scale, qmin, qmax) -> q``: maps weights to integer codes. ``scale`` is
-#: already broadcast to ``w``'s shape. Round-to-nearest is the default; a Hessian-aware
-#: rounding can be plugged in with the same signature.
-Rounding = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
+#: ``rounding(w, scale, zero_point, qmin, qmax) -> q``: maps weights to integer codes.
+#: ``scale`` and ``zero_point`` are already broadcast to ``w``'s shape. Round-to-nearest is
+#: the default; a Hessian-aware rounding can be plugged in with the same signature.
+Rounding = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int], np.ndarray]
 
 
-def round_to_nearest(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Round ``w / scale`` to the nearest integer (ties to even, like QuantizeLinear) and clip."""
-    return np.clip(np.rint(w / scale), qmin, qmax).astype(np.int8)
+def round_to_nearest(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Round ``w / scale + zero_point`` to the nearest integer (ties to even, like QuantizeLinear) and clip."""
+    return np.clip(np.rint(w / scale) + zero_point, qmin, qmax).astype(np.int8)
 
 
 def container_bits(bits: int) -> int:
@@ -44,20 +47,21 @@ def container_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def weight_qrange(bits: int) -> tuple[int, int]:
-    """Symmetric integer range for ``bits``-bit weights, e.g. (-7, 7) for 4 bits."""
+def weight_qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+    """Integer code range, e.g. (-7, 7) for symmetric and (-8, 7) for asymmetric 4 bits."""
     container_bits(bits)
     qmax = 2 ** (bits - 1) - 1
-    return -qmax, qmax
+    return (-qmax if symmetric else -qmax - 1), qmax
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight is stored: bit-width and scale granularity."""
+    """How one weight is stored: bit-width, scale granularity and grid."""
 
     bits: int
     granularity: Granularity = "channel"
     block_size: int | None = None
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         container_bits(self.bits)
@@ -69,9 +73,9 @@ class WeightFormat:
 
     @property
     def label(self) -> str:
-        """Short name such as ``int4/ch`` or ``int3/b32``."""
+        """Short name such as ``int4/ch``, ``int3/b32`` or ``int2a/ch`` (``a``: asymmetric)."""
         g = {"tensor": "t", "channel": "ch"}.get(self.granularity, f"b{self.block_size}")
-        return f"int{self.bits}/{g}"
+        return f"int{self.bits}{'' if self.symmetric else 'a'}/{g}"
 
 
 @dataclass
@@ -80,6 +84,7 @@ class QuantizedWeight:
 
     q: np.ndarray            # int8 codes, same shape as the weight (unpacked)
     scale: np.ndarray        # float32: shape () / (C,) / blocked shape
+    zero_point: np.ndarray   # int8, same shape as scale (zeros when symmetric)
     axis: int | None         # DequantizeLinear axis (None for per-tensor)
     block_size: int | None   # DequantizeLinear block_size (None unless blocked)
     fmt: WeightFormat
@@ -88,7 +93,9 @@ class QuantizedWeight:
 
     def dequantize(self) -> np.ndarray:
         """Float32 weight that DequantizeLinear computes from these codes."""
-        return (self.q.astype(np.float32) * expand_scale(self.scale, self.q.shape, self.axis, self.block_size))
+        shape = self.q.shape
+        zp = expand_scale(self.zero_point.astype(np.float32), shape, self.axis, self.block_size)
+        return (self.q.astype(np.float32) - zp) * expand_scale(self.scale, shape, self.axis, self.block_size)
 
     def nbytes(self) -> int:
         """Stored bytes: packed codes + float32 scales + zero points in the code's container."""
@@ -104,8 +111,8 @@ def packed_nbytes(count: int, cbits: int) -> int:
 
 def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None,
                  block_size: int | None) -> np.ndarray:
-    """Broadcast a per-tensor / per-axis / blocked scale to a full array of ``shape``."""
-    scale = np.asarray(scale, dtype=np.float32)
+    """Broadcast a per-tensor / per-axis / blocked parameter to a full array of ``shape``."""
+    scale = np.asarray(scale)
     if axis is None:
         return np.broadcast_to(scale, shape)
     if block_size is None:
@@ -116,55 +123,137 @@ def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None,
     return np.take(full, np.arange(shape[axis]), axis=axis)
 
 
-def _blocked_absmax(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
-    """Max |w| over blocks of ``block_size`` along ``axis`` (last block may be short)."""
-    n = w.shape[axis]
+def _blocked_reduce(a: np.ndarray, axis: int, block_size: int, op) -> np.ndarray:
+    """``op`` over blocks of ``block_size`` along ``axis`` (a short last block is zero-padded)."""
+    n = a.shape[axis]
     nblocks = -(-n // block_size)
     pad = nblocks * block_size - n
-    a = np.moveaxis(np.abs(w), axis, -1)
+    a = np.moveaxis(a, axis, -1)
     if pad:
         a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), a.dtype)], axis=-1)
-    a = a.reshape(a.shape[:-1] + (nblocks, block_size)).max(axis=-1)
+    a = op(a.reshape(a.shape[:-1] + (nblocks, block_size)), axis=-1)
     return np.moveaxis(a, -1, axis)
+
+
+def reduce_groups(a: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int,
+                  op=np.max) -> tuple[np.ndarray, int | None]:
+    """``op`` over each scale group (tensor / channel / block) of ``a``, and the DequantizeLinear axis."""
+    if fmt.granularity == "tensor":
+        return np.asarray(op(a) if a.size else 0.0, dtype=np.float32), None
+    if fmt.granularity == "channel":
+        c = channel_axis % a.ndim
+        return op(a, axis=tuple(i for i in range(a.ndim) if i != c)).astype(np.float32), c
+    assert fmt.block_size is not None
+    r = reduction_axis % a.ndim
+    return _blocked_reduce(a, r, fmt.block_size, op).astype(np.float32), r
 
 
 def absmax(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int) -> tuple[np.ndarray, int | None]:
     """Per-group max |w| for the format's granularity, and the DequantizeLinear axis."""
-    w = np.asarray(w, dtype=np.float32)
-    if fmt.granularity == "tensor":
-        return np.asarray(np.abs(w).max() if w.size else 0.0, dtype=np.float32), None
-    if fmt.granularity == "channel":
-        axes = tuple(i for i in range(w.ndim) if i != channel_axis % w.ndim)
-        return np.abs(w).max(axis=axes).astype(np.float32), channel_axis % w.ndim
-    assert fmt.block_size is not None
-    return _blocked_absmax(w, reduction_axis % w.ndim, fmt.block_size).astype(np.float32), reduction_axis % w.ndim
+    return reduce_groups(np.abs(np.asarray(w, dtype=np.float32)), fmt, channel_axis, reduction_axis, np.max)
+
+
+def _positive(scale: np.ndarray) -> np.ndarray:
+    tiny = np.finfo(np.float32).tiny
+    return np.where(scale > tiny, scale, np.float32(1.0)).astype(np.float32)
 
 
 def scale_from_absmax(amax: np.ndarray, bits: int) -> np.ndarray:
     """Symmetric scale ``amax / qmax``; groups that are all zero get scale 1 (their codes are 0)."""
     _, qmax = weight_qrange(bits)
-    amax = np.asarray(amax, dtype=np.float32)
-    scale = amax / np.float32(qmax)
-    tiny = np.finfo(np.float32).tiny
-    return np.where(scale > tiny, scale, np.float32(1.0)).astype(np.float32)
+    return _positive(np.asarray(amax, dtype=np.float32) / np.float32(qmax))
+
+
+def group_params(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int,
+                 clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(scale, zero_point, axis) of every group, with its range shrunk by ``clip_ratio``."""
+    ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if fmt.symmetric:
+        amax, axis = absmax(w, fmt, channel_axis, reduction_axis)
+        scale = scale_from_absmax(amax * ratio, fmt.bits)
+        return scale, np.zeros(scale.shape, np.int8), axis
+    lo, axis = reduce_groups(np.minimum(w, 0), fmt, channel_axis, reduction_axis, np.min)
+    hi, _ = reduce_groups(np.maximum(w, 0), fmt, channel_axis, reduction_axis, np.max)
+    qmin, qmax = weight_qrange(fmt.bits, symmetric=False)
+    lo, hi = lo * ratio, hi * ratio
+    scale = _positive((hi - lo) / np.float32(qmax - qmin))
+    zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int8)
+    return scale, zp, axis
+
+
+def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
+                    grid: np.ndarray | None = None) -> np.ndarray:
+    """Per-group clipping ratio (of the group's range) that minimises the squared round-to-nearest error.
+
+    At low bit-widths clipping a few outliers buys a finer step for all other weights; the
+    search tries each ratio of ``grid`` (default 0.40 … 1.00) for every group at once.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    grid = np.linspace(0.4, 1.0, 25) if grid is None else np.asarray(grid, dtype=np.float32)
+    block = fmt.block_size if fmt.granularity == "block" else None
+    qmin, qmax = weight_qrange(fmt.bits, fmt.symmetric)
+    best_err = best = None
+    for r in grid:
+        scale, zp, axis = group_params(w, fmt, channel_axis, reduction_axis, r)
+        s = expand_scale(scale, w.shape, axis, block)
+        z = expand_scale(zp.astype(np.float32), w.shape, axis, block)
+        err = ((np.clip(np.rint(w / s) + z, qmin, qmax) - z) * s - w) ** 2
+        e, _ = reduce_groups(err, fmt, channel_axis, reduction_axis, np.sum)
+        if best_err is None:
+            best_err, best = e, np.full(e.shape, np.float32(r))
+        else:
+            better = e < best_err
+            best_err = np.where(better, e, best_err)
+            best = np.where(better, np.float32(r), best)
+    return best
 
 
 def quantize_weight(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
-                    rounding: Rounding = round_to_nearest, clip_ratio: np.ndarray | float = 1.0) -> QuantizedWeight:
+                    rounding: Rounding = round_to_nearest, clip_ratio: np.ndarray | float | str = 1.0) -> QuantizedWeight:
     """Quantize a float weight to ``fmt``.
 
     ``channel_axis`` is the output-channel axis (per-channel scales), ``reduction_axis`` the
     input-channel axis that blocks run along. ``clip_ratio`` (<= 1, scalar or shaped like the
-    scales) shrinks the range, for clipping searches.
+    scales) shrinks the range; ``"mse"`` searches the ratio per group (:func:`mse_clip_ratios`).
     """
     w = np.asarray(w, dtype=np.float32)
-    amax, axis = absmax(w, fmt, channel_axis, reduction_axis)
-    scale = scale_from_absmax(amax * np.asarray(clip_ratio, dtype=np.float32), fmt.bits)
+    if isinstance(clip_ratio, str):
+        if clip_ratio != "mse":
+            raise ValueError(f"clip_ratio must be a number or 'mse', got {clip_ratio!r}")
+        clip_ratio = mse_clip_ratios(w, fmt, channel_axis, reduction_axis)
+    scale, zp, axis = group_params(w, fmt, channel_axis, reduction_axis, clip_ratio)
     block = fmt.block_size if fmt.granularity == "block" else None
-    qmin, qmax = weight_qrange(fmt.bits)
-    q = rounding(w, expand_scale(scale, w.shape, axis, block), qmin, qmax)
-    return QuantizedWeight(q=np.asarray(q, dtype=np.int8), scale=scale, axis=axis, block_size=block, fmt=fmt,
-                           channel_axis=channel_axis % w.ndim, reduction_axis=reduction_axis % w.ndim)
+    qmin, qmax = weight_qrange(fmt.bits, fmt.symmetric)
+    q = rounding(w, expand_scale(scale, w.shape, axis, block),
+                 expand_scale(zp.astype(np.float32), w.shape, axis, block), qmin, qmax)
+    return QuantizedWeight(q=np.asarray(q, dtype=np.int8), scale=scale, zero_point=zp, axis=axis, block_size=block,
+                           fmt=fmt, channel_axis=channel_axis % w.ndim, reduction_axis=reduction_axis % w.ndim)
+
+
+CLIP_MODES = ("auto", "mse", "none")
+
+
+def clip_for(fmt: WeightFormat, mode: str = "auto") -> str | float:
+    """The ``clip_ratio`` argument for a clipping mode: ``auto`` searches at 4 bits and below."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"weight clipping must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    if mode == "mse" or (mode == "auto" and fmt.bits <= 4):
+        return "mse"
+    return 1.0
+
+
+GRIDS = ("auto", "symmetric", "asymmetric")
+
+
+def grid_symmetric(bits: int, grid: str = "auto") -> bool:
+    """Whether ``bits``-bit weights use the symmetric grid: ``auto`` is asymmetric at 4 bits and below.
+
+    8-bit weights stay symmetric so that onnxruntime's QLinearConv / QLinearMatMul fusions apply;
+    below that no integer kernel is used and the extra code level is free accuracy.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"weight grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    return grid == "symmetric" or (grid == "auto" and bits > 4)
 
 
 def fake_quantize(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,

@@ -171,10 +171,10 @@ def rewrite(model: onnx.ModelProto, weights: list[WeightInfo], qweights: dict[st
     for name, qw in qweights.items():
         if name not in by_name:
             raise ValueError(f"unknown weight {name}")
-        q, scale, axis, block, reshape = stored_form(qw)
+        q, scale, zp, axis, block, reshape = stored_form(qw)
         new_inits.append(make_int_tensor(f"{name}_quantized", q, qw.fmt.bits))
         new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
-        new_inits.append(make_int_tensor(f"{name}_zero_point", np.zeros(scale.shape, np.int8), qw.fmt.bits))
+        new_inits.append(make_int_tensor(f"{name}_zero_point", zp, qw.fmt.bits))
         attrs = {}
         if axis is not None:
             attrs["axis"] = int(axis)

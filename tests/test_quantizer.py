@@ -12,17 +12,42 @@ RNG = np.random.default_rng(0)
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("fmt_kind", ["tensor", "channel", "block"])
-def test_round_trip_error_is_at_most_half_a_step(bits, fmt_kind):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_round_trip_error_is_at_most_half_a_step(bits, fmt_kind, symmetric):
     w = RNG.normal(size=(12, 40, 3, 3)).astype(np.float32)
-    fmt = WeightFormat(bits, fmt_kind, 16 if fmt_kind == "block" else None)
+    fmt = WeightFormat(bits, fmt_kind, 16 if fmt_kind == "block" else None, symmetric=symmetric)
     qw = quantize_weight(w, fmt, channel_axis=0, reduction_axis=1)
-    qmin, qmax = weight_qrange(bits)
+    qmin, qmax = weight_qrange(bits, symmetric)
     assert qw.q.min() >= qmin and qw.q.max() <= qmax
     step = expand_scale(qw.scale, w.shape, qw.axis, qw.block_size)
     err = np.abs(qw.dequantize() - w)
-    assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
-    # the largest magnitude of each group is represented exactly (no clipping at ratio 1)
-    assert np.isclose(np.abs(qw.dequantize()).max(), np.abs(w).max(), rtol=1e-5)
+    if symmetric:
+        assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+        # the largest magnitude of each group is represented exactly (no clipping at ratio 1)
+        assert np.isclose(np.abs(qw.dequantize()).max(), np.abs(w).max(), rtol=1e-5)
+    else:
+        # the rounded zero point shifts the grid by at most half a step
+        assert np.all(err <= step * (1 + 1e-5) + 1e-7)
+        assert np.all(err[(w > -step * 1.5 * 2 ** (bits - 1) * 0.5) & (w < 0)] <= step[(w > -step * 1.5 * 2 ** (bits - 1) * 0.5) & (w < 0)] / 2 * (1 + 1e-5) + 1e-7)
+
+
+def test_asymmetric_grid_uses_every_code_and_beats_symmetric_at_two_bits():
+    w = RNG.normal(size=(32, 64)).astype(np.float32)
+    sym = quantize_weight(w, WeightFormat(2), 0, 1, clip_ratio="mse")
+    asym = quantize_weight(w, WeightFormat(2, symmetric=False), 0, 1, clip_ratio="mse")
+    assert set(np.unique(asym.q)) == {-2, -1, 0, 1} and set(np.unique(sym.q)) <= {-1, 0, 1}
+    assert np.mean((asym.dequantize() - w) ** 2) < np.mean((sym.dequantize() - w) ** 2)
+
+
+def test_mse_clipping_lowers_error_on_heavy_tails():
+    w = RNG.standard_t(3, size=(16, 128)).astype(np.float32)
+    fmt = WeightFormat(3, "block", 32)
+    plain = quantize_weight(w, fmt, 0, 1)
+    clipped = quantize_weight(w, fmt, 0, 1, clip_ratio="mse")
+    assert np.mean((clipped.dequantize() - w) ** 2) < 0.9 * np.mean((plain.dequantize() - w) ** 2)
+    # per group the search never does worse than no clipping (ratio 1 is on the grid)
+    err = lambda q: ((q.dequantize() - w) ** 2).reshape(16, 4, 32).sum(-1)  # noqa: E731
+    assert np.all(err(clipped) <= err(plain) + 1e-6)
 
 
 def test_block_scales_have_blocked_shape_with_short_last_block():

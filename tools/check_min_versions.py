@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -104,7 +105,9 @@ def all_specs():
                       scale_dtype="FLOAT16", output_dtype="FLOAT"))
     S.append(_dq_spec("int4_block_fp16s_outf32_op25", "INT4", 25, axis=0, block_size=32,
                       scale_dtype="FLOAT16", output_dtype="FLOAT"))
+    # controls for the output_dtype rows: FLOAT16 scale -> FLOAT16 output, no output_dtype attribute
     S.append(_dq_spec("int4_block_fp16s_op21", "INT4", 21, axis=0, block_size=32, scale_dtype="FLOAT16"))
+    S.append(_dq_spec("int4_block_fp16s_op23", "INT4", 23, axis=0, block_size=32, scale_dtype="FLOAT16"))
     S.append(_qdq_spec("uint8_qdq_op21", 21))
     S.append(_qdq_spec("uint8_qdq_op25", 25))
     return S
@@ -206,8 +209,8 @@ def _onnx_unpack_note(onnx, tensor, q):
         return f"to_array n/a: {_first_line(e)}"
     try:
         back = np.asarray(arr).astype(np.int64)
-    except Exception:  # noqa: BLE001
-        back = np.asarray(arr).view(np.int8 if np.asarray(arr).dtype.itemsize == 1 else np.int64).astype(np.int64)
+    except Exception as e:  # noqa: BLE001 - dtype numpy cannot cast
+        return f"to_array result not castable: {_first_line(e)}"
     if back.shape == q.shape and np.array_equal(back, q):
         return "to_array agrees"
     return "to_array DISAGREES with manual packing"
@@ -270,10 +273,14 @@ def _inputs(spec):
 # --------------------------------------------------------------------------- driver
 def _first_line(e):
     s = f"{type(e).__name__}: {e}".strip()
+    # drop onnxruntime's source paths and C++ signatures so the message itself fits
+    s = re.sub(r"/onnxruntime_src/\S+\s*", "", s)
+    s = re.sub(r"(?:\w+::)+\w+\([^()]*\)\s*", "", s)
+    s = s.replace("[ONNXRuntimeError] : ", "")
     for line in s.splitlines():
         line = line.strip()
         if line:
-            return line[:200]
+            return line[:240]
     return type(e).__name__
 
 

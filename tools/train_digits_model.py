@@ -3,10 +3,9 @@
 
 Dependencies (not needed by cet_onnx itself, only to regenerate models/digits/):
 
-    pip install torch==2.13.0 scikit-learn onnx onnxruntime numpy [onnxscript]
+    pip install torch==2.13.0 scikit-learn onnx onnxruntime numpy
 
-(onnxscript is only needed if the legacy TorchScript exporter is unavailable and the
-dynamo exporter is used as a fallback.)
+(onnxscript is not needed: the model is exported with the TorchScript exporter, dynamo=False.)
 
 Usage:
 
@@ -32,6 +31,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -164,7 +164,7 @@ def set_determinism(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # tiny model: 1 thread is fast and makes results thread-count independent
     try:
         torch.use_deterministic_algorithms(True)
     except Exception:  # pragma: no cover
@@ -229,33 +229,27 @@ def export_onnx(model, path: str):
     import torch
 
     dummy = torch.zeros(2, 1, 8, 8)
+    # The legacy TorchScript exporter (dynamo=False, deprecated but present in torch 2.13)
+    # emits opset 17 directly and maps AdaptiveAvgPool2d(1) to GlobalAveragePool. The dynamo
+    # exporter needs opset >= 18 and emits ReduceMean, so it is deliberately not used here.
     try:
-        torch.onnx.export(
-            model, (dummy,), path,
-            input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET, do_constant_folding=True,
-            training=torch.onnx.TrainingMode.EVAL,
-            dynamo=False,
-        )
-        exporter = "torchscript (dynamo=False)"
-    except Exception as exc:  # legacy exporter removed/broken -> dynamo exporter
-        print(f"legacy exporter failed ({exc!r}); falling back to dynamo exporter")
-        batch = torch.export.Dim("batch", min=1)
-        prog = torch.onnx.export(
-            model, (dummy,), input_names=["image"], output_names=["logits"],
-            dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
-            external_data=False,
-        )
-        prog.save(path, external_data=False)
-        exporter = "dynamo"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based export"
+            torch.onnx.export(
+                model, (dummy,), path,
+                input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=OPSET, do_constant_folding=True,
+                training=torch.onnx.TrainingMode.EVAL,
+                dynamo=False,
+            )
+    except TypeError as exc:
+        raise SystemExit(f"torch.onnx.export(dynamo=False) unavailable ({exc}); "
+                         "use torch==2.13.0 as documented at the top of this script")
+    exporter = "TorchScript exporter, dynamo=False"
 
-    m = onnx.load(path)
-    # Guarantee a single self-contained file with the expected opset.
-    onnx.save(m, path, save_as_external_data=False)
-    for f in os.listdir(os.path.dirname(path) or "."):
-        if f.endswith(".data") and f.startswith(os.path.basename(path)):
-            os.remove(os.path.join(os.path.dirname(path), f))
+    # Re-save to guarantee one self-contained file (weights as plain initializers).
+    onnx.save(onnx.load(path), path, save_as_external_data=False)
     return exporter
 
 

@@ -1,0 +1,51 @@
+"""Write ``cet-onnx analyze`` results: a JSON document and a flat CSV table (atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import RuntimeFailure
+
+CSV_FIELDS = ("allocator", "name", "op", "params", "format", "bytes", "first_order", "curvature", "predicted", "form")
+
+
+def sensitivity_csv(result: dict[str, Any]) -> str:
+    """One row per allocator × weight × format."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for allocator in ("cet", "hawq", "sqnr"):
+        for row in result.get(allocator, []):
+            for fmt, d in row["formats"].items():
+                writer.writerow({"allocator": allocator, "name": row["name"], "op": row["op"],
+                                 "params": row["params"], "format": fmt, **d})
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_analysis(result: dict[str, Any], prefix: str) -> list[Path]:
+    """``PREFIX.json`` and ``PREFIX.csv``."""
+    from .pipeline import strict_json
+    base = Path(prefix)
+    if not base.parent.is_dir():
+        raise RuntimeFailure(f"{prefix}: output folder '{base.parent}' does not exist")
+    paths = [base.with_name(base.name + ".json"), base.with_name(base.name + ".csv")]
+    _atomic_write(paths[0], json.dumps(strict_json(result), indent=2))
+    _atomic_write(paths[1], sensitivity_csv(result))
+    return paths

