@@ -28,7 +28,8 @@ from scipy.stats import spearmanr
 from .errors import InputError
 from .probes import ProbeSession
 from .progress import Progress
-from .quantizer import QuantizedWeight, WeightFormat, clip_for, grid_symmetric, quantize_weight
+from .quantizer import (QuantizedWeight, Rounding, WeightFormat, clip_for, grid_symmetric, quantize_weight,
+                        round_to_nearest)
 from .solver import Infeasible, Solution, pareto_front, solve_loss_budget, solve_size_budget
 from .weights import WeightInfo
 
@@ -59,9 +60,11 @@ class Candidates:
     formats: list[WeightFormat]
     values: dict[str, np.ndarray]
     clip: str = "auto"
+    roundings: dict[str, Rounding] = field(default_factory=dict)   # weight → rounding (default RTN)
     sizes: np.ndarray = field(init=False)   # bytes, inf where unavailable
 
     def __post_init__(self) -> None:
+        self._cache: dict[tuple[int, int], QuantizedWeight] = {}
         self.sizes = np.full((len(self.weights), len(self.formats)), np.inf)
         for i, w in enumerate(self.weights):
             for j, f in enumerate(self.formats):
@@ -69,9 +72,13 @@ class Candidates:
                     self.sizes[i, j] = self.quantize(i, j).nbytes()
 
     def quantize(self, i: int, j: int) -> QuantizedWeight:
-        w = self.weights[i]
-        f = self.formats[j]
-        return quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis, clip_ratio=clip_for(f, self.clip))
+        if (i, j) not in self._cache:
+            w = self.weights[i]
+            f = self.formats[j]
+            self._cache[(i, j)] = quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
+                                                  rounding=self.roundings.get(w.name, round_to_nearest),
+                                                  clip_ratio=clip_for(f, self.clip))
+        return self._cache[(i, j)]
 
     @property
     def available(self) -> np.ndarray:

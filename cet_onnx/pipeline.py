@@ -25,8 +25,11 @@ from .errors import InputError, RuntimeFailure
 from .losses import LOSSES, default_loss
 from .model_io import initializer_map, model_file_bytes, prepare_model, save_model, to_array, warn
 from .probes import ProbeSession
+from .gptq import major_axis_rounding
+from .hessian import collect_hessians, layer_spec
+from .probes import probe_model
 from .quantizer import (ActivationParams, QuantizedWeight, WeightFormat, activation_params, clip_for,
-                        grid_symmetric, quantize_weight)
+                        grid_symmetric, quantize_weight, round_to_nearest)
 from .rewriter import activation_tensors, rewrite
 from .runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
 from .solver import pareto_front
@@ -55,6 +58,9 @@ class QuantizeOptions:
     image: ImageOptions | None = None
     weight_clip: str = "auto"
     weight_grid: str = "auto"
+    rounding: str = "auto"          # auto | rtn | major-axis (auto: major-axis when --calib is given)
+    sequential: bool = False
+    hessian_rows: int = 8192
     # mixed precision (used when a budget is set)
     allocator: str = "cet"
     avg_bits: float | None = None
@@ -142,10 +148,12 @@ def choose_format(w: WeightInfo, opts: QuantizeOptions) -> WeightFormat:
     return WeightFormat(opts.weight_bits, "channel", symmetric=sym)
 
 
-def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo],
-                     formats: dict[str, WeightFormat], clip: str = "auto") -> dict[str, QuantizedWeight]:
-    """Round every weight to its format (round-to-nearest, clipping range per ``clip``)."""
+def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo], formats: dict[str, WeightFormat],
+                     clip: str = "auto", roundings: dict | None = None) -> dict[str, QuantizedWeight]:
+    """Round every weight to its format (its rounding from ``roundings``, else round-to-nearest)."""
+    roundings = roundings or {}
     return {w.name: quantize_weight(values[w.name], formats[w.name], w.channel_axis, w.reduction_axis,
+                                    rounding=roundings.get(w.name, round_to_nearest),
                                     clip_ratio=clip_for(formats[w.name], clip))
             for w in weights}
 
@@ -181,6 +189,10 @@ class Prepared:
     providers: list[str]
     labels: np.ndarray | None
     timer: Timer = field(default_factory=Timer)
+    rounding: str = "rtn"
+    roundings: dict = field(default_factory=dict)        # weight → Rounding (major-axis)
+    rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
+    specs: dict = field(default_factory=dict)            # weight → LayerSpec
 
 
 def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions) -> Prepared:
@@ -219,8 +231,55 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             ranges = collect_ranges(model, tensors, calib_batches, providers, opts.calib_method,
                                     symmetric=opts.act_symmetric, num_bits=opts.act_bits, percentile=opts.percentile)
             act_params = {t: activation_params(lo, hi, opts.act_bits, opts.act_symmetric) for t, (lo, hi) in ranges.items()}
-    return Prepared(model, inputs, weights, skipped, values, calib_samples, verify_samples, bs, calib_batches,
-                    verify_batches, act_params, providers, labels, timer)
+    p = Prepared(model, inputs, weights, skipped, values, calib_samples, verify_samples, bs, calib_batches,
+                 verify_batches, act_params, providers, labels, timer)
+    p.rounding = resolve_rounding(opts.rounding, calib)
+    if p.rounding == "major-axis":
+        with timer.stage("hessians"):
+            prepare_major_axis(p, opts)
+    return p
+
+
+def resolve_rounding(rounding: str, calib: str | None) -> str:
+    """``auto`` means major-axis rounding with real calibration data, round-to-nearest without."""
+    if rounding not in ("auto", "rtn", "major-axis"):
+        raise InputError(f"--rounding must be auto, rtn or major-axis, got '{rounding}'")
+    if rounding == "auto":
+        return "major-axis" if calib else "rtn"
+    return rounding
+
+
+def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
+                       only: list[WeightInfo] | None = None) -> None:
+    """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding."""
+    probe = probe_model(p.model, p.weights, p.act_params)
+    for w in only or p.weights:
+        if w.name not in p.specs and w.name not in p.rtn_fallback:
+            spec, why = layer_spec(probe, w)
+            if spec is None:
+                p.rtn_fallback[w.name] = why
+            else:
+                p.specs[w.name] = spec
+    specs = [p.specs[w.name] for w in (only or p.weights) if w.name in p.specs]
+    hess = collect_hessians(probe, specs, p.calib_batches, weight_feeds or p.values, p.providers,
+                            opts.hessian_rows, opts.seed,
+                            desc="layer Hessians" if only is None else f"layer Hessian ({specs[0].name})" if specs else "")
+    for w in only or p.weights:
+        if w.name in hess:
+            p.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
+
+
+def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFormat]) -> dict[str, QuantizedWeight]:
+    """Quantize in graph order, each layer's Hessian taken with every earlier weight already quantized."""
+    feeds = dict(p.values)
+    out: dict[str, QuantizedWeight] = {}
+    for w in p.weights:
+        if w.name in p.specs:
+            prepare_major_axis(p, opts, weight_feeds=feeds, only=[w])
+        qw = quantize_weights(p.values, [w], {w.name: formats[w.name]}, opts.weight_clip, p.roundings)[w.name]
+        out[w.name] = qw
+        feeds[w.name] = qw.dequantize()
+    return out
 
 
 def _loss_output(model: onnx.ModelProto, requested: str | None) -> str:
@@ -260,7 +319,8 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
     settings = {"allocator": allocator, "formats": [f.label for f in cand.formats], "loss": probe_info["loss"],
                 "loss_output": probe_info["loss_output"], "act": None if p.act_params is None else
                 [opts.act_bits, opts.act_symmetric, opts.calib_method, opts.percentile],
-                "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None, "rounding": "rtn",
+                "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None, "rounding": p.rounding,
+                "hessian_rows": opts.hessian_rows if p.rounding == "major-axis" else None,
                 "clip": opts.weight_clip, "grid": opts.weight_grid,
                 "version": __version__}
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else probe_cache.default_dir()
@@ -306,7 +366,8 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     p = prepare(model_path, calib, opts)
     with p.timer.stage("probe"):
         session, info = probe_session(p, opts)
-        cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values, opts.weight_clip)
+        cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values,
+                      opts.weight_clip, p.roundings)
         result: dict[str, Any] = {"tool": f"cet-onnx {__version__}", "model": str(model_path), **info,
                                   "formats": [f.label for f in cand.formats]}
         runs0 = session.runs
@@ -327,10 +388,12 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     return result
 
 
-def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
+def _allocate(p: Prepared, opts: QuantizeOptions,
+              budget: Budget) -> tuple[dict[str, WeightFormat], dict[str, Any], ProbeSession]:
     """Mixed-precision stage: probes, exact solve, closed loop, Pareto front and fidelity."""
     session, info = probe_session(p, opts)
-    cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values, opts.weight_clip)
+    cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values,
+                      opts.weight_clip, p.roundings)
     runs0, t0 = session.runs, time.perf_counter()
     sens = None if opts.allocator == "uniform" else sensitivities(p, opts, session, cand, opts.allocator, info)
     probe_seconds = time.perf_counter() - t0
@@ -341,10 +404,8 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget) -> tuple[dict[
         sol, history = closed_loop_loss_budget(session, sens, cand, budget)
     else:
         sol = solve(sens, cand, budget, session.base_loss)
-    measured = session.loss(cand.assignment(sol.choice))
     report.update({
         "predicted_loss": None if sens is None else session.base_loss + sol.cost,
-        "measured_loss": measured,
         "predicted_bytes": sol.size,
         "closed_loop": history,
         "probe_runs": session.runs - runs0,
@@ -359,7 +420,7 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget) -> tuple[dict[
         if opts.fidelity_samples:
             report["fidelity"] = fidelity(session, sens, cand, opts.fidelity_samples, opts.seed)
     formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
-    return formats, report
+    return formats, report, session
 
 
 def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
@@ -378,11 +439,18 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     allocation = None
     if budget is not None:
         with timer.stage("allocate"):
-            formats, allocation = _allocate(p, opts, budget)
+            formats, allocation, session = _allocate(p, opts, budget)
     else:
         formats = {w.name: choose_format(w, opts) for w in p.weights}
     with timer.stage("quantize_weights"):
-        qweights = quantize_weights(p.values, p.weights, formats, opts.weight_clip)
+        if opts.sequential and p.rounding == "major-axis":
+            qweights = sequential_quantize(p, opts, formats)
+        else:
+            qweights = quantize_weights(p.values, p.weights, formats, opts.weight_clip, p.roundings)
+    if allocation is not None:
+        with timer.stage("measure"):
+            # the loss of exactly the weights that are emitted (sequential rounding included)
+            allocation["measured_loss"] = session.loss({n: q.dequantize() for n, q in qweights.items()})
     with timer.stage("rewrite"):
         result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path))
         qmodel = result.model
@@ -415,6 +483,9 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
                 if allocation and "per_weight_predicted" in allocation else {})}
             for w in p.weights],
         "skipped_weights": p.skipped,
+        "rounding": {"method": p.rounding, "sequential": bool(opts.sequential and p.rounding == "major-axis"),
+                     "round_to_nearest_fallback": p.rtn_fallback,
+                     "seconds": timer.stages.get("hessians", 0.0)},
         "quantized_biases": result.quantized_biases,
         "activation_tensors": len(p.act_params or {}),
         "totals": {

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import glob
 import hashlib
 import json
 import subprocess

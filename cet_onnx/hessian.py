@@ -1,0 +1,201 @@
+"""Layer Hessians ``H = X Xᵀ`` of each weight's inputs, streamed from onnxruntime.
+
+For Gemm / MatMul the rows of ``X`` are the input vectors; for a 2-D Conv they are the im2col
+patches of its input (one Hessian per group, so depthwise convs get one small Hessian per
+channel). Batches are streamed: only the running ``H`` (and one batch of layer inputs) is in
+memory, and at most ``max_rows`` patch rows per batch are used (a random subset) to bound the
+cost on large feature maps.
+
+Layers whose rows cannot be formed (ConvTranspose, 1-D/3-D convs, batched MatMul weights)
+have no Hessian and keep round-to-nearest; :func:`layer_spec` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from .errors import RuntimeFailure
+from .progress import track
+from .runner import Feed, make_session
+from .weights import WeightInfo
+
+
+@dataclass
+class LayerSpec:
+    """How weight ``name`` multiplies its input, and where that input comes from."""
+
+    name: str
+    kind: str                    # "conv2d" | "linear"
+    input_tensor: str
+    transpose_input: bool = False  # linear: X = inputᵀ (Gemm transA, or the weight is MatMul's A)
+    weight_is_a: bool = False      # the weight is the left operand (y = W·x)
+    group: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, left, bottom, right
+    dilations: tuple[int, int] = (1, 1)
+    auto_pad: str = "NOTSET"
+
+
+def _ints(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return tuple(a.ints) if a.ints else a.i
+    return default
+
+
+def _str(node: onnx.NodeProto, name: str, default: str) -> str:
+    for a in node.attribute:
+        if a.name == name:
+            return a.s.decode()
+    return default
+
+
+def layer_spec(model: onnx.ModelProto, w: WeightInfo) -> tuple[LayerSpec | None, str]:
+    """The spec of ``w``'s first consumer in ``model``, or None and the reason it has none."""
+    for node in model.graph.node:
+        if w.name not in node.input:
+            continue
+        idx = list(node.input).index(w.name)
+        if node.op_type == "Conv":
+            if len(w.shape) != 4:
+                return None, f"{len(w.shape) - 2}-D convolution"
+            pads = _ints(node, "pads", (0, 0, 0, 0))
+            return LayerSpec(w.name, "conv2d", node.input[0], group=int(_ints(node, "group", 1)),
+                             kernel=(w.shape[2], w.shape[3]), strides=tuple(_ints(node, "strides", (1, 1))),
+                             pads=(pads[0], pads[1], pads[2], pads[3]),
+                             dilations=tuple(_ints(node, "dilations", (1, 1))),
+                             auto_pad=_str(node, "auto_pad", "NOTSET")), ""
+        if node.op_type == "Gemm":
+            if idx == 1:
+                return LayerSpec(w.name, "linear", node.input[0], transpose_input=bool(_ints(node, "transA", 0))), ""
+            return None, "Gemm weight as left operand"
+        if node.op_type == "MatMul":
+            if len(w.shape) != 2:
+                return None, "batched MatMul weight"
+            if idx == 1:
+                return LayerSpec(w.name, "linear", node.input[0]), ""
+            return LayerSpec(w.name, "linear", node.input[1], transpose_input=True, weight_is_a=True), ""
+        return None, f"{node.op_type} weight"
+    return None, "no consumer"
+
+
+def to_rows(w: np.ndarray, info: WeightInfo) -> np.ndarray:
+    """The weight as ``[output rows, input columns]`` in the column order of the layer's ``X``."""
+    if w.ndim == 4:
+        return w.reshape(w.shape[0], -1)
+    return np.moveaxis(w, info.channel_axis, 0).reshape(w.shape[info.channel_axis], -1)
+
+
+def from_rows(w2: np.ndarray, shape: tuple[int, ...], info: WeightInfo) -> np.ndarray:
+    """Inverse of :func:`to_rows`."""
+    if len(shape) == 4:
+        return w2.reshape(shape)
+    moved = list(shape)
+    c = info.channel_axis
+    moved.insert(0, moved.pop(c))
+    return np.moveaxis(w2.reshape(moved), 0, c)
+
+
+def _conv_pads(spec: LayerSpec, h: int, w: int) -> tuple[int, int, int, int]:
+    if spec.auto_pad in ("NOTSET", ""):
+        return spec.pads
+    if spec.auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    pads = []
+    for size, k, s, d in ((h, spec.kernel[0], spec.strides[0], spec.dilations[0]),
+                          (w, spec.kernel[1], spec.strides[1], spec.dilations[1])):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        pads.append((total // 2, total - total // 2) if spec.auto_pad == "SAME_UPPER" else (total - total // 2, total // 2))
+    return (pads[0][0], pads[1][0], pads[0][1], pads[1][1])
+
+
+def conv_patches(x: np.ndarray, spec: LayerSpec) -> list[np.ndarray]:
+    """im2col of ``x`` ``[N, C, H, W]``: per group an array ``[N·oh·ow, (C/g)·kh·kw]``."""
+    n, c, h, wd = x.shape
+    top, left, bottom, right = _conv_pads(spec, h, wd)
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                      # [N, C, oh, ow, kh, kw]
+    oh, ow = win.shape[2], win.shape[3]
+    g = spec.group
+    cg = c // g
+    win = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    return [win[i].reshape(n * oh * ow, cg * kh * kw) for i in range(g)]
+
+
+def linear_rows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Input vectors of a Gemm / MatMul as rows ``[samples, K]``."""
+    if spec.transpose_input:
+        x = np.swapaxes(x, -1, -2)
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass
+class LayerHessian:
+    """Running ``H`` per group, and the number of rows seen."""
+
+    spec: LayerSpec
+    h: list[np.ndarray] = field(default_factory=list)
+    rows: int = 0
+
+    def update(self, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
+        parts = conv_patches(x, self.spec) if self.spec.kind == "conv2d" else [linear_rows(x, self.spec)]
+        count = parts[0].shape[0]
+        if count > max_rows:
+            pick = np.sort(rng.choice(count, max_rows, replace=False))
+            parts = [p[pick] for p in parts]
+        if not self.h:
+            self.h = [np.zeros((p.shape[1], p.shape[1])) for p in parts]
+        for k, p in enumerate(parts):
+            p = p.astype(np.float64)
+            self.h[k] += p.T @ p
+        self.rows += parts[0].shape[0]
+
+    def hessians(self) -> list[np.ndarray]:
+        """``2/rows · X Xᵀ`` per group (the scale does not change the rounding)."""
+        return [2.0 * h / max(self.rows, 1) for h in self.h]
+
+
+def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches: Sequence[Feed],
+                     weight_feeds: dict[str, np.ndarray], providers: Sequence[str], max_rows: int = 8192,
+                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, list[np.ndarray]]:
+    """Hessians of every spec's layer, one streamed pass over ``batches``.
+
+    ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.probes.probe_model`);
+    ``weight_feeds`` gives every weight's value (float, or already quantized for a sequential pass).
+    """
+    if not specs:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(probe)
+    existing = {o.name for o in m.graph.output}
+    wanted = list(dict.fromkeys(s.input_tensor for s in specs))
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in wanted if t not in existing)
+    session = make_session(m, providers)
+    layers = {s.name: LayerHessian(s) for s in specs}
+    rng = np.random.default_rng(seed)
+    for feed in track(batches, desc=desc, unit="batch"):
+        try:
+            values = dict(zip(wanted, session.run(wanted, {**feed, **weight_feeds})))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first}") from None
+        for layer in layers.values():
+            layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)
+    return {name: layer.hessians() for name, layer in layers.items()}
+
+
+def groups_rows(info: WeightInfo, spec: LayerSpec, ngroups: int) -> list[slice]:
+    """Row ranges of :func:`to_rows`'s matrix that each group's Hessian belongs to."""
+    rows = info.shape[info.channel_axis] if len(info.shape) != 4 else info.shape[0]
+    per = rows // ngroups
+    return [slice(k * per, (k + 1) * per) for k in range(ngroups)]
