@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from .errors import InputError
 from .probes import ProbeSession
@@ -272,6 +271,7 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
         bar.close()
     pred = np.array([r["predicted"] for r in rows]) - session.base_loss
     meas = np.array([r["measured"] for r in rows]) - session.base_loss
+    from scipy.stats import spearmanr  # slow to import; only needed here
     rho = float(spearmanr(pred, meas).statistic) if count >= 3 and np.ptp(pred) > 0 and np.ptp(meas) > 0 else float("nan")
     ratio = float(np.median(meas / np.where(pred == 0, np.nan, pred))) if count else float("nan")
     return {"assignments": rows, "spearman": rho, "median_measured_over_predicted": ratio}

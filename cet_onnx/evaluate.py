@@ -29,7 +29,7 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
         raise InputError(f"{quant_path}: inputs {sorted(q_inputs)} differ from {fp32_path}'s "
                          f"{sorted(i.name for i in inputs)}")
     samples = load_samples(data, inputs, limit=calib_size, image=image)
-    label_arr = load_labels(labels, len(samples)) if labels else None
+    label_arr = load_labels(labels, len(samples), truncated=calib_size is not None) if labels else None
     batches = batched(samples, effective_batch_size(inputs, batch_size), inputs=inputs)
     ref_sess = make_session(fp32, providers)
     q_sess = make_session(quant, providers)

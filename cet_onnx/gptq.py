@@ -34,25 +34,34 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     raise LinAlgError("Hessian is not positive definite even with heavy damping")
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
-               block: int = 128, damp: float = 0.01, act_order: bool = True) -> np.ndarray:
+def hessian_factor(h: np.ndarray, damp: float = 0.01, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(column order, upper Cholesky factor of the damped inverse Hessian in that order).
+
+    Depends on ``H`` only, so one factor serves every format a weight is probed at.
+    """
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    return perm, _inverse_cholesky_upper(h[np.ix_(perm, perm)], damp)
+
+
+def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], scale: np.ndarray,
+               zero_point: np.ndarray, qmin: int, qmax: int, block: int = 128, damp: float = 0.01,
+               act_order: bool = True) -> np.ndarray:
     """Integer codes for ``w`` ``[rows, cols]`` given ``H`` ``[cols, cols]`` and per-element scale / zero point.
 
-    Returns int8 codes with the same shape as ``w``; ``(q − zero_point) · scale`` is the
-    dequantized weight.
+    ``h`` may also be a precomputed :func:`hessian_factor`. Returns int8 codes with the same
+    shape as ``w``; ``(q − zero_point) · scale`` is the dequantized weight.
     """
     w = np.array(w, dtype=np.float64)
-    h = np.array(h, dtype=np.float64)
     s = np.asarray(scale, dtype=np.float64)
     z = np.asarray(zero_point, dtype=np.float64)
     rows, n = w.shape
-    if h.shape != (n, n):
-        raise ValueError(f"Hessian shape {h.shape} does not match {n} columns")
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
+    perm, u = h if isinstance(h, tuple) else hessian_factor(h, damp, act_order)
+    if u.shape != (n, n):
+        raise ValueError(f"Hessian shape {u.shape} does not match {n} columns")
     w, s, z = w[:, perm], s[:, perm], z[:, perm]
-    u = _inverse_cholesky_upper(h[np.ix_(perm, perm)], damp)
     q = np.empty((rows, n), dtype=np.float64)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -82,11 +91,15 @@ def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128
     """
     from .hessian import from_rows, groups_rows, to_rows
 
+    factors: list = []
+
     def rounding(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+        if not factors:
+            factors.extend(hessian_factor(h, damp, act_order) for h in hessians)
         w2, s2, z2 = (to_rows(np.ascontiguousarray(a), info) for a in (w, scale, zero_point))
         q2 = np.empty(w2.shape, dtype=np.int8)
-        for rows, h in zip(groups_rows(info, spec, len(hessians)), hessians):
-            q2[rows] = gptq_round(w2[rows], h, s2[rows], z2[rows], qmin, qmax, block, damp, act_order)
+        for rows, f in zip(groups_rows(info, spec, len(hessians)), factors):
+            q2[rows] = gptq_round(w2[rows], f, s2[rows], z2[rows], qmin, qmax, block)
         return from_rows(q2, w.shape, info)
 
     return rounding

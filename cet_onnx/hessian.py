@@ -155,8 +155,8 @@ class LayerHessian:
         if not self.h:
             self.h = [np.zeros((p.shape[1], p.shape[1])) for p in parts]
         for k, p in enumerate(parts):
-            p = p.astype(np.float64)
-            self.h[k] += p.T @ p
+            p = np.ascontiguousarray(p, dtype=np.float32)
+            self.h[k] += (p.T @ p).astype(np.float64)  # float32 product, float64 running sum
         self.rows += parts[0].shape[0]
 
     def hessians(self) -> list[np.ndarray]:

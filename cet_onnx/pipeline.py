@@ -158,17 +158,21 @@ def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo], f
             for w in weights}
 
 
-def load_labels(path: str, count: int) -> np.ndarray:
-    """Integer labels from ``.npy``, checked to line up with ``count`` samples."""
+def load_labels(path: str, count: int, truncated: bool = False) -> np.ndarray:
+    """Integer labels from ``.npy``, checked to line up with ``count`` samples.
+
+    With ``truncated`` (the data was cut to its first ``count`` samples) the labels may be longer
+    and are cut the same way.
+    """
     try:
         labels = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise InputError(f"labels '{path}': cannot read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if labels.dtype.kind not in "iu" or labels.ndim < 1:
         raise InputError(f"labels '{path}': expected integer class labels, got dtype {labels.dtype} shape {list(labels.shape)}")
-    if labels.shape[0] != count:
+    if labels.shape[0] != count and not (truncated and labels.shape[0] > count):
         raise InputError(f"labels '{path}': {labels.shape[0]} labels for {count} samples")
-    return labels
+    return labels[:count]
 
 
 @dataclass
@@ -211,7 +215,7 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     with timer.stage("data"):
         limit = opts.calib_size + opts.verify_size if opts.calib_size else None
         samples = load_samples(calib, inputs, limit=limit, image=opts.image, seed=opts.seed)
-        labels = load_labels(opts.labels, len(samples)) if opts.labels else None
+        labels = load_labels(opts.labels, len(samples), truncated=limit is not None) if opts.labels else None
         calib_samples, verify_samples = split_samples(samples, opts.verify_size)
         bs = effective_batch_size(inputs, opts.batch_size)
         calib_batches = batched(calib_samples, bs, inputs=inputs)

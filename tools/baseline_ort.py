@@ -225,11 +225,11 @@ def profile_by_op(path: Path, name: str, feed: np.ndarray, work: Path, runs: int
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
     so.enable_profiling = True
-    so.profile_file_prefix = str(work / f"profile_{path.stem}")
+    so.profile_file_prefix = str(work / f"profile_{path.stem.replace(' ', '_')}")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     for _ in range(runs):
         sess.run(None, {name: feed})
-    trace = Path(sess.end_profiling())
+    trace = Path(sess.end_profiling())  # named after profile_file_prefix
     events = json.loads(trace.read_text())
     per_op = collections.Counter()
     for e in events:
@@ -355,7 +355,7 @@ def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
         m = onnx.load(str(p))
         models[k] = m
         res["static_ops"][k] = op_counts(m)
-        opt = work / f"{k}.ort_optimized.onnx"
+        opt = work / f"{k.replace(' ', '_')}.ort_optimized.onnx"
         session(p, 1, opt)
         om = onnx.load(str(opt))
         res["optimized_ops"][k] = op_counts(om)
@@ -640,7 +640,7 @@ def markdown(results: dict, meta: dict, latency_batches: list[int]) -> str:
             for op in ops:
                 lines.append(f"| {op} | " + " | ".join(f"{prof[k][op]:.3f}" if op in prof[k] else "—" for k in METHODS) + " |")
             lines.append("| **total** | " + " | ".join(f"{sum(prof[k].values()):.3f}" for k in METHODS) + " |")
-        for k in ("ort-int8", "cet-int8"):
+        for k in METHODS[1:]:
             lines.append(f"\n- Q/DQ left unfused in {k}: "
                          + (", ".join(f"`{e}` ×{c}" for e, c in g["unfused_qdq_after_opt"][k].items()) or "none"))
         lines.append("")

@@ -1,0 +1,142 @@
+"""CET mixed precision end to end: probes, cache, analyze, budgets, closed loop, size accounting."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from cet_onnx.allocate import Candidates, candidate_formats
+from cet_onnx.cli import main
+from cet_onnx.probes import ProbeSession
+from cet_onnx.quantizer import WeightFormat, quantize_weight
+from cet_onnx.weights import find_weights
+
+from models import small_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits"
+FAST = ["--calib-size", "96", "--probe-size", "32", "--fidelity-samples", "4", "-q", "--json"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def cnn_session():
+    model = onnx.shape_inference.infer_shapes(small_cnn())
+    weights, _ = find_weights(model)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    session = ProbeSession(model, weights, {w.name: values[w.name] for w in weights}, None, [{"x": x[:8]}, {"x": x[8:]}],
+                           ["CPUExecutionProvider"], "kl", "logits")
+    return session, weights, values
+
+
+def test_probe_terms_and_weight_restoration(cnn_session):
+    session, weights, values = cnn_session
+    # label-free loss at the float weights, activations float: exactly zero
+    assert session.base_loss == pytest.approx(0.0, abs=1e-9)
+    w = weights[1]
+    q = quantize_weight(values[w.name], WeightFormat(2), w.channel_axis, w.reduction_axis).dequantize()
+    r = session.probe(w.name, q, "int2/ch")
+    assert r.predicted == pytest.approx(r.loss_plus - session.base_loss)
+    assert r.first_order + r.curvature == pytest.approx(r.predicted)
+    assert r.loss_plus > 0 and r.curvature > 0 and r.form == "ellipsoid"
+    # at the minimum the first-order term is small next to the curvature term
+    assert abs(r.first_order) < r.curvature
+    # probes rebind the float weight afterwards
+    assert session.loss() == pytest.approx(session.base_loss, abs=1e-12)
+    # quantizing the same weight to 8 bits costs far less than to 2 bits
+    q8 = quantize_weight(values[w.name], WeightFormat(8), w.channel_axis, w.reduction_axis).dequantize()
+    assert session.probe(w.name, q8, "int8/ch").predicted < 0.05 * r.predicted
+
+
+def test_candidate_sizes_are_real_bytes(cnn_session):
+    _, weights, values = cnn_session
+    cand = Candidates(weights, candidate_formats((2, 4, 8), 4), {w.name: values[w.name] for w in weights})
+    for i, w in enumerate(weights):
+        for j, f in enumerate(cand.formats):
+            if cand.available[i, j]:
+                assert cand.sizes[i, j] == quantize_weight(values[w.name], f, w.channel_axis, w.reduction_axis).nbytes()
+            else:  # blocks of 4 need at least 4 input channels
+                assert f.granularity == "block" and w.shape[w.reduction_axis] < 4
+
+
+def test_analyze_writes_tables_and_second_run_hits_the_cache(tmp_path):
+    args = ["analyze", DIGITS / "model.onnx", "--calib", DIGITS / "calib.npz", "-o", tmp_path / "sens",
+            "--cache-dir", tmp_path / "cache", "--allocators", "cet,hawq", "--hutchinson-samples", 1, *FAST]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    r1 = json.loads(first.stdout)
+    assert r1["probe_runs"] > 0 and r1["forward_passes_per_second"] > 0
+    assert len(r1["cet"]) == 9 and "int2a/ch" in r1["cet"][0]["formats"]
+    assert {"first_order", "curvature", "predicted", "form"} <= set(r1["cet"][0]["formats"]["int4a/ch"])
+    assert (tmp_path / "sens.json").exists()
+    csv_lines = (tmp_path / "sens.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("allocator,name,op,params,format,bytes")
+    assert len(csv_lines) > 9 * 4
+    second = json.loads(invoke(*args).stdout)
+    assert second["probe_runs"] == 0  # everything came from the cache
+    assert second["cet"] == r1["cet"]
+
+
+def _quantize(tmp_path, name, *args):
+    out = tmp_path / f"{name}.onnx"
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz",
+                 "--cache-dir", tmp_path / "cache", *FAST, *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_budget_allocation_accounts_bytes_exactly_and_meets_budget(tmp_path):
+    rep = _quantize(tmp_path, "avg3", "--avg-bits", "3")
+    a = rep["allocation"]
+    assert a["predicted_bytes"] == rep["totals"]["weight_bytes"]
+    assert rep["totals"]["avg_bits"] <= 3.0
+    assert len({w["format"] for w in rep["weights"]}) > 1            # really mixed
+    assert a["fidelity"]["spearman"] is not None and len(a["pareto_front"]) >= 3
+    assert all("predicted_delta_loss" in w for w in rep["weights"])
+    assert rep["verification"]["min_top1_agreement"] >= 0.95
+
+
+def test_cet_beats_uniform_at_the_size_of_uniform_2bit(tmp_path):
+    uni = _quantize(tmp_path, "uni", "--weight-bits", "2", "--block-size", "32")
+    size_mb = uni["totals"]["weight_bytes"] / 1e6
+    cet = _quantize(tmp_path, "cet", "--max-size", f"{size_mb:.6f}", "--allocator", "cet")
+    uni_loss = _quantize(tmp_path, "uni2", "--max-size", f"{size_mb:.6f}", "--allocator", "uniform")
+    assert cet["totals"]["weight_bytes"] <= uni["totals"]["weight_bytes"]
+    assert cet["allocation"]["measured_loss"] < uni_loss["allocation"]["measured_loss"]
+
+
+def test_max_loss_closed_loop_keeps_measured_loss_within_budget(tmp_path):
+    rep = _quantize(tmp_path, "ml", "--max-loss", "0.05")
+    a = rep["allocation"]
+    assert a["closed_loop"] and a["measured_loss"] <= 0.05
+    assert rep["totals"]["avg_bits"] < 8.5
+
+
+def test_budget_errors(tmp_path):
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", DIGITS / "calib.npz",
+                 "--avg-bits", "3", "--max-size", "1")
+    assert res.exit_code == 2 and "only one of" in res.stderr
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", DIGITS / "calib.npz",
+                 "--avg-bits", "0.5", "--cache-dir", tmp_path / "c", "-q")
+    assert res.exit_code == 2 and "cannot be met" in res.stderr
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", DIGITS / "calib.npz",
+                 "--avg-bits", "4", "--loss", "ce")
+    assert res.exit_code == 2 and "--labels" in res.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_labels_give_task_loss_with_nonzero_first_order_term(tmp_path):
+    args = ["analyze", DIGITS / "model.onnx", "--calib", DIGITS / "calib.npz", "--labels", DIGITS / "calib_labels.npy",
+            "-o", tmp_path / "s", "--cache-dir", tmp_path / "cache", "--weight-only", *FAST]
+    r = json.loads(invoke(*args).stdout)
+    assert r["loss"] == "ce" and r["base_loss"] > 0
+    firsts = [f["first_order"] for row in r["cet"] for f in row["formats"].values()]
+    assert max(abs(v) for v in firsts) > 0
