@@ -27,8 +27,7 @@ import numpy as np
 from .errors import InputError
 from .probes import ProbeSession
 from .progress import Progress
-from .quantizer import (QuantizedWeight, Rounding, WeightFormat, clip_for, grid_symmetric, quantize_weight,
-                        round_to_nearest)
+from .quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
 from .solver import Infeasible, Solution, pareto_front, solve_loss_budget, solve_size_budget
 from .weights import WeightInfo
 
@@ -59,7 +58,7 @@ class Candidates:
     formats: list[WeightFormat]
     values: dict[str, np.ndarray]
     clip: str = "auto"
-    roundings: dict[str, Rounding] = field(default_factory=dict)   # weight → rounding (default RTN)
+    roundings: RoundingPlan = field(default_factory=RoundingPlan)
     sizes: np.ndarray = field(init=False)   # bytes, inf where unavailable
 
     def __post_init__(self) -> None:
@@ -75,7 +74,7 @@ class Candidates:
             w = self.weights[i]
             f = self.formats[j]
             self._cache[(i, j)] = quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
-                                                  rounding=self.roundings.get(w.name, round_to_nearest),
+                                                  rounding=self.roundings.get(w.name, f),
                                                   clip_ratio=clip_for(f, self.clip))
         return self._cache[(i, j)]
 
@@ -241,6 +240,46 @@ def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Cand
         # fall back to the assignment with the least predicted loss, and say so in the report
         sol = solve_size_budget(sens.costs, cand.sizes, float(np.where(cand.available, cand.sizes, -np.inf).max(1).sum()))
     return sol, history
+
+
+def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidates, budget_bytes: float,
+                       rounds: int = 3) -> tuple[Solution, list[dict[str, float]]]:
+    """Closed loop under a size budget: correct the additive model with measured, in-context costs.
+
+    Single-weight probes are taken with every other weight in float; in a mixed assignment the
+    weights interact. Each round measures the assignment's loss ``L`` and, for every weight, the
+    loss with that weight alone put back to float; ``L − L₋ᵢ`` is its cost *in context*. Each
+    weight's costs are rescaled by in-context / isolated cost (bounded to [0.1, 10]), the exact
+    solver runs again, and the best *measured* assignment is kept. Costs ``n + 1`` forward
+    passes per round.
+    """
+    costs = sens.costs.copy()
+    sol = solve_size_budget(costs, cand.sizes, budget_bytes)
+    history: list[dict[str, float]] = []
+    best: tuple[float, Solution] | None = None
+    idx = np.arange(len(cand.weights))
+    for r in range(rounds + 1):
+        assign = cand.assignment(sol.choice)
+        measured = session.loss(assign)
+        history.append({"round": r, "predicted": session.base_loss + float(sens.costs[idx, sol.choice].sum()),
+                        "measured": measured, "bytes": sol.size})
+        if best is None or measured < best[0]:
+            best = (measured, sol)
+        if r == rounds:
+            break
+        for i, w in enumerate(cand.weights):
+            rest = {k: v for k, v in assign.items() if k != w.name}
+            in_context = measured - session.loss(rest)
+            isolated = costs[i, sol.choice[i]]
+            if isolated > 0 and in_context > 0:
+                costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0), costs[i])
+        new = solve_size_budget(costs, cand.sizes, budget_bytes)
+        if np.array_equal(new.choice, sol.choice):
+            break
+        sol = new
+    assert best is not None
+    chosen = best[1]
+    return Solution(chosen.choice, chosen.size, float(sens.costs[idx, chosen.choice].sum())), history
 
 
 def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: int = 12,

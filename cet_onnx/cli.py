@@ -194,6 +194,9 @@ def main() -> None:
               help="Mixed precision: smallest weights whose measured loss stays <= E (closed loop).")
 @click.option("--allocator", type=click.Choice(["cet", "hawq", "sqnr", "uniform"]), default="cet", show_default=True,
               help="How a budget is spent: CET probes, Hessian-trace proxy, layer SQNR, or one bit-width for all.")
+@click.option("--refine-rounds", type=click.IntRange(min=0), default=3, show_default=True,
+              help="cet under a size budget: closed-loop rounds that re-measure each weight's cost in context "
+                   "and solve again (n+1 forward passes each); 0 trusts the additive prediction.")
 @probe_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
 @json_option
@@ -201,7 +204,7 @@ def main() -> None:
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
-             verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, bits,
+             verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
@@ -229,7 +232,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout),
         **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size,
                         hutchinson_samples, fidelity_samples, cache_dir, no_cache),
-        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss)
+        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss, refine_rounds=refine_rounds)
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
     if as_json:
         emit_json({"ok": True, **report})

@@ -19,8 +19,10 @@ import onnx
 from . import __version__
 from . import probe_cache
 from .allocate import (ALLOCATORS, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget,
+                       refine_size_budget,
                        fidelity, measure_cet, measure_hawq, measure_sqnr, solve)
 from .calib_data import ImageOptions, ModelInput, batched, load_samples, model_inputs
+from .decompose import decompose_hardswish
 from .errors import InputError, RuntimeFailure
 from .losses import LOSSES, default_loss
 from .model_io import initializer_map, model_file_bytes, prepare_model, save_model, to_array, warn
@@ -28,8 +30,8 @@ from .probes import ProbeSession
 from .gptq import major_axis_rounding
 from .hessian import collect_hessians, layer_spec
 from .probes import probe_model
-from .quantizer import (ActivationParams, QuantizedWeight, WeightFormat, activation_params, clip_for,
-                        grid_symmetric, quantize_weight, round_to_nearest)
+from .quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
+                        grid_symmetric, quantize_weight)
 from .rewriter import activation_tensors, rewrite
 from .runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
 from .solver import pareto_front
@@ -77,6 +79,7 @@ class QuantizeOptions:
     pareto_points: int = 12
     cache_dir: str | None = None
     use_cache: bool = True
+    refine_rounds: int = 3
 
     @property
     def budget(self) -> Budget | None:
@@ -149,11 +152,11 @@ def choose_format(w: WeightInfo, opts: QuantizeOptions) -> WeightFormat:
 
 
 def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo], formats: dict[str, WeightFormat],
-                     clip: str = "auto", roundings: dict | None = None) -> dict[str, QuantizedWeight]:
-    """Round every weight to its format (its rounding from ``roundings``, else round-to-nearest)."""
-    roundings = roundings or {}
+                     clip: str = "auto", roundings: RoundingPlan | None = None) -> dict[str, QuantizedWeight]:
+    """Round every weight to its format (with the rounding ``roundings`` plans, else round-to-nearest)."""
+    roundings = roundings or RoundingPlan()
     return {w.name: quantize_weight(values[w.name], formats[w.name], w.channel_axis, w.reduction_axis,
-                                    rounding=roundings.get(w.name, round_to_nearest),
+                                    rounding=roundings.get(w.name, formats[w.name]),
                                     clip_ratio=clip_for(formats[w.name], clip))
             for w in weights}
 
@@ -194,13 +197,16 @@ class Prepared:
     labels: np.ndarray | None
     timer: Timer = field(default_factory=Timer)
     rounding: str = "rtn"
-    roundings: dict = field(default_factory=dict)        # weight → Rounding (major-axis)
+    roundings: RoundingPlan = field(default_factory=RoundingPlan)
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
 
 
-def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions) -> Prepared:
-    """Load, read data, find weights and calibrate activations."""
+def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions, mixed: bool = False) -> Prepared:
+    """Load, read data, find weights, calibrate activations and (for major-axis rounding) collect Hessians.
+
+    ``mixed``: the formats will be chosen from ``opts.bits`` rather than ``opts.weight_bits``.
+    """
     timer = Timer()
     providers = select_providers(opts.device)
     if opts.loss is not None and opts.loss not in LOSSES:
@@ -211,6 +217,8 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
         raise InputError(f"--allocator must be one of {', '.join(ALLOCATORS)}, got '{opts.allocator}'")
     with timer.stage("load"):
         model = prepare_model(model_path, opts.simplify)
+        if not opts.weight_only and decompose_hardswish(model):
+            model = onnx.shape_inference.infer_shapes(model)
         inputs = model_inputs(model)
     with timer.stage("data"):
         limit = opts.calib_size + opts.verify_size if opts.calib_size else None
@@ -237,20 +245,26 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             act_params = {t: activation_params(lo, hi, opts.act_bits, opts.act_symmetric) for t, (lo, hi) in ranges.items()}
     p = Prepared(model, inputs, weights, skipped, values, calib_samples, verify_samples, bs, calib_batches,
                  verify_batches, act_params, providers, labels, timer)
-    p.rounding = resolve_rounding(opts.rounding, calib)
+    low_bits = min(opts.bits) <= 4 if mixed else opts.weight_bits <= 4
+    p.rounding, p.roundings.max_bits = resolve_rounding(opts.rounding, calib, low_bits)
     if p.rounding == "major-axis":
         with timer.stage("hessians"):
             prepare_major_axis(p, opts)
     return p
 
 
-def resolve_rounding(rounding: str, calib: str | None) -> str:
-    """``auto`` means major-axis rounding with real calibration data, round-to-nearest without."""
+def resolve_rounding(rounding: str, calib: str | None, low_bits: bool) -> tuple[str, int]:
+    """(method, widest bit-width it applies to).
+
+    ``auto`` is major-axis rounding for formats of 4 bits and below when real calibration data
+    is given and such formats can be chosen (at 8 bits it costs time and gains nothing
+    measurable), round-to-nearest otherwise; an explicit ``major-axis`` applies to every width.
+    """
     if rounding not in ("auto", "rtn", "major-axis"):
         raise InputError(f"--rounding must be auto, rtn or major-axis, got '{rounding}'")
     if rounding == "auto":
-        return "major-axis" if calib else "rtn"
-    return rounding
+        return ("major-axis", 4) if calib and low_bits else ("rtn", 8)
+    return rounding, 8
 
 
 def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
@@ -270,7 +284,7 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
                             desc="layer Hessians" if only is None else f"layer Hessian ({specs[0].name})" if specs else "")
     for w in only or p.weights:
         if w.name in hess:
-            p.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
+            p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
 
 
 def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFormat]) -> dict[str, QuantizedWeight]:
@@ -323,7 +337,8 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
     settings = {"allocator": allocator, "formats": [f.label for f in cand.formats], "loss": probe_info["loss"],
                 "loss_output": probe_info["loss_output"], "act": None if p.act_params is None else
                 [opts.act_bits, opts.act_symmetric, opts.calib_method, opts.percentile],
-                "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None, "rounding": p.rounding,
+                "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None,
+                "rounding": [p.rounding, p.roundings.max_bits],
                 "hessian_rows": opts.hessian_rows if p.rounding == "major-axis" else None,
                 "clip": opts.weight_clip, "grid": opts.weight_grid,
                 "version": __version__}
@@ -367,7 +382,7 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             allocators: tuple[str, ...] = ("cet",)) -> dict[str, Any]:
     """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL."""
     t0 = time.perf_counter()
-    p = prepare(model_path, calib, opts)
+    p = prepare(model_path, calib, opts, mixed=True)
     with p.timer.stage("probe"):
         session, info = probe_session(p, opts)
         cand = Candidates(p.weights, candidate_formats(opts.bits, opts.candidate_block, opts.weight_grid), p.values,
@@ -406,6 +421,10 @@ def _allocate(p: Prepared, opts: QuantizeOptions,
     history: list = []
     if budget.max_loss is not None and sens is not None:
         sol, history = closed_loop_loss_budget(session, sens, cand, budget)
+    elif opts.allocator == "cet" and sens is not None and opts.refine_rounds > 0:
+        solve(sens, cand, budget, session.base_loss)  # a clear error when the budget is infeasible
+        sol, history = refine_size_budget(session, sens, cand, budget.size_bytes(sum(w.size for w in p.weights)),
+                                          opts.refine_rounds)
     else:
         sol = solve(sens, cand, budget, session.base_loss)
     report.update({
@@ -429,8 +448,12 @@ def _allocate(p: Prepared, opts: QuantizeOptions,
 
 def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
              opts: QuantizeOptions, min_sqnr: float | None = None,
-             min_agreement: float | None = None) -> dict[str, Any]:
-    """Quantize ``model_path`` into ``out_path`` and return the report (also saved beside it)."""
+             min_agreement: float | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Quantize ``model_path`` into ``out_path`` and return the report (also saved beside it).
+
+    ``prepared`` (from :func:`prepare` with the same model, data and activation / rounding
+    options) skips loading, calibration and Hessians — for benchmarks that try many budgets.
+    """
     t_start = time.perf_counter()
     out_path = Path(out_path)
     if Path(model_path).resolve() == out_path.resolve():
@@ -438,8 +461,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     if not out_path.parent.exists() and str(out_path.parent):
         raise InputError(f"{out_path}: output folder '{out_path.parent}' does not exist")
     budget = opts.budget
-    p = prepare(model_path, calib, opts)
-    timer = p.timer
+    p = prepared or prepare(model_path, calib, opts, mixed=budget is not None)
+    timer = p.timer if prepared is None else Timer()
     allocation = None
     if budget is not None:
         with timer.stage("allocate"):
@@ -487,7 +510,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
                 if allocation and "per_weight_predicted" in allocation else {})}
             for w in p.weights],
         "skipped_weights": p.skipped,
-        "rounding": {"method": p.rounding, "sequential": bool(opts.sequential and p.rounding == "major-axis"),
+        "rounding": {"method": p.rounding, "up_to_bits": p.roundings.max_bits,
+                     "sequential": bool(opts.sequential and p.rounding == "major-axis"),
                      "round_to_nearest_fallback": p.rtn_fallback,
                      "seconds": timer.stages.get("hessians", 0.0)},
         "quantized_biases": result.quantized_biases,

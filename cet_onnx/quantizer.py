@@ -22,7 +22,7 @@ Conventions, matching ONNX ``DequantizeLinear`` (``w ≈ (q − zero_point) · s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
@@ -228,6 +228,18 @@ def quantize_weight(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, red
                  expand_scale(zp.astype(np.float32), w.shape, axis, block), qmin, qmax)
     return QuantizedWeight(q=np.asarray(q, dtype=np.int8), scale=scale, zero_point=zp, axis=axis, block_size=block,
                            fmt=fmt, channel_axis=channel_axis % w.ndim, reduction_axis=reduction_axis % w.ndim)
+
+
+@dataclass
+class RoundingPlan:
+    """Which rounding each weight uses: its Hessian-aware rounding for formats up to ``max_bits``, else RTN."""
+
+    roundings: dict[str, Rounding] = field(default_factory=dict)
+    max_bits: int = 8
+
+    def get(self, name: str, fmt: WeightFormat) -> Rounding:
+        r = self.roundings.get(name)
+        return r if r is not None and fmt.bits <= self.max_bits else round_to_nearest
 
 
 CLIP_MODES = ("auto", "mse", "none")

@@ -12,9 +12,12 @@ Rules:
    selectors exclude 4- and 16-bit weights but not 2-bit ones, fuse INT2 weights into
    QLinearConv / QLinearMatMul and then refuse to load the model; they never fuse blocked
    scales.
-2. Each planned activation tensor ``t`` gets ``QuantizeLinear → DequantizeLinear``; only
-   the quantized consumers read the dequantized copy, other consumers and graph outputs
-   keep the float tensor.
+2. Each planned activation tensor ``t`` gets ``QuantizeLinear → DequantizeLinear``: the
+   float inputs of the ops in :data:`ACTIVATION_OPS`, and the outputs of Conv /
+   ConvTranspose / Gemm / MatMul that are not graph outputs (so that onnxruntime finds the
+   output Q it needs to fuse them into QLinearConv / QLinearMatMul, whatever op follows,
+   e.g. HardSwish). Outputs of those weight ops are read dequantized by every consumer;
+   other tensors only by the quantized consumers. Graph outputs stay float.
 3. A ``Relu`` whose input comes only from a Conv / ConvTranspose / Gemm / MatMul / Add is
    removed when activations are unsigned: the QuantizeLinear of its output, with zero point
    0, clamps negatives exactly as Relu did (this is what lets onnxruntime fuse Conv+Relu
@@ -47,6 +50,7 @@ ACTIVATION_OPS = frozenset({
     "GlobalAveragePool", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Flatten", "Reshape", "Transpose",
     "Squeeze", "Unsqueeze", "Resize",
 })
+WEIGHT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _RELU_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
 _MIN_OPSET_BY_CONTAINER = {8: 13, 4: 21, 2: 25}
 
@@ -92,9 +96,15 @@ def activation_tensors(model: onnx.ModelProto, remove_relus: bool) -> list[str]:
     inits = {t.name for t in g.initializer}
     floats = _float_tensors(model)
     seen: dict[str, None] = {}
+    outputs = {o.name for o in g.output}
+    relu_out = {g.node[i].input[0]: g.node[i].output[0] for i in skip_nodes}
     for i, n in enumerate(g.node):
         if i in skip_nodes or n.op_type not in ACTIVATION_OPS or n.domain not in ("", "ai.onnx"):
             continue
+        if n.op_type in WEIGHT_OUTPUT_OPS:
+            out = relu_out.get(n.output[0], n.output[0])
+            if out not in outputs and out in floats:
+                seen.setdefault(out)
         data_inputs = n.input[:1] if n.op_type in ("Reshape", "Resize", "Clip", "Squeeze", "Unsqueeze") else n.input
         if n.op_type in ("Conv", "ConvTranspose", "Gemm"):
             data_inputs = n.input[:2]
@@ -232,9 +242,13 @@ def rewrite(model: onnx.ModelProto, weights: list[WeightInfo], qweights: dict[st
         new_nodes.append(helper.make_node("DequantizeLinear", [qname, f"{t}_scale", f"{t}_zero_point"], [dqname],
                                           name=f"{t}_DequantizeLinear"))
         mapping[t] = dqname
+    weight_outputs = {o: mapping[o] for n in g.node if n.op_type in WEIGHT_OUTPUT_OPS for o in n.output[:1]
+                      if o in mapping}
     for node in g.node:
         if node.op_type in ACTIVATION_OPS and node.domain in ("", "ai.onnx"):
             _replace_inputs(node, mapping)
+        else:
+            _replace_inputs(node, weight_outputs)
 
     kept_inits = [t for t in g.initializer if t.name not in drop_inits]
     del g.initializer[:]

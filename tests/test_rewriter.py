@@ -129,3 +129,24 @@ def test_shared_weight_is_quantized_once():
     x = RNG.normal(size=(3, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(res.model, {"x": x}, False), _run(_fake_quantized_float(model, qweights), {"x": x}),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_hardswish_split_is_exact_and_gets_quantized_mul():
+    from onnx import TensorProto, helper
+    from cet_onnx.decompose import decompose_hardswish
+    w = numpy_helper.from_array(RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("HardSwish", ["c"], ["h"]),
+             helper.make_node("Conv", ["h", "w2"], ["y"])]
+    w2 = numpy_helper.from_array(RNG.normal(size=(2, 4, 1, 1)).astype(np.float32), "w2")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, w2])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = RNG.normal(size=(4, 3, 6, 6)).astype(np.float32) * 4
+    ref = _run(model, {"x": x})
+    split = onnx.ModelProto()
+    split.CopyFrom(model)
+    assert decompose_hardswish(split) == 1
+    assert [n.op_type for n in split.graph.node] == ["Conv", "HardSigmoid", "Mul", "Conv"]
+    np.testing.assert_allclose(_run(split, {"x": x}), ref, rtol=1e-5, atol=1e-5)
+    tensors = activation_tensors(onnx.shape_inference.infer_shapes(split), remove_relus=True)
+    assert {"c", "h_hardsigmoid", "h"} <= set(tensors)  # the Conv output and both Mul inputs
