@@ -284,6 +284,8 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
                        f"median measured/predicted {f['median_measured_over_predicted']:.2f}")
         click.echo(f"  probes: {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
                    f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
+        if a.get("pareto_png"):
+            click.echo(f"  Pareto front: {a['pareto_png']}")
     click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
 
 

@@ -29,6 +29,7 @@ from .model_io import initializer_map, model_file_bytes, prepare_model, save_mod
 from .probes import ProbeSession
 from .gptq import major_axis_rounding
 from .hessian import collect_hessians, layer_spec
+from .plot import pareto_path, pareto_png
 from .probes import probe_model
 from .quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
                         grid_symmetric, quantize_weight)
@@ -537,9 +538,21 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     report["verification"]["passed"] = not gate_errors
     if gate_errors:
         raise RuntimeFailure("verification failed: " + "; ".join(gate_errors) + " (nothing written)")
+    extra: dict[str, bytes] = {}
+    if allocation is not None and allocation.get("pareto_front"):
+        chosen = {"avg_bits": report["totals"]["avg_bits"], "predicted_loss": allocation["predicted_loss"],
+                  "measured_loss": allocation["measured_loss"]}
+        png = pareto_png(allocation["pareto_front"], chosen, f"{Path(model_path).name}: {allocation['allocator']}, "
+                                                           f"{allocation['budget']}")
+        if png is None:
+            allocation["pareto_png"] = "not drawn: matplotlib is not installed (pip install 'cet-onnx[plot]')"
+        else:
+            allocation["pareto_png"] = pareto_path(out_path).name
+            extra[pareto_path(out_path).name] = png
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
     text = json.dumps(strict_json(report), indent=2)
-    save_model(qmodel, out_path, extra_files={report_path(out_path).name: text.encode()})
+    extra[report_path(out_path).name] = text.encode()
+    save_model(qmodel, out_path, extra_files=extra)
     report["totals"]["file_bytes_fp32"] = model_file_bytes(Path(model_path))
     report["totals"]["file_bytes"] = model_file_bytes(out_path)
     return report

@@ -102,6 +102,12 @@ def test_budget_allocation_accounts_bytes_exactly_and_meets_budget(tmp_path):
     assert a["fidelity"]["spearman"] is not None and len(a["pareto_front"]) >= 3
     assert all("predicted_delta_loss" in w for w in rep["weights"])
     assert rep["verification"]["min_top1_agreement"] >= 0.95
+    png = tmp_path / "avg3.pareto.png"
+    try:
+        import matplotlib  # noqa: F401
+        assert a["pareto_png"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert "matplotlib is not installed" in a["pareto_png"] and not png.exists()
 
 
 def test_cet_beats_uniform_at_the_size_of_uniform_2bit(tmp_path):
