@@ -198,6 +198,9 @@ def main() -> None:
               help="cet under a size budget: closed-loop rounds that re-measure each weight's cost in context "
                    "and solve again (n+1 forward passes each); 0 trusts the additive prediction.")
 @probe_options
+@click.option("--reproducible", is_flag=True,
+              help="Leave wall-clock fields (timings, throughput) out of the report, so identical runs give "
+                   "byte-identical models and reports.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
 @json_option
 @quiet_option
@@ -206,7 +209,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size, hutchinson_samples, fidelity_samples,
-             cache_dir, no_cache, seed, as_json, quiet):
+             cache_dir, no_cache, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
     Without a budget every weight gets --weight-bits. With --avg-bits, --max-size or
@@ -232,7 +235,8 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout),
         **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size,
                         hutchinson_samples, fidelity_samples, cache_dir, no_cache),
-        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss, refine_rounds=refine_rounds)
+        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss, refine_rounds=refine_rounds,
+        reproducible=reproducible)
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
     if as_json:
         emit_json({"ok": True, **report})

@@ -136,6 +136,25 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _blocking_op(model: onnx.ModelProto, target: int) -> str | None:
+    """The first op type whose node alone fails to convert (slow; only used after a failure)."""
+    from onnx import helper, version_converter
+    seen = set()
+    for node in model.graph.node:
+        if node.op_type in seen or node.domain not in ("", "ai.onnx"):
+            continue
+        seen.add(node.op_type)
+        ins = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in dict.fromkeys(node.input) if n]
+        outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.output if n]
+        single = helper.make_model(helper.make_graph([node], "probe", ins, outs),
+                                   opset_imports=[helper.make_opsetid("", opset_version(model))])
+        try:
+            version_converter.convert_version(single, target)
+        except Exception:
+            return node.op_type
+    return None
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int, source: str) -> onnx.ModelProto:
     """Convert the model to at least opset ``target``; name the op that blocks it on failure."""
     current = opset_version(model)
@@ -148,7 +167,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int, source: str) -> onnx.Mode
         text = str(exc).strip().splitlines()
         detail = text[0] if text else type(exc).__name__
         ops = [n.op_type for n in model.graph.node]
-        blocking = next((op for op in dict.fromkeys(ops) if op in detail), None)
+        blocking = next((op for op in dict.fromkeys(ops) if op in detail), None) or _blocking_op(model, target)
         what = f"op '{blocking}' blocked it" if blocking else detail
         raise RuntimeFailure(f"{source}: cannot convert opset {current} to {target} "
                              f"(needed by the quantized types): {what}") from None
@@ -190,7 +209,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
         for name, data in (extra_files or {}).items():
             (tmpdir / name).write_bytes(data)
             names.append(name)
-        for name in names:
+        for name in names[1:] + names[:1]:  # the model last: its presence means the write completed
             os.replace(tmpdir / name, parent / name)
     except OSError as exc:
         raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None

@@ -33,11 +33,11 @@ from .plot import pareto_path, pareto_png
 from .probes import probe_model
 from .quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
                         grid_symmetric, quantize_weight)
-from .rewriter import activation_tensors, rewrite
+from .rewriter import ACTIVATION_OPS, activation_tensors, rewrite
 from .runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
 from .solver import pareto_front
 from .verify import accuracy, compare_outputs
-from .weights import WeightInfo, find_weights
+from .weights import WeightInfo, find_weights, subgraph_weights
 
 
 @dataclass
@@ -81,6 +81,7 @@ class QuantizeOptions:
     cache_dir: str | None = None
     use_cache: bool = True
     refine_rounds: int = 3
+    reproducible: bool = False      # leave wall-clock fields out of the report (byte-identical reruns)
 
     @property
     def budget(self) -> Budget | None:
@@ -233,6 +234,8 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     if not weights:
         raise InputError(f"{model_path}: no quantizable weights (Conv, ConvTranspose, Gemm or MatMul "
                          "with a float initializer weight)")
+    for name in subgraph_weights(model):
+        skipped[name] = "inside an If/Loop/Scan subgraph (only main-graph weights are quantized)"
     for name, why in skipped.items():
         warn(f"weight '{name}' left in float: {why}")
     inits = initializer_map(model)
@@ -517,6 +520,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
                      "seconds": timer.stages.get("hessians", 0.0)},
         "quantized_biases": result.quantized_biases,
         "activation_tensors": len(p.act_params or {}),
+        "float_ops": float_ops(qmodel),
         "totals": {
             "weight_params": total_params,
             "weight_bytes_fp32": fp32_bytes,
@@ -550,7 +554,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
             allocation["pareto_png"] = pareto_path(out_path).name
             extra[pareto_path(out_path).name] = png
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
-    text = json.dumps(strict_json(report), indent=2)
+    text = json.dumps(strict_json(without_wall_clock(report) if opts.reproducible else report), indent=2)
     extra[report_path(out_path).name] = text.encode()
     save_model(qmodel, out_path, extra_files=extra)
     report["totals"]["file_bytes_fp32"] = model_file_bytes(Path(model_path))
@@ -580,6 +584,29 @@ def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, provi
     if labels is not None and ref and ref[0].shape[0] == len(labels):
         out["accuracy"] = {"fp32": accuracy(ref[0], labels), "quantized": accuracy(test[0], labels)}
     return out
+
+
+WALL_CLOCK_KEYS = frozenset({"timings_s", "probe_seconds", "forward_passes_per_second", "seconds", "file_bytes",
+                             "file_bytes_fp32", "probe_runs"})
+
+
+def without_wall_clock(o: Any) -> Any:
+    """The report without timings, throughput and work counts (which depend on the probe cache)."""
+    if isinstance(o, dict):
+        return {k: without_wall_clock(v) for k, v in o.items() if k not in WALL_CLOCK_KEYS}
+    if isinstance(o, list):
+        return [without_wall_clock(v) for v in o]
+    return o
+
+
+def float_ops(qmodel: onnx.ModelProto) -> dict[str, int]:
+    """Op types of the emitted graph that run in float on dequantized data (not quantized by cet-onnx)."""
+    counts: dict[str, int] = {}
+    for n in qmodel.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in ACTIVATION_OPS:
+            continue
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def strict_json(o: Any) -> Any:

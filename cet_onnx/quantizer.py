@@ -175,10 +175,13 @@ def group_params(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_
     lo, axis = reduce_groups(np.minimum(w, 0), fmt, channel_axis, reduction_axis, np.min)
     hi, _ = reduce_groups(np.maximum(w, 0), fmt, channel_axis, reduction_axis, np.max)
     qmin, qmax = weight_qrange(fmt.bits, symmetric=False)
-    lo, hi = lo * ratio, hi * ratio
-    scale = _positive((hi - lo) / np.float32(qmax - qmin))
-    zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int8)
-    return scale, zp, axis
+    lo, hi = lo.astype(np.float64) * ratio, hi.astype(np.float64) * ratio   # float64: hi − lo can exceed float32
+    scale = (hi - lo) / (qmax - qmin)
+    zp = np.clip(np.rint(qmin - lo / np.where(scale > 0, scale, 1.0)), qmin, qmax)
+    # keep every grid point (q − zp)·scale finite in float32
+    reach = np.maximum(np.abs(qmin - zp), np.abs(qmax - zp))
+    scale = np.minimum(scale, float(np.finfo(np.float32).max) / reach)
+    return _positive(scale.astype(np.float32)), zp.astype(np.int8), axis
 
 
 def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,

@@ -113,3 +113,26 @@ def find_weights(model: onnx.ModelProto) -> tuple[list[WeightInfo], dict[str, st
         if name in skipped:
             del found[name]
     return list(found.values()), skipped
+
+
+def subgraph_weights(model: onnx.ModelProto) -> list[str]:
+    """Weights of Conv / ConvTranspose / Gemm / MatMul nodes inside If / Loop / Scan bodies.
+
+    They are left in float (the rewriter works on the main graph); the caller warns and reports.
+    """
+    found: list[str] = []
+
+    def visit(graph: onnx.GraphProto, top: bool) -> None:
+        consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+        for node in graph.node:
+            if not top and node.op_type in WEIGHT_OPS:
+                found.extend(f"{node.name or node.op_type}:{i}" for i in node.input if i in consts)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g, False)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g, False)
+
+    visit(model.graph, True)
+    return found
