@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
+from .packing import format_nbytes
 from .probes import ProbeSession
 from .progress import Progress
 from .quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
@@ -67,7 +68,7 @@ class Candidates:
         for i, w in enumerate(self.weights):
             for j, f in enumerate(self.formats):
                 if format_available(w, f):
-                    self.sizes[i, j] = self.quantize(i, j).nbytes()
+                    self.sizes[i, j] = format_nbytes(w.shape, f, w.channel_axis, w.reduction_axis)
 
     def quantize(self, i: int, j: int) -> QuantizedWeight:
         if (i, j) not in self._cache:

@@ -258,39 +258,41 @@ def _fmt_sqnr(v) -> str:
 
 
 def _print_quantize_summary(report: dict, report_file: Path) -> None:
+    """The short human summary of a quantize run, on stderr (stdout is kept for --json)."""
+    say = functools.partial(click.echo, err=True)
     t = report["totals"]
     v = report["verification"]
-    click.echo(f"wrote {report['output']} (opset {report['opset']}) and {report_file}")
-    click.echo(f"weights: {len(report['weights'])} tensors, {t['weight_params']:,} parameters, "
-               f"{t['weight_bytes_fp32']:,} B -> {t['weight_bytes']:,} B "
-               f"({t['weight_compression']:.2f}x, {t['avg_bits']:.2f} bits/weight incl. scales)")
-    click.echo(f"files: {t['file_bytes_fp32']:,} B -> {t['file_bytes']:,} B")
+    say(f"wrote {report['output']} (opset {report['opset']}) and {report_file}")
+    say(f"weights: {len(report['weights'])} tensors, {t['weight_params']:,} parameters, "
+        f"{t['weight_bytes_fp32']:,} B -> {t['weight_bytes']:,} B "
+        f"({t['weight_compression']:.2f}x, {t['avg_bits']:.2f} bits/weight incl. scales)")
+    say(f"files: {t['file_bytes_fp32']:,} B -> {t['file_bytes']:,} B")
     if v["samples"]:
-        click.echo(f"verified on {v['samples']} held-out samples:")
+        say(f"verified on {v['samples']} held-out samples:")
         for o in v["outputs"]:
             agree = f", top-1 agreement {100 * o['top1_agreement']:.2f} %" if o["top1_agreement"] is not None else ""
-            click.echo(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{agree}")
+            say(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{agree}")
     if v.get("accuracy"):
-        click.echo(f"  top-1 accuracy on them: float {100 * v['accuracy']['fp32']:.2f} %, "
-                   f"quantized {100 * v['accuracy']['quantized']:.2f} %")
+        say(f"  top-1 accuracy on them: float {100 * v['accuracy']['fp32']:.2f} %, "
+            f"quantized {100 * v['accuracy']['quantized']:.2f} %")
     a = report.get("allocation")
     if a:
         counts: dict[str, int] = {}
         for w in report["weights"]:
             counts[w["format"]] = counts.get(w["format"], 0) + 1
-        click.echo(f"allocation ({a['allocator']}, {a['budget']}, loss {a['loss']} on '{a['loss_output']}'): "
-                   + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+        say(f"allocation ({a['allocator']}, {a['budget']}, loss {a['loss']} on '{a['loss_output']}'): "
+            + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
         pred = "n/a" if a["predicted_loss"] is None else f"{a['predicted_loss']:.4g}"
-        click.echo(f"  loss: float weights {a['base_loss']:.4g}, predicted {pred}, measured {a['measured_loss']:.4g}")
+        say(f"  loss: float weights {a['base_loss']:.4g}, predicted {pred}, measured {a['measured_loss']:.4g}")
         f = a.get("fidelity")
         if f:
-            click.echo(f"  fidelity over {len(f['assignments'])} random assignments: Spearman {f['spearman']:.3f}, "
+            say(f"  fidelity over {len(f['assignments'])} random assignments: Spearman {f['spearman']:.3f}, "
                        f"median measured/predicted {f['median_measured_over_predicted']:.2f}")
-        click.echo(f"  probes: {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
-                   f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
+        say(f"  probes: {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
+            f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
         if a.get("pareto_png"):
-            click.echo(f"  Pareto front: {a['pareto_png']}")
-    click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
+            say(f"  Pareto front: {a['pareto_png']}")
+    say("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
 
 
 @main.command()

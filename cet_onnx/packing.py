@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .quantizer import QuantizedWeight, container_bits, packed_nbytes
+from .quantizer import QuantizedWeight, WeightFormat, container_bits, packed_nbytes
 
 _ELEM_TYPE = {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}
 
@@ -95,3 +95,20 @@ def stored_nbytes(qw: QuantizedWeight) -> int:
     nscale = int(np.prod(np.shape(scale), dtype=np.int64))
     extra = 8 * qw.q.ndim if reshape else 0  # the int64 target shape of the Reshape
     return packed_nbytes(qw.q.size, cbits) + 4 * nscale + packed_nbytes(nscale, cbits) + extra
+
+
+def format_nbytes(shape: tuple[int, ...], fmt: WeightFormat, channel_axis: int, reduction_axis: int) -> int:
+    """Stored bytes of a weight of ``shape`` in ``fmt``, without quantizing it (sizes depend on shapes only)."""
+    ndim = len(shape)
+    c, r = channel_axis % ndim, reduction_axis % ndim
+    if fmt.granularity == "tensor":
+        scale_shape, axis, block = (), None, None
+    elif fmt.granularity == "channel":
+        scale_shape, axis, block = (shape[c],), c, None
+    else:
+        scale_shape = tuple(-(-d // fmt.block_size) if i == r else d for i, d in enumerate(shape))
+        axis, block = r, fmt.block_size
+    dummy = QuantizedWeight(q=np.zeros(shape, np.int8), scale=np.ones(scale_shape, np.float32),
+                            zero_point=np.zeros(scale_shape, np.int8), axis=axis, block_size=block, fmt=fmt,
+                            channel_axis=c, reduction_axis=r)
+    return stored_nbytes(dummy)

@@ -63,6 +63,7 @@ def test_candidate_sizes_are_real_bytes(cnn_session):
         for j, f in enumerate(cand.formats):
             if cand.available[i, j]:
                 assert cand.sizes[i, j] == quantize_weight(values[w.name], f, w.channel_axis, w.reduction_axis).nbytes()
+                assert cand.sizes[i, j] == cand.quantize(i, j).nbytes()
             else:  # blocks of 4 need at least 4 input channels
                 assert f.granularity == "block" and w.shape[w.reduction_axis] < 4
 

@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="digits,orientation")
     ap.add_argument("--allocators", default="uniform,sqnr,hawq,cet")
     ap.add_argument("--roundings", default="rtn,major-axis")
+    ap.add_argument("--budgets", default="u4,u2b32,avg3,avg2.5", help="subset of u4,u2b32,avg3,avg2.5")
     ap.add_argument("--quick", action="store_true", help="fewer probe samples and budgets (CI)")
     ap.add_argument("--out", type=Path, default=RESULTS / "allocators")
     args = ap.parse_args(argv)
@@ -101,6 +102,8 @@ def main(argv=None) -> None:
                     sizes[label] = rep["totals"]["weight_bytes"]
                 budgets = [(k, {"max_size_mb": v / 1e6}) for k, v in sizes.items()]
                 budgets += [("avg 3 bits", {"avg_bits": 3.0}), ("avg 2.5 bits", {"avg_bits": 2.5})]
+                keys = dict(zip(["u4", "u2b32", "avg3", "avg2.5"], budgets))
+                budgets = [keys[k] for k in args.budgets.split(",")]
                 if args.quick:
                     budgets = budgets[2:3]
                 for bname, b in budgets:

@@ -1,0 +1,716 @@
+#!/usr/bin/env python
+"""Real-model benchmark: FP32, onnxruntime INT8 and cet-onnx (uniform, hawq, cet), side by side, in one run.
+
+Per model, on calibration samples and disjoint held-out evaluation samples:
+
+* ``fp32``: the model as shipped.
+* ``ort-minmax`` / ``ort-entropy``: onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ,
+  per-channel, activations QUInt8, weights QInt8, MinMax or Entropy calibration), the recipe of
+  ``tools/baseline_ort.py``, run by ``tools/ort_quantize.py``.
+* ``cet-w8`` / ``cet-w4`` / ``cet-w2``: ``cet-onnx quantize --weight-bits 8`` (per channel),
+  ``--weight-bits 4 --block-size 32``, ``--weight-bits 2 --block-size 32``.
+* ``hawq@X`` / ``cet@X``: ``cet-onnx quantize --allocator hawq|cet --avg-bits X`` for X = 4, 3, 2.5.
+
+Everything else is cet-onnx's default (major-axis rounding, MSE clipping and asymmetric grids at
+4 bits and below; candidate formats 2/4/8 bits per channel or in blocks of 32), except
+``--device cpu``, ``--verify-size 0`` (nothing held back: cet-onnx calibrates on exactly the
+samples onnxruntime gets; evaluation is done here, on separate data), ``--batch-size``,
+``--probe-size`` and ``--fidelity-samples`` (recorded in the output).
+
+Quantize time and peak memory: every onnxruntime run, every uniform cet-onnx run and the
+``@3``-bit hawq and cet runs (``--quick``: every run) are made in a fresh subprocess
+(``python -m cet_onnx.cli quantize ...`` / ``python tools/ort_quantize.py ...``, started with
+``subprocess.Popen`` and reaped with ``os.wait4``): the wall time includes interpreter start-up
+and imports, the peak RSS is that child's ``ru_maxrss``. The other budgets are quantized
+in-process with ``cet_onnx.pipeline.quantize(..., prepared=...)`` on one shared
+``prepare(..., mixed=True)`` (calibration and layer Hessians done once) and with the probe results
+the subprocess runs left in a fresh, run-local probe cache: their time is the incremental cost of
+one more budget, and they have no peak-RSS figure.
+
+Metrics: task metric (digits / orientation: top-1 accuracy vs labels; ocr: character error rate
+vs the rendered text), agreement with FP32 (top-1, or for ocr exact decoded-string equality),
+file bytes, weight compression (FP32 weight bytes / emitted weight bytes with scales and zero
+points; cet-onnx: its report's ``totals``; onnxruntime: counted from the weight initializers of
+the file, and the same count is made on every cet-onnx file as a cross-check), median latency of
+``session.run`` at batch 1 on the CPU (onnxruntime ORT_ENABLE_ALL, intra_op_num_threads=1, the
+same SessionOptions for every model, runs of all models interleaved).
+
+    python tools/bench.py [--models digits,orientation,ocr] [--quick] [--out tools/results/bench]
+
+Writes ``OUT.md``, ``OUT.json``, ``OUT.png`` and ``OUT_readme_snippet.md`` (default OUT:
+``tools/results/bench``, with ``--quick`` ``tools/results/bench_quick``). Third-party models are
+fetched with pip into ``tools/results/cache/`` (git-ignored). Exits non-zero on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import baseline_ort  # noqa: E402  (session options, interleaved latency, batched runs, CPU name)
+
+RESULTS = ROOT / "tools" / "results"
+CACHE = RESULTS / "cache"
+MODELS = ("digits", "orientation", "ocr")
+BUDGETS = (4.0, 3.0, 2.5)
+REPRESENTATIVE = 3.0          # the budget whose hawq / cet runs are timed in a fresh subprocess
+BLOCK = 32                    # block size of the uniform 4- and 2-bit runs
+
+#: samples and probe effort per mode and model (recorded in the output)
+SETTINGS = {
+    "full": {
+        "digits": dict(calib_n=256, eval_n=500, batch=16, probe_size=128, fidelity_samples=12, repeats=100),
+        "orientation": dict(calib_n=128, eval_n=400, batch=16, probe_size=32, fidelity_samples=12, repeats=100),
+        "ocr": dict(calib_n=64, eval_n=300, batch=16, probe_size=16, fidelity_samples=8, repeats=50),
+    },
+    "quick": {
+        "digits": dict(calib_n=128, eval_n=500, batch=16, probe_size=32, fidelity_samples=6, repeats=20),
+        "orientation": dict(calib_n=32, eval_n=100, batch=16, probe_size=16, fidelity_samples=6, repeats=20),
+        "ocr": dict(calib_n=16, eval_n=60, batch=16, probe_size=8, fidelity_samples=4, repeats=10),
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- methods
+
+@dataclasses.dataclass
+class Method:
+    key: str
+    family: str                     # FP32 | ORT INT8 | cet uniform | hawq | cet
+    label: str
+    kind: str                       # fp32 | ort | cli | inproc
+    ort_method: str | None = None
+    weight_bits: int | None = None
+    block: int | None = None
+    allocator: str | None = None
+    avg_bits: float | None = None
+
+
+def methods_for(quick: bool) -> list[Method]:
+    ms = [Method("fp32", "FP32", "FP32", "fp32"),
+          Method("ort-minmax", "ORT INT8", "ORT INT8 QDQ per-channel, MinMax", "ort", ort_method="minmax")]
+    if quick:
+        b = REPRESENTATIVE
+        return ms + [Method(f"uniform@{b:g}", "cet uniform", f"cet-onnx uniform, avg ≤ {b:g} bits", "cli",
+                            allocator="uniform", avg_bits=b),
+                     Method(f"hawq@{b:g}", "hawq", f"cet-onnx hawq, avg {b:g} bits", "cli", allocator="hawq", avg_bits=b),
+                     Method(f"cet@{b:g}", "cet", f"cet-onnx cet, avg {b:g} bits", "cli", allocator="cet", avg_bits=b)]
+    ms.append(Method("ort-entropy", "ORT INT8", "ORT INT8 QDQ per-channel, Entropy", "ort", ort_method="entropy"))
+    ms += [Method("cet-w8", "cet uniform", "cet-onnx uniform W8 (per channel)", "cli", weight_bits=8),
+           Method("cet-w4", "cet uniform", f"cet-onnx uniform W4 (block {BLOCK})", "cli", weight_bits=4, block=BLOCK),
+           Method("cet-w2", "cet uniform", f"cet-onnx uniform W2 (block {BLOCK})", "cli", weight_bits=2, block=BLOCK)]
+    for alloc in ("hawq", "cet"):
+        for b in BUDGETS:
+            ms.append(Method(f"{alloc}@{b:g}", alloc, f"cet-onnx {alloc}, avg {b:g} bits",
+                             "cli" if b == REPRESENTATIVE else "inproc", allocator=alloc, avg_bits=b))
+    return ms
+
+
+# --------------------------------------------------------------------------- data
+
+def model_data(name: str, cfg: dict, work: Path) -> dict:
+    """Model path, input name, calibration .npz (written to ``work``), evaluation arrays and references."""
+    if name == "digits":
+        d = ROOT / "models" / "digits"
+        calib = np.load(d / "calib.npz")["image"][:cfg["calib_n"]]
+        x_eval = np.load(d / "eval.npz")["image"][:cfg["eval_n"]]
+        y_eval = np.load(d / "eval_labels.npy")[:cfg["eval_n"]]
+        spec = {"model": d / "model.onnx", "input": "image", "calib": calib, "x_eval": x_eval, "labels": y_eval,
+                "metric": "accuracy", "source": "models/digits: calib.npz (calibration), eval.npz + eval_labels.npy"}
+    elif name == "orientation":
+        import orientation_data
+        n_c, n_e = SETTINGS["full"]["orientation"]["calib_n"], SETTINGS["full"]["orientation"]["eval_n"]
+        info = orientation_data.build(CACHE, n_c, n_e)     # built once at the full size, sliced for --quick
+        inp = info["input_name"]
+        spec = {"model": Path(info["model"]), "input": inp,
+                "calib": np.load(info["calib_data"])[inp][:cfg["calib_n"]],
+                "x_eval": np.load(info["eval_data"])[inp][:cfg["eval_n"]],
+                "labels": np.load(info["eval_labels"])[:cfg["eval_n"]], "metric": "accuracy",
+                "model_info": info["model_info"],
+                "source": f"tools/orientation_data.py build(calib_n={n_c}, eval_n={n_e}) (rendered DejaVu text pages "
+                          "+ scikit-image samples, 4 rotations; calibration and evaluation from disjoint sources), "
+                          "first calib_n / eval_n samples"}
+    elif name == "ocr":
+        import ocr_data
+        info = ocr_data.build(CACHE, cfg["calib_n"], cfg["eval_n"])
+        inp = info["input_name"]
+        texts = json.loads(Path(info["eval_texts"]).read_text())
+        spec = {"model": Path(info["model"]), "input": inp, "calib": np.load(info["calib_data"])[inp],
+                "x_eval": np.load(info["eval_data"])[inp], "texts": texts["texts"], "fonts": texts["fonts"],
+                "chars": ocr_data.character_list(Path(info["model"])), "metric": "cer",
+                "model_info": info["model_info"],
+                "source": f"tools/ocr_data.py build(calib_n={cfg['calib_n']}, eval_n={cfg['eval_n']}): ASCII text lines "
+                          f"rendered 48x<=320 px with PIL in {len(info['fonts'])} DejaVu fonts, sizes "
+                          f"{info['font_sizes'][0]}-{info['font_sizes'][1]} px, padded to 48x320; calibration and "
+                          "evaluation lines from disjoint documents"}
+    else:
+        raise SystemExit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    work.mkdir(parents=True, exist_ok=True)
+    spec["calib_npz"] = work / "calib.npz"
+    np.savez(spec["calib_npz"], **{spec["input"]: spec["calib"]})
+    return spec
+
+
+# --------------------------------------------------------------------------- weight bytes in a file
+
+_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
+         onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+         onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT32: 32,
+         onnx.TensorProto.UINT32: 32, onnx.TensorProto.INT64: 64, onnx.TensorProto.UINT64: 64}
+for _n, _b in (("INT4", 4), ("UINT4", 4), ("INT2", 2), ("UINT2", 2)):
+    if hasattr(onnx.TensorProto, _n):
+        _BITS[getattr(onnx.TensorProto, _n)] = _b
+_PASS_THROUGH = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast")
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return math.ceil(int(np.prod(t.dims, dtype=np.int64)) * _BITS[t.data_type] / 8)
+
+
+def weight_bytes_in_file(path: Path) -> dict:
+    """FP32 and stored bytes of the weight operands of Conv / ConvTranspose / Gemm / MatMul in a file.
+
+    A weight is a constant operand (initializer or Constant node, possibly behind Identity / Reshape /
+    Transpose / Squeeze / Unsqueeze / Cast); if it comes out of a DequantizeLinear of a constant, its
+    stored bytes are the packed integer codes plus the scale and zero-point tensors. Each constant is
+    counted once.
+    """
+    m = onnx.load(str(path))
+    consts = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    producer = {o: n for n in m.graph.node for o in n.output}
+
+    def resolve(name: str):
+        for _ in range(8):
+            if name in consts:
+                return ("float", consts[name]) if consts[name].data_type in (1, 10, 11, 16) else None
+            n = producer.get(name)
+            if n is None:
+                return None
+            if n.op_type == "DequantizeLinear":
+                return ("dq", n) if n.input[0] in consts else None
+            if n.op_type not in _PASS_THROUGH:
+                return None
+            name = n.input[0]
+        return None
+
+    seen: set[str] = set()
+    res = {"weights": 0, "quantized": 0, "params": 0, "bytes_fp32": 0, "bytes": 0, "code_types": collections.Counter()}
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or n.domain not in ("", "ai.onnx"):
+            continue
+        idxs = [1] if n.op_type in ("Conv", "ConvTranspose") else [1, 0]
+        for idx in idxs:
+            if idx >= len(n.input) or not n.input[idx]:
+                continue
+            r = resolve(n.input[idx])
+            if r is None:
+                continue
+            kind, obj = r
+            key = obj.input[0] if kind == "dq" else obj.name
+            if key in seen:
+                break
+            seen.add(key)
+            res["weights"] += 1
+            if kind == "float":
+                numel = int(np.prod(obj.dims, dtype=np.int64))
+                res["params"] += numel
+                res["bytes_fp32"] += 4 * numel
+                res["bytes"] += _tensor_bytes(obj)
+            else:
+                q = consts[obj.input[0]]
+                numel = int(np.prod(q.dims, dtype=np.int64))
+                res["quantized"] += 1
+                res["params"] += numel
+                res["bytes_fp32"] += 4 * numel
+                res["bytes"] += _tensor_bytes(q) + sum(_tensor_bytes(consts[i]) for i in obj.input[1:3]
+                                                       if i and i in consts)
+                res["code_types"][onnx.TensorProto.DataType.Name(q.data_type)] += 1
+            break
+    res["code_types"] = dict(res["code_types"])
+    res["compression"] = res["bytes_fp32"] / res["bytes"] if res["bytes"] else None
+    res["avg_bits"] = 8 * res["bytes"] / res["params"] if res["params"] else None
+    return res
+
+
+# --------------------------------------------------------------------------- quantize runs
+
+def run_measured(cmd: list[str], log_path: Path) -> dict:
+    """Run ``cmd`` in a fresh process; wall time, and the child's peak RSS / CPU time from ``os.wait4``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"command failed with exit code {p.returncode}: {shlex.join(cmd)}\n{tail}")
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(ru.ru_maxrss * 1024 / 1e6, 1),
+            "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2)}
+
+
+def _rel(p: Path) -> str:
+    p = Path(p)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
+
+
+def cet_cli_command(m: Method, spec: dict, cfg: dict, out: Path, cache_dir: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", _rel(spec["model"]), "-o", _rel(out),
+           "--calib", _rel(spec["calib_npz"]), "--device", "cpu", "--verify-size", "0",
+           "--batch-size", str(cfg["batch"]), "-q"]
+    if m.weight_bits is not None:
+        cmd += ["--weight-bits", str(m.weight_bits)] + (["--block-size", str(m.block)] if m.block else [])
+    else:
+        cmd += ["--allocator", m.allocator, "--avg-bits", f"{m.avg_bits:g}", "--probe-size", str(cfg["probe_size"]),
+                "--fidelity-samples", str(cfg["fidelity_samples"])]
+        cmd += ["--cache-dir", _rel(cache_dir)] if cache_dir is not None else ["--no-cache"]
+    return cmd
+
+
+def ort_command(m: Method, spec: dict, cfg: dict, out: Path) -> list[str]:
+    return [sys.executable, _rel(ROOT / "tools" / "ort_quantize.py"), _rel(spec["model"]), "-o", _rel(out),
+            "--calib", _rel(spec["calib_npz"]), "--method", m.ort_method, "--batch-size", str(cfg["batch"])]
+
+
+def _cet_summary(report: dict) -> dict:
+    t = report["totals"]
+    out = {"weight_params": t["weight_params"], "weight_bytes_fp32": t["weight_bytes_fp32"],
+           "weight_bytes": t["weight_bytes"], "weight_compression": t["weight_compression"], "avg_bits": t["avg_bits"],
+           "formats": dict(collections.Counter(w["format"] for w in report["weights"])),
+           "skipped_weights": report.get("skipped_weights", {}), "rounding": report["rounding"]["method"],
+           "round_to_nearest_fallback": len(report["rounding"].get("round_to_nearest_fallback", {})),
+           "stages_s": report["timings_s"], "opset": report["opset"]}
+    a = report.get("allocation")
+    if a:
+        f = a.get("fidelity") or {}
+        out["allocation"] = {k: a.get(k) for k in ("allocator", "budget", "loss", "probe_samples", "base_loss",
+                                                   "predicted_loss", "measured_loss", "probe_runs", "probe_seconds",
+                                                   "closed_loop")}
+        out["allocation"]["fidelity_spearman"] = f.get("spearman")
+        out["allocation"]["fidelity_median_ratio"] = f.get("median_measured_over_predicted")
+    return out
+
+
+def quantize_all(spec: dict, cfg: dict, methods: list[Method], work: Path, quick: bool) -> dict[str, dict]:
+    """Produce every method's model; return per method: path, command, timings, cet report summary."""
+    from cet_onnx.pipeline import QuantizeOptions, prepare, quantize
+    from cet_onnx.progress import set_quiet
+    set_quiet(True)
+    probe_cache = Path(tempfile.mkdtemp(prefix="probe-cache-", dir=work))   # fresh: the first runs probe cold
+    runs: dict[str, dict] = {}
+    try:
+        for m in methods:
+            if m.kind == "fp32":
+                runs[m.key] = {"path": Path(spec["model"])}
+            elif m.kind in ("ort", "cli"):
+                out = work / f"{m.key.replace('@', '_at_')}.onnx"
+                cmd = ort_command(m, spec, cfg, out) if m.kind == "ort" else \
+                    cet_cli_command(m, spec, cfg, out, None if quick else probe_cache)
+                log(f"{m.key}: {shlex.join([_rel(Path(c)) if c == sys.executable else c for c in cmd[1:]])}")
+                meas = run_measured(cmd, out.with_suffix(".log"))
+                run = {"path": out, "command": "python " + shlex.join(cmd[1:]), "subprocess": meas,
+                       "quantize_s": meas["wall_s"], "peak_rss_mb": meas["peak_rss_mb"], "timing": "subprocess"}
+                if m.kind == "ort":
+                    run["ort"] = json.loads(out.with_suffix(".log").read_text().strip().splitlines()[-1])
+                else:
+                    from cet_onnx.pipeline import report_path
+                    run["cet"] = _cet_summary(json.loads(report_path(out).read_text()))
+                runs[m.key] = run
+                log(f"{m.key}: {meas['wall_s']:.1f} s, peak RSS {meas['peak_rss_mb']:.0f} MB")
+        inproc = [m for m in methods if m.kind == "inproc"]
+        if inproc:
+            base = QuantizeOptions(device="cpu", verify_size=0, batch_size=cfg["batch"], probe_size=cfg["probe_size"],
+                                   fidelity_samples=cfg["fidelity_samples"], cache_dir=str(probe_cache))
+            t0 = time.perf_counter()
+            prepared = prepare(spec["model"], str(spec["calib_npz"]), base, mixed=True)
+            prep_s = time.perf_counter() - t0
+            log(f"shared prepare(mixed=True): {prep_s:.1f} s")
+            for m in inproc:
+                out = work / f"{m.key.replace('@', '_at_')}.onnx"
+                opts = dataclasses.replace(base, allocator=m.allocator, avg_bits=m.avg_bits)
+                t0 = time.perf_counter()
+                report = quantize(spec["model"], out, str(spec["calib_npz"]), opts, prepared=prepared)
+                dt_s = time.perf_counter() - t0
+                runs[m.key] = {"path": out, "quantize_s": round(dt_s, 3), "peak_rss_mb": None, "timing": "in-process",
+                               "shared_prepare_s": round(prep_s, 3), "cet": _cet_summary(report),
+                               "command": "in-process: cet_onnx.pipeline.quantize(..., prepared=prepare(..., mixed=True)) "
+                                          f"with allocator={m.allocator!r}, avg_bits={m.avg_bits:g}"}
+                log(f"{m.key}: in-process {dt_s:.1f} s")
+    finally:
+        shutil.rmtree(probe_cache, ignore_errors=True)
+    return runs
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(path: Path, spec: dict) -> dict:
+    """Outputs on the evaluation set: top-1 predictions (classifiers) or decoded strings (ocr)."""
+    sess = baseline_ort.session(path, None)
+    x = spec["x_eval"]
+    bs = 64 if spec["metric"] == "accuracy" else 32
+    if spec["metric"] == "accuracy":
+        return {"pred": baseline_ort.run_all(sess, spec["input"], x, bs).argmax(-1)}
+    import ocr_data
+    texts = []
+    for i in range(0, len(x), bs):
+        texts += ocr_data.ctc_greedy_decode(sess.run(None, {spec["input"]: x[i:i + bs]})[0], spec["chars"])
+    return {"texts": texts}
+
+
+def metrics(res: dict, ref: dict, spec: dict) -> dict:
+    if spec["metric"] == "accuracy":
+        return {"metric": float(np.mean(res["pred"] == spec["labels"])),
+                "agreement": float(np.mean(res["pred"] == ref["pred"]))}
+    import ocr_data
+    t, r = res["texts"], spec["texts"]
+    return {"metric": ocr_data.cer(t, r), "agreement": float(np.mean([a == b for a, b in zip(t, ref["texts"])])),
+            "exact_lines": float(np.mean([a == b for a, b in zip(t, r)]))}
+
+
+def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dict:
+    t_model = time.perf_counter()
+    work = CACHE / "work" / ("bench_quick" if quick else "bench") / name
+    if work.exists():
+        shutil.rmtree(work)
+    spec = model_data(name, cfg, work)
+    log(f"{name}: calibration {spec['calib'].shape}, evaluation {spec['x_eval'].shape}")
+    runs = quantize_all(spec, cfg, methods, work, quick)
+    outs = {m.key: evaluate(runs[m.key]["path"], spec) for m in methods}
+    rows = {}
+    for m in methods:
+        run = runs[m.key]
+        path = run["path"]
+        wf = weight_bytes_in_file(path)
+        row = {"method": m.key, "family": m.family, "label": m.label, "kind": m.kind,
+               **metrics(outs[m.key], outs["fp32"], spec),
+               "file_bytes": int(path.stat().st_size), "weights_in_file": wf,
+               "quantize_s": run.get("quantize_s"), "peak_rss_mb": run.get("peak_rss_mb"),
+               "timing": run.get("timing"), "command": run.get("command")}
+        for k in ("subprocess", "ort", "cet", "shared_prepare_s"):
+            if k in run:
+                row[k] = run[k]
+        if "cet" in run:
+            c = run["cet"]
+            row.update(weight_bytes_fp32=c["weight_bytes_fp32"], weight_bytes=c["weight_bytes"],
+                       weight_compression=c["weight_compression"], avg_bits=c["avg_bits"],
+                       weight_bytes_source="cet-onnx report totals")
+            row["file_count_matches_report"] = bool(wf["bytes"] == c["weight_bytes"]
+                                                    and wf["bytes_fp32"] == c["weight_bytes_fp32"])
+        else:
+            row.update(weight_bytes_fp32=wf["bytes_fp32"], weight_bytes=wf["bytes"],
+                       weight_compression=wf["compression"], avg_bits=wf["avg_bits"],
+                       weight_bytes_source="weight initializers of the file")
+        if spec["metric"] == "cer":
+            fonts = spec["fonts"]
+            by_font = {}
+            for f in sorted(set(fonts)):
+                idx = [i for i, g in enumerate(fonts) if g == f]
+                import ocr_data
+                by_font[f] = round(ocr_data.cer([outs[m.key]["texts"][i] for i in idx], [spec["texts"][i] for i in idx]), 5)
+            row["cer_by_font"] = by_font
+        rows[m.key] = row
+        log(f"{name} {m.key}: {spec['metric']} {row['metric']:.4f}, agreement {row['agreement']:.4f}, "
+            f"{row['avg_bits']:.2f} bits/weight, {row['file_bytes']:,} B")
+    # latency: batch 1, one thread, every model's runs interleaved
+    sessions = {m.key: baseline_ort.session(runs[m.key]["path"], 1) for m in methods}
+    load0 = os.getloadavg()[0]
+    lat = baseline_ort.interleaved_latency(sessions, spec["input"], spec["x_eval"][:1], cfg["repeats"])
+    load1 = os.getloadavg()[0]
+    for k, v in lat.items():
+        rows[k]["latency"] = v
+        rows[k]["latency_ms"] = v["median_ms"]
+    del sessions
+    if spec["metric"] == "cer":
+        errors = [{"ref": r, "fp32": p} for r, p in zip(spec["texts"], outs["fp32"]["texts"]) if r != p]
+    else:
+        errors = None
+    return {"model": _rel(Path(spec["model"])), "model_info": spec.get("model_info"), "data": spec["source"],
+            "metric": spec["metric"], "settings": {**cfg, "calib_samples": int(len(spec["calib"])),
+                                                   "eval_samples": int(len(spec["x_eval"]))},
+            "rows": rows, "loadavg_during_latency": [load0, load1], "fp32_errors": errors,
+            "seconds": round(time.perf_counter() - t_model, 1)}
+
+
+# --------------------------------------------------------------------------- report
+
+def _metric_name(metric: str) -> str:
+    return "top-1 accuracy" if metric == "accuracy" else "CER (lower is better)"
+
+
+def _fmt_metric(metric: str, v: float) -> str:
+    return f"{100 * v:.2f} %"
+
+
+def _fmt_q(row: dict) -> str:
+    if row["quantize_s"] is None:
+        return "—"
+    return f"{row['quantize_s']:.1f}" + ("" if row["timing"] == "subprocess" else " ‡")
+
+
+def model_table(r: dict) -> list[str]:
+    metric = r["metric"]
+    agree = "agreement with FP32 (top-1)" if metric == "accuracy" else "exact-line agreement with FP32"
+    head = ["method", _metric_name(metric), agree, "file bytes", "weight compression", "bits/weight",
+            "quantize s", "latency ms", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in r["rows"].values():
+        lines.append("| " + " | ".join([
+            row["label"], _fmt_metric(metric, row["metric"]), f"{100 * row['agreement']:.2f} %", f"{row['file_bytes']:,}",
+            f"{row['weight_compression']:.2f}×", f"{row['avg_bits']:.2f}", _fmt_q(row),
+            f"{row['latency_ms']:.3f}", "—" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"]) + " |")
+    return lines
+
+
+def allocation_table(r: dict) -> list[str]:
+    lines = ["| method | formats chosen (weights) | loss measured / predicted | Spearman (fidelity) | probe passes | "
+             "cet-onnx stages (s) |", "|---|---|---|---:|---:|---|"]
+    for row in r["rows"].values():
+        c = row.get("cet")
+        if not c:
+            continue
+        a = c.get("allocation") or {}
+        fmts = ", ".join(f"{k} ×{v}" for k, v in sorted(c["formats"].items()))
+        lm = "—" if not a else (f"{a['measured_loss']:.4g} / " + ("—" if a.get("predicted_loss") is None
+                                                                   else f"{a['predicted_loss']:.4g}"))
+        sp = a.get("fidelity_spearman")
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in c["stages_s"].items() if k != "total" and v >= 0.05)
+        lines.append(f"| {row['label']} | {fmts} | {lm} | {'—' if sp is None else f'{sp:.2f}'} | "
+                     f"{a.get('probe_runs', '—') if a else '—'} | {stages} |")
+    return lines
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [f"# cet-onnx benchmark{' (--quick)' if meta['quick'] else ''}: FP32, onnxruntime INT8, cet-onnx", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}` (wall time {meta['runtime_s']:.0f} s)",
+             f"- machine: {meta['cpu']}, {meta['cores']} cores; onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, "
+             f"numpy {meta['numpy']}, python {meta['python']}; {meta['cet_onnx']}",
+             "- ORT INT8: `quant_pre_process` (default arguments) + `quantize_static` (QDQ, per_channel=True, "
+             "activations QUInt8, weights QInt8, MinMax or Entropy, no extra_options), via `tools/ort_quantize.py`",
+             "- cet-onnx: `cet-onnx quantize` with its defaults (major-axis rounding, MSE clipping and asymmetric grids "
+             "at ≤ 4 bits; mixed-precision candidates INT2/INT4/INT8 per channel or in blocks of 32) plus `--device cpu "
+             "--verify-size 0` (no held-back samples: calibrates on exactly the samples ORT gets) and the batch / probe "
+             "settings below. Uniform W4 / W2 use `--block-size 32` (weights with fewer than 32 input channels stay per "
+             "channel); `hawq` / `cet` rows: `--allocator hawq|cet --avg-bits X`",
+             "- bits/weight and weight compression count scales and zero points: cet-onnx rows from its report "
+             "(`totals`), FP32 / ORT rows from the weight initializers of the file (the same count on every cet-onnx "
+             "file matches the report: "
+             + ("yes" if all(row.get("file_count_matches_report", True) for r in results.values()
+                              for row in r["rows"].values()) else "**NO**, see bench.json") + ")",
+             "- latency: median `session.run` ms at batch 1, CPU, ORT_ENABLE_ALL, intra_op_num_threads=1, the same "
+             "SessionOptions for all models, runs of all models of a table interleaved",
+             "- quantize s / peak RSS: a fresh subprocess per run (`python -m cet_onnx.cli quantize ...` or "
+             "`python tools/ort_quantize.py ...`; wall time incl. interpreter start-up and imports; peak RSS = the "
+             "child's `ru_maxrss` from `os.wait4`). ‡ = in-process `quantize(..., prepared=...)` on one shared "
+             "`prepare(mixed=True)` with the probe results of the subprocess runs cached: the extra time of one more "
+             "budget, excluding loading, calibration, layer Hessians and probes; no RSS figure",
+             ""]
+    lines += ["| model | calibration samples | evaluation samples | batch | probe_size | fidelity_samples | latency runs |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        s = r["settings"]
+        lines.append(f"| {name} | {s['calib_samples']} | {s['eval_samples']} | {s['batch']} | {s['probe_size']} | "
+                     f"{s['fidelity_samples']} | {s['repeats']} |")
+    for name, r in results.items():
+        lines += ["", f"## {name}: {_metric_name(r['metric'])}", "", f"- model: `{r['model']}`"
+                  + (f" ({r['model_info']['wheel']}, sha256 {r['model_info']['model_sha256'][:16]}…)"
+                     if r.get("model_info") else ""), f"- data: {r['data']}",
+                  f"- 1-min load average before / after the latency runs: {r['loadavg_during_latency'][0]:.1f} / "
+                  f"{r['loadavg_during_latency'][1]:.1f}; model wall time {r['seconds']:.0f} s", ""]
+        lines += model_table(r)
+        lines += ["", "cet-onnx allocation details:", ""] + allocation_table(r)
+        if r["metric"] == "cer":
+            fp = r["rows"]["fp32"]
+            lines += ["", f"FP32 reads {100 * fp['exact_lines']:.1f} % of the evaluation lines exactly (CER "
+                      f"{100 * fp['metric']:.2f} %); its misreadings: "
+                      + "; ".join(f"`{e['ref']}` → `{e['fp32']}`" for e in (r["fp32_errors"] or [])[:8])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    styles = {"ORT INT8": ("tab:gray", "s"), "cet uniform": ("tab:blue", "o"), "hawq": ("tab:orange", "^"),
+              "cet": ("tab:green", "D")}
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        rows = list(r["rows"].values())
+        fp = r["rows"]["fp32"]
+        scale = 100
+        ax.axhline(scale * fp["metric"], color="black", ls="--", lw=1, label=f"FP32 ({fp['avg_bits']:.0f} bits)")
+        for fam, (color, marker) in styles.items():
+            pts = sorted((row["avg_bits"], scale * row["metric"], row["method"]) for row in rows if row["family"] == fam)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                    ls="-" if fam != "ORT INT8" else "none", label=fam)
+            if fam == "ORT INT8":
+                for x, y, k in pts:
+                    ax.annotate(k.replace("ort-", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ticks = [2, 2.5, 3, 4, 6, 8]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.set_xlabel("bits per weight (scales, zero points incl.)")
+        ax.set_ylabel(("top-1 accuracy" if r["metric"] == "accuracy" else "character error rate") + " (%)")
+        if r["metric"] == "cer":
+            ax.set_yscale("symlog", linthresh=1)
+        ax.set_title(f"{name} ({r['settings']['eval_samples']} eval samples)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def findings(results: dict) -> list[str]:
+    """Plain comparisons computed from the results (where cet-onnx loses, and by how much)."""
+    out = []
+    for name, r in results.items():
+        rows = r["rows"]
+        better = (lambda a, b: a > b) if r["metric"] == "accuracy" else (lambda a, b: a < b)
+        mname = "accuracy" if r["metric"] == "accuracy" else "CER"
+        f = lambda row: f"{100 * row['metric']:.2f} %"  # noqa: E731
+        for b in BUDGETS:
+            h, c = rows.get(f"hawq@{b:g}"), rows.get(f"cet@{b:g}")
+            if h and c and not better(c["metric"], h["metric"]):
+                out.append(f"{name}, avg {b:g} bits: hawq {'matches' if h['metric'] == c['metric'] else 'beats'} cet "
+                           f"({mname} {f(h)} vs {f(c)}).")
+        u = rows.get(f"uniform@{REPRESENTATIVE:g}")
+        c = rows.get(f"cet@{REPRESENTATIVE:g}")
+        if u and c and not better(c["metric"], u["metric"]):
+            out.append(f"{name}: uniform at ≤ {REPRESENTATIVE:g} bits {'matches' if u['metric'] == c['metric'] else 'beats'} "
+                       f"cet ({mname} {f(u)} vs {f(c)}).")
+        if "cet-w4" in rows:
+            for b in BUDGETS:
+                c = rows.get(f"cet@{b:g}")
+                if c and c["avg_bits"] >= rows["cet-w4"]["avg_bits"] - 1e-9 and not better(c["metric"], rows["cet-w4"]["metric"]):
+                    out.append(f"{name}: uniform W4/b32 ({rows['cet-w4']['avg_bits']:.2f} bits) is as good as cet at "
+                               f"{c['avg_bits']:.2f} bits ({mname} {f(rows['cet-w4'])} vs {f(c)}).")
+        o = rows.get("ort-minmax")
+        cq = [row for row in rows.values() if row["family"] in ("cet uniform", "hawq", "cet")]
+        if o and cq:
+            fastest = min(cq, key=lambda row: row["latency_ms"])
+            slow = max(cq, key=lambda row: row["latency_ms"])
+            if fastest["latency_ms"] > o["latency_ms"]:
+                out.append(f"{name}: ORT INT8 is the fastest quantized model ({o['latency_ms']:.2f} ms; cet-onnx "
+                           f"{fastest['latency_ms']:.2f}–{slow['latency_ms']:.2f} ms at batch 1, 1 thread).")
+            elif slow["latency_ms"] > 1.1 * o["latency_ms"]:
+                out.append(f"{name}: the slowest cet-onnx model ({slow['label']}, {slow['latency_ms']:.2f} ms) is "
+                           f"{slow['latency_ms'] / o['latency_ms']:.1f}× ORT INT8's latency ({o['latency_ms']:.2f} ms); "
+                           f"FP32 {rows['fp32']['latency_ms']:.2f} ms.")
+            cs = [row for row in cq if row["timing"] == "subprocess" and row["family"] == "cet"]
+            if cs and o.get("quantize_s"):
+                out.append(f"{name}: quantizing with the cet allocator took {cs[0]['quantize_s']:.0f} s and "
+                           f"{cs[0]['peak_rss_mb']:.0f} MB peak RSS vs {o['quantize_s']:.0f} s / {o['peak_rss_mb']:.0f} MB "
+                           "for ORT INT8 MinMax (fresh processes).")
+    return out
+
+
+def snippet(results: dict, meta: dict) -> str:
+    lines = ["### Benchmark: FP32 vs onnxruntime INT8 vs cet-onnx", "",
+             f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), onnxruntime {meta['onnxruntime']}; "
+             "full details (settings, allocation, per-run commands) in `tools/results/bench.md`. Regenerate with:", "",
+             "```bash", meta["command"], "```", "",
+             "Bits/weight and compression count scales and zero points; latency is the median at batch 1 on one CPU "
+             "thread; quantize time and peak RSS are from a fresh process (‡: an extra budget in-process, sharing "
+             "calibration and probes; no RSS).", ""]
+    for name, r in results.items():
+        lines += [f"**{name}** ({_metric_name(r['metric'])}; {r['settings']['eval_samples']} held-out samples)", ""]
+        lines += model_table(r) + [""]
+    lines += ["Where cet-onnx does not win (computed from these numbers):", ""]
+    lines += [f"- {s}" for s in findings(results)] or ["- (nothing)"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Default --out: tools/results/bench (tools/results/bench_quick with --quick).")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="few samples, one budget (avg 3 bits: uniform, hawq, cet, ORT MinMax), fewer latency runs")
+    ap.add_argument("--out", type=Path, default=None, help="output prefix (writes PREFIX.md/.json/.png)")
+    args = ap.parse_args(argv)
+    names = [m for m in args.models.split(",") if m]
+    bad = [m for m in names if m not in MODELS]
+    if bad or not names:
+        ap.error(f"unknown model(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODELS)}")
+    out = args.out or RESULTS / ("bench_quick" if args.quick else "bench")
+    mode = "quick" if args.quick else "full"
+    from cet_onnx import __version__ as cet_version
+    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python tools/bench.py" + "".join(f" {shlex.quote(a)}" for a in
+                                                         (sys.argv[1:] if argv is None else argv)),
+            "quick": args.quick, "cpu": baseline_ort._cpu(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cet_onnx": f"cet-onnx {cet_version}", "budgets_avg_bits": [REPRESENTATIVE] if args.quick else list(BUDGETS),
+            "settings": {n: SETTINGS[mode][n] for n in names}}
+    t0 = time.perf_counter()
+    methods = methods_for(args.quick)
+    results = {}
+    for name in names:
+        log(f"=== {name} ({mode}) ===")
+        results[name] = bench_model(name, SETTINGS[mode][name], methods, args.quick)
+    meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta["plot"] = plot(results, out.with_suffix(".png")) or _rel(out.with_suffix(".png"))
+    md = markdown(results, meta)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=_json))
+    Path(str(out) + "_readme_snippet.md").write_text(snippet(results, meta))
+    print(md)
+    log(f"done in {meta['runtime_s']:.0f} s: {_rel(out)}.md / .json / .png / _readme_snippet.md")
+    return 0
+
+
+def _json(o):
+    if isinstance(o, Path):
+        return _rel(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

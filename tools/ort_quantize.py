@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""onnxruntime ``quantize_static`` as a command, for timing it in a fresh process (``tools/bench.py``).
+
+Same recipe as ``tools/baseline_ort.py``: ``quant_pre_process`` with its default arguments
+(symbolic shape inference + onnxruntime graph optimisation, as onnxruntime's docs recommend
+before static quantization), then ``quantize_static`` with ``QuantFormat.QDQ``,
+``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
+``CalibrationMethod`` (MinMax or Entropy, onnxruntime's defaults for each: Entropy uses 128
+histogram bins and 128 quantized bins), calibration on the CPU provider, fed by
+``baseline_ort.ArrayReader`` over the samples of one ``.npz`` (keyed by the input name) in
+batches of ``--batch-size``. ``--max-intermediate-outputs N`` sets ``CalibMaxIntermediateOutputs``
+(onnxruntime keeps every calibration batch's activations in memory until the end unless it is set;
+unset by default).
+
+Prints one JSON object (timings of both steps) on stdout.
+
+    python tools/ort_quantize.py MODEL -o OUT --calib CALIB.npz [--method minmax|entropy] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from baseline_ort import ArrayReader  # noqa: E402
+
+METHODS = ("minmax", "entropy")
+
+
+def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_size: int = 16,
+             max_intermediate_outputs: int | None = None) -> dict:
+    import importlib
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    if method not in METHODS:
+        raise SystemExit(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    data = np.load(calib, allow_pickle=False)
+    if len(data.files) != 1:
+        raise SystemExit(f"{calib}: expected one array keyed by the model input name, got {data.files}")
+    name = data.files[0]
+    x = data[name]
+    pre = out.with_name(out.stem + ".preprocessed.onnx")
+    try:
+        importlib.import_module("sympy")  # onnxruntime's symbolic shape inference needs it
+        pre_args = {}
+    except ImportError:
+        pre_args = {"skip_symbolic_shape": True}
+    t0 = time.perf_counter()
+    quant_pre_process(str(model), str(pre), **pre_args)
+    t1 = time.perf_counter()
+    extra = {} if max_intermediate_outputs is None else {"CalibMaxIntermediateOutputs": max_intermediate_outputs}
+    quantize_static(str(pre), str(out), ArrayReader(name, x, batch_size), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[method],
+                    calibration_providers=["CPUExecutionProvider"], extra_options=extra)
+    t2 = time.perf_counter()
+    pre.unlink(missing_ok=True)
+    return {"method": method, "calib_samples": int(len(x)), "batch_size": batch_size,
+            "quant_pre_process_s": round(t1 - t0, 3), "quantize_static_s": round(t2 - t1, 3),
+            "total_s": round(t2 - t0, 3), "preprocess_args": pre_args, "extra_options": extra}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--calib", type=Path, required=True, help=".npz with one array keyed by the input name")
+    ap.add_argument("--method", default="minmax", choices=METHODS)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-intermediate-outputs", type=int, default=None)
+    args = ap.parse_args(argv)
+    print(json.dumps(quantize(args.model, args.output, args.calib, args.method, args.batch_size,
+                              args.max_intermediate_outputs)))
+
+
+if __name__ == "__main__":
+    main()
