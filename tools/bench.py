@@ -198,8 +198,9 @@ def weight_bytes_in_file(path: Path) -> dict:
 
     A weight is a constant operand (initializer or Constant node, possibly behind Identity / Reshape /
     Transpose / Squeeze / Unsqueeze / Cast); if it comes out of a DequantizeLinear of a constant, its
-    stored bytes are the packed integer codes plus the scale and zero-point tensors. Each constant is
-    counted once.
+    stored bytes are the packed integer codes plus the scale and zero-point tensors, plus any constant
+    side input on the way (the int64 target shape of a Reshape, which cet-onnx's count includes too).
+    Each constant is counted once.
     """
     m = onnx.load(str(path))
     consts = {t.name: t for t in m.graph.initializer}
@@ -211,16 +212,19 @@ def weight_bytes_in_file(path: Path) -> dict:
     producer = {o: n for n in m.graph.node for o in n.output}
 
     def resolve(name: str):
+        """(kind, tensor or DequantizeLinear node, bytes of constant side inputs passed on the way)."""
+        side = 0
         for _ in range(8):
             if name in consts:
-                return ("float", consts[name]) if consts[name].data_type in (1, 10, 11, 16) else None
+                return ("float", consts[name], side) if consts[name].data_type in (1, 10, 11, 16) else None
             n = producer.get(name)
             if n is None:
                 return None
             if n.op_type == "DequantizeLinear":
-                return ("dq", n) if n.input[0] in consts else None
+                return ("dq", n, side) if n.input[0] in consts else None
             if n.op_type not in _PASS_THROUGH:
                 return None
+            side += sum(_tensor_bytes(consts[i]) for i in n.input[1:] if i in consts)  # e.g. Reshape's shape
             name = n.input[0]
         return None
 
@@ -236,11 +240,12 @@ def weight_bytes_in_file(path: Path) -> dict:
             r = resolve(n.input[idx])
             if r is None:
                 continue
-            kind, obj = r
+            kind, obj, side = r
             key = obj.input[0] if kind == "dq" else obj.name
             if key in seen:
                 break
             seen.add(key)
+            res["bytes"] += side
             res["weights"] += 1
             if kind == "float":
                 numel = int(np.prod(obj.dims, dtype=np.int64))
