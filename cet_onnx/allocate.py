@@ -244,43 +244,89 @@ def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Cand
 
 
 def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidates, budget_bytes: float,
-                       rounds: int = 3) -> tuple[Solution, list[dict[str, float]]]:
+                       rounds: int = 3, swaps: int = 4) -> tuple[Solution, list[dict[str, float]]]:
     """Closed loop under a size budget: correct the additive model with measured, in-context costs.
 
     Single-weight probes are taken with every other weight in float; in a mixed assignment the
-    weights interact. Each round measures the assignment's loss ``L`` and, for every weight, the
-    loss with that weight alone put back to float; ``L − L₋ᵢ`` is its cost *in context*. Each
-    weight's costs are rescaled by in-context / isolated cost (bounded to [0.1, 10]), the exact
-    solver runs again, and the best *measured* assignment is kept. Costs ``n + 1`` forward
-    passes per round.
+    weights interact. Two corrections, each judged by the *measured* loss of the whole model:
+
+    1. ``rounds`` times: measure the assignment's loss ``L`` and, for every weight, the loss
+       with that weight alone put back to float; ``L − L₋ᵢ`` is its cost in context. Each
+       weight's costs are rescaled by in-context / isolated cost (bounded to [0.1, 10]) and the
+       exact solver runs again (``n + 1`` forward passes per round).
+    2. ``swaps`` times: try the most promising exchanges (one weight one format wider, another
+       one format narrower, within the budget) ranked by the corrected costs, measure the best
+       five, and keep the best one that lowers the measured loss.
+
+    The best measured assignment is returned.
     """
     costs = sens.costs.copy()
-    sol = solve_size_budget(costs, cand.sizes, budget_bytes)
+    sizes = cand.sizes
+    sol = solve_size_budget(costs, sizes, budget_bytes)
     history: list[dict[str, float]] = []
-    best: tuple[float, Solution] | None = None
     idx = np.arange(len(cand.weights))
-    for r in range(rounds + 1):
+
+    def record(choice: np.ndarray, step: str) -> float:
+        measured = session.loss(cand.assignment(choice))
+        history.append({"step": step, "predicted": session.base_loss + float(sens.costs[idx, choice].sum()),
+                        "measured": measured, "bytes": float(sizes[idx, choice].sum())})
+        return measured
+
+    best_loss, best = record(sol.choice, "solve"), sol.choice.copy()
+    for r in range(rounds):
         assign = cand.assignment(sol.choice)
-        measured = session.loss(assign)
-        history.append({"round": r, "predicted": session.base_loss + float(sens.costs[idx, sol.choice].sum()),
-                        "measured": measured, "bytes": sol.size})
-        if best is None or measured < best[0]:
-            best = (measured, sol)
-        if r == rounds:
-            break
         for i, w in enumerate(cand.weights):
             rest = {k: v for k, v in assign.items() if k != w.name}
-            in_context = measured - session.loss(rest)
+            in_context = history[-1]["measured"] - session.loss(rest)
             isolated = costs[i, sol.choice[i]]
             if isolated > 0 and in_context > 0:
                 costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0), costs[i])
-        new = solve_size_budget(costs, cand.sizes, budget_bytes)
+        new = solve_size_budget(costs, sizes, budget_bytes)
         if np.array_equal(new.choice, sol.choice):
             break
         sol = new
-    assert best is not None
-    chosen = best[1]
-    return Solution(chosen.choice, chosen.size, float(sens.costs[idx, chosen.choice].sum())), history
+        loss = record(sol.choice, f"rescale {r + 1}")
+        if loss < best_loss:
+            best_loss, best = loss, sol.choice.copy()
+    current = best.copy()
+    for k in range(swaps):
+        moves = _exchanges(current, costs, sizes, budget_bytes)[:5]
+        trials = []
+        for gain, i, up, j, down in moves:
+            choice = current.copy()
+            choice[i], choice[j] = up, down
+            trials.append((record(choice, f"swap {k + 1}"), choice))
+        if not trials:
+            break
+        loss, choice = min(trials, key=lambda t: t[0])
+        if loss >= best_loss:
+            break
+        best_loss, best, current = loss, choice.copy(), choice
+    return Solution(best, float(sizes[idx, best].sum()), float(sens.costs[idx, best].sum())), history
+
+
+def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget: float) -> list[tuple]:
+    """(predicted gain, i, wider format, j, narrower format) pairs that fit the budget, best first."""
+    n = len(choice)
+    idx = np.arange(n)
+    total = sizes[idx, choice].sum()
+    ups, downs = [], []
+    for i in range(n):
+        cur_s, cur_c = sizes[i, choice[i]], costs[i, choice[i]]
+        order = np.argsort(sizes[i])
+        wider = [j for j in order if np.isfinite(sizes[i, j]) and sizes[i, j] > cur_s and costs[i, j] < cur_c]
+        narrower = [j for j in order[::-1] if np.isfinite(sizes[i, j]) and sizes[i, j] < cur_s]
+        if wider:
+            ups.append((i, wider[0], sizes[i, wider[0]] - cur_s, cur_c - costs[i, wider[0]]))
+        if narrower:
+            downs.append((i, narrower[0], cur_s - sizes[i, narrower[0]], costs[i, narrower[0]] - cur_c))
+    moves = []
+    for i, up, ds_up, gain_up in ups:
+        for j, down, ds_down, loss_down in downs:
+            if i != j and total + ds_up - ds_down <= budget + 1e-9:
+                moves.append((gain_up - loss_down, i, up, j, down))
+    moves.sort(key=lambda m: -m[0])
+    return moves
 
 
 def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: int = 12,

@@ -8,6 +8,7 @@ human-readable text and progress go to stderr / stdout as usual otherwise.
 from __future__ import annotations
 
 import functools
+import re
 import json
 import signal
 import sys
@@ -122,6 +123,8 @@ def probe_options(fn: Callable) -> Callable:
                           "layer Hessian of the calibration inputs; auto: major-axis when --calib is given)."),
         click.option("--sequential", is_flag=True,
                      help="Major-axis rounding with each layer's Hessian taken from the already-quantized prefix."),
+        click.option("--probe-numerics", type=click.Choice(["float", "deployed"]), default="float", show_default=True,
+                     help="Activations in the probes: float, or quantized as deployed (noisier: see README)."),
         click.option("--probe-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Calibration samples each probe runs on."),
         click.option("--hutchinson-samples", type=click.IntRange(min=1), default=4, show_default=True,
@@ -208,7 +211,7 @@ def main() -> None:
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
-             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size, hutchinson_samples, fidelity_samples,
+             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
@@ -233,7 +236,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method, percentile=percentile,
         simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
         verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout),
-        **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size,
+        **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size,
                         hutchinson_samples, fidelity_samples, cache_dir, no_cache),
         allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss, refine_rounds=refine_rounds,
         reproducible=reproducible)
@@ -244,11 +247,12 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
     _print_quantize_summary(report, report_path(output))
 
 
-def _probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_size,
+def _probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size,
                   hutchinson_samples, fidelity_samples, cache_dir, no_cache) -> dict:
     block = candidate_block if candidate_block is not None else (block_size or 32)
     return dict(bits=_bits_list(bits), candidate_block=block or None, loss=loss, loss_output=loss_output,
                 weight_clip=weight_clip, weight_grid=weight_grid, rounding=rounding, sequential=sequential,
+                probe_numerics=probe_numerics,
                 labels=labels, probe_size=probe_size, hutchinson_samples=hutchinson_samples,
                 fidelity_samples=fidelity_samples, cache_dir=cache_dir, use_cache=not no_cache)
 
@@ -317,7 +321,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
+            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
@@ -339,7 +343,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     opts = QuantizeOptions(weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method,
                            simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
                            seed=seed, image=_image_options(image_size, mean, std, layout),
-                           **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential,
+                           **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics,
                                            probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache))
     result = run_analyze(model, calib, opts, names)
     prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"
@@ -351,7 +355,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
                f"float-weight loss {result['base_loss']:.4g}; {result['probe_runs']} forward passes in "
                f"{result['probe_seconds']:.1f}s ({result['forward_passes_per_second']}/s)")
     rows = result.get("cet") or result[names[0]]
-    lowest = min(result["formats"], key=lambda f: int(f.split("/")[0][3:]))
+    lowest = min(result["formats"], key=lambda f: int(re.match(r"int(\d+)", f).group(1)))
     ranked = sorted((r for r in rows if lowest in r["formats"]), key=lambda r: r["formats"][lowest]["predicted"],
                     reverse=True)
     click.echo(f"most sensitive at {lowest}:")

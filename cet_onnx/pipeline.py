@@ -81,6 +81,7 @@ class QuantizeOptions:
     cache_dir: str | None = None
     use_cache: bool = True
     refine_rounds: int = 3
+    probe_numerics: str = "float"   # float | deployed: activations in the probes (see README "Probe numerics")
     reproducible: bool = False      # leave wall-clock fields out of the report (byte-identical reruns)
 
     @property
@@ -329,9 +330,12 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     loss = opts.loss or default_loss(sample, labels is not None)
     if loss == "ce" and labels is None:
         raise InputError("--loss ce needs --labels")
-    session = ProbeSession(p.model, p.weights, p.values, p.act_params, batches, p.providers, loss, out, labels)
+    if opts.probe_numerics not in ("float", "deployed"):
+        raise InputError(f"--probe-numerics must be float or deployed, got '{opts.probe_numerics}'")
+    acts = p.act_params if opts.probe_numerics == "deployed" else None
+    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels)
     info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
-            "device": session.device}
+            "device": session.device, "probe_numerics": opts.probe_numerics}
     return session, info
 
 
@@ -344,7 +348,7 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
                 "hutchinson": opts.hutchinson_samples if allocator == "hawq" else None,
                 "rounding": [p.rounding, p.roundings.max_bits],
                 "hessian_rows": opts.hessian_rows if p.rounding == "major-axis" else None,
-                "clip": opts.weight_clip, "grid": opts.weight_grid,
+                "clip": opts.weight_clip, "grid": opts.weight_grid, "numerics": opts.probe_numerics,
                 "version": __version__}
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else probe_cache.default_dir()
     key = probe_cache.cache_key(p.model, session.batches, settings, session.labels)

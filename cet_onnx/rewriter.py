@@ -25,6 +25,11 @@ Rules:
 4. Conv / Gemm biases become INT32 with scale = input scale × weight scale and zero point 0,
    when the input is quantized and the weight is per-tensor or per-channel; block-wise
    weights keep a float bias.
+6. Conv / ConvTranspose / Gemm nodes with an INT2 weight keep (or get, as zeros) a float
+   bias: onnxruntime's QDQ selectors need every input to come from DequantizeLinear, so a
+   float bias stops them from fusing an INT2 weight into QLinearConv — which they would
+   otherwise do (they exclude 4-bit but not 2-bit weights, and can move DequantizeLinear past
+   the Reshape of rule 1) and then fail to load the model.
 5. The opset is raised to what the emitted types need (13 for per-channel INT8, 21 for
    INT4 and blocked scales or 16-bit activations, 25 for INT2) and the IR version with it.
 """
@@ -198,11 +203,27 @@ def rewrite(model: onnx.ModelProto, weights: list[WeightInfo], qweights: dict[st
             new_nodes.append(helper.make_node("Reshape", [dq_out, f"{name}_shape"], [name], name=f"{name}_Reshape"))
     drop_inits = set(qweights)
 
+    # Rule 6: INT2 Conv / ConvTranspose / Gemm weights get a float bias (zeros if there was none).
+    int2 = {n for n, qw in qweights.items() if container_bits(qw.fmt.bits) == 2}
+    for node in g.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) >= 2 and node.input[1] in int2:
+            if len(node.input) < 3 or not node.input[2]:
+                qw = qweights[node.input[1]]
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                nout = {"Conv": qw.q.shape[0], "ConvTranspose": qw.q.shape[1] * group}.get(
+                    node.op_type, qw.q.shape[by_name[node.input[1]].channel_axis])
+                zero = f"{node.input[1]}_zero_bias"
+                if zero not in {t.name for t in new_inits}:
+                    new_inits.append(numpy_helper.from_array(np.zeros(nout, np.float32), zero))
+                while len(node.input) < 3:
+                    node.input.append("")
+                node.input[2] = zero
+
     # Rule 4: biases (before activation renaming, using the original input names).
     quantized_biases: list[str] = []
     cons = _consumers(g.node)
     for node in g.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[1] in int2:
             continue
         x, w, b = node.input[0], node.input[1], node.input[2]
         if node.op_type == "Gemm" and (node.input[0] in qweights):

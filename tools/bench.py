@@ -60,7 +60,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+
+def _blas_threads_arg(argv: list[str]) -> str:
+    """``--blas-threads`` (default 1), read before numpy is imported: OpenBLAS reads its thread count at load."""
+    val = "1"
+    for i, a in enumerate(argv):
+        if a == "--blas-threads" and i + 1 < len(argv):
+            val = argv[i + 1]
+        elif a.startswith("--blas-threads="):
+            val = a.split("=", 1)[1]
+    return val
+
+
+BLAS_THREADS = _blas_threads_arg(sys.argv[1:])
+if BLAS_THREADS.isdigit() and int(BLAS_THREADS) > 0:
+    # inherited by every subprocess too; onnxruntime's own thread pools are not affected
+    for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = BLAS_THREADS
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,13 +100,13 @@ BLOCK = 32                    # block size of the uniform 4- and 2-bit runs
 SETTINGS = {
     "full": {
         "digits": dict(calib_n=256, eval_n=500, batch=16, probe_size=128, fidelity_samples=12, repeats=100),
-        "orientation": dict(calib_n=128, eval_n=400, batch=16, probe_size=32, fidelity_samples=12, repeats=100),
-        "ocr": dict(calib_n=64, eval_n=300, batch=16, probe_size=16, fidelity_samples=8, repeats=50),
+        "orientation": dict(calib_n=128, eval_n=400, batch=16, probe_size=16, fidelity_samples=8, repeats=100),
+        "ocr": dict(calib_n=32, eval_n=150, batch=16, probe_size=4, fidelity_samples=4, repeats=30),
     },
     "quick": {
         "digits": dict(calib_n=128, eval_n=500, batch=16, probe_size=32, fidelity_samples=6, repeats=20),
-        "orientation": dict(calib_n=32, eval_n=100, batch=16, probe_size=16, fidelity_samples=6, repeats=20),
-        "ocr": dict(calib_n=16, eval_n=60, batch=16, probe_size=8, fidelity_samples=4, repeats=10),
+        "orientation": dict(calib_n=32, eval_n=100, batch=16, probe_size=8, fidelity_samples=4, repeats=20),
+        "ocr": dict(calib_n=16, eval_n=40, batch=16, probe_size=2, fidelity_samples=2, repeats=5),
     },
 }
 
@@ -534,6 +552,10 @@ def markdown(results: dict, meta: dict) -> str:
              "file matches the report: "
              + ("yes" if all(row.get("file_count_matches_report", True) for r in results.values()
                               for row in r["rows"].values()) else "**NO**, see bench.json") + ")",
+             "- BLAS threads: " + ", ".join(f"{k}={v}" for k, v in meta["blas_threads"].items() if v) + (
+                 " (`--blas-threads`, default 1: cet-onnx's layer-Hessian step was up to 40× slower with multi-threaded "
+                 "OpenBLAS on this busy 2-core machine; onnxruntime's thread pools are not affected)"
+                 if any(meta["blas_threads"].values()) else "environment as it is (`--blas-threads 0`)"),
              "- latency: median `session.run` ms at batch 1, CPU, ORT_ENABLE_ALL, intra_op_num_threads=1, the same "
              "SessionOptions for all models, runs of all models of a table interleaved",
              "- quantize s / peak RSS: a fresh subprocess per run (`python -m cet_onnx.cli quantize ...` or "
@@ -674,11 +696,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="few samples, one budget (avg 3 bits: uniform, hawq, cet, ORT MinMax), fewer latency runs")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (writes PREFIX.md/.json/.png)")
+    ap.add_argument("--blas-threads", default="1", metavar="N",
+                    help="OPENBLAS_NUM_THREADS / MKL_NUM_THREADS for every run, in-process and subprocess "
+                         "(default 1; 0 keeps the environment as it is). cet-onnx's layer-Hessian step makes "
+                         "hundreds of tiny matrix products per depthwise conv; with multi-threaded OpenBLAS on a "
+                         "busy 2-core machine it ran 40x slower (67.7 s vs 1.7 s for 16 orientation samples)")
     args = ap.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     bad = [m for m in names if m not in MODELS]
     if bad or not names:
         ap.error(f"unknown model(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODELS)}")
+    if not args.blas_threads.isdigit():
+        ap.error(f"--blas-threads: expected a non-negative integer, got '{args.blas_threads}'")
     out = args.out or RESULTS / ("bench_quick" if args.quick else "bench")
     mode = "quick" if args.quick else "full"
     from cet_onnx import __version__ as cet_version
@@ -688,7 +717,8 @@ def main(argv=None) -> int:
             "quick": args.quick, "cpu": baseline_ort._cpu(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "cet_onnx": f"cet-onnx {cet_version}", "budgets_avg_bits": [REPRESENTATIVE] if args.quick else list(BUDGETS),
-            "settings": {n: SETTINGS[mode][n] for n in names}}
+            "settings": {n: SETTINGS[mode][n] for n in names},
+            "blas_threads": {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}}
     t0 = time.perf_counter()
     methods = methods_for(args.quick)
     results = {}

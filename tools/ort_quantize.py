@@ -3,7 +3,8 @@
 
 Same recipe as ``tools/baseline_ort.py``: ``quant_pre_process`` with its default arguments
 (symbolic shape inference + onnxruntime graph optimisation, as onnxruntime's docs recommend
-before static quantization), then ``quantize_static`` with ``QuantFormat.QDQ``,
+before static quantization; when symbolic shape inference fails, as on PP-OCRv4 rec, it is
+retried with ``skip_symbolic_shape=True`` and the JSON says so), then ``quantize_static`` with ``QuantFormat.QDQ``,
 ``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
 ``CalibrationMethod`` (MinMax or Entropy, onnxruntime's defaults for each: Entropy uses 128
 histogram bins and 128 quantized bins), calibration on the CPU provider, fed by
@@ -55,7 +56,16 @@ def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_
     except ImportError:
         pre_args = {"skip_symbolic_shape": True}
     t0 = time.perf_counter()
-    quant_pre_process(str(model), str(pre), **pre_args)
+    fallback = None
+    try:
+        quant_pre_process(str(model), str(pre), **pre_args)
+    except Exception as exc:  # e.g. "Incomplete symbolic shape inference" (PP-OCRv4 rec)
+        if pre_args:
+            raise
+        fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        print(f"quant_pre_process failed ({fallback}); retrying with skip_symbolic_shape=True", file=sys.stderr)
+        pre_args = {"skip_symbolic_shape": True}
+        quant_pre_process(str(model), str(pre), **pre_args)
     t1 = time.perf_counter()
     extra = {} if max_intermediate_outputs is None else {"CalibMaxIntermediateOutputs": max_intermediate_outputs}
     quantize_static(str(pre), str(out), ArrayReader(name, x, batch_size), quant_format=QuantFormat.QDQ,
@@ -66,7 +76,8 @@ def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_
     pre.unlink(missing_ok=True)
     return {"method": method, "calib_samples": int(len(x)), "batch_size": batch_size,
             "quant_pre_process_s": round(t1 - t0, 3), "quantize_static_s": round(t2 - t1, 3),
-            "total_s": round(t2 - t0, 3), "preprocess_args": pre_args, "extra_options": extra}
+            "total_s": round(t2 - t0, 3), "preprocess_args": pre_args,
+            "preprocess_fallback_reason": fallback, "extra_options": extra}
 
 
 def main(argv=None) -> None:
