@@ -14,6 +14,9 @@ Pure functions: arrays in, choice indices out.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +41,29 @@ def _one_hot_rows(n: int, k: int) -> coo_array:
     return coo_array((np.ones(n * k), (rows, cols)), shape=(n, n * k))
 
 
+@contextlib.contextmanager
+def _c_stdout_silenced():
+    """HiGHS prints debug lines straight to file descriptor 1; keep them out of ``--json`` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _solve(objective: np.ndarray, constraint: np.ndarray, bound: float, n: int, k: int,
            available: np.ndarray) -> np.ndarray:
     ub = available.astype(float).ravel()
     cons = [LinearConstraint(_one_hot_rows(n, k), 1, 1),
             LinearConstraint(constraint.reshape(1, -1), -np.inf, bound)]
-    res = milp(objective, integrality=np.ones(n * k), bounds=Bounds(0, ub), constraints=cons,
-               options={"mip_rel_gap": 1e-9, "time_limit": 120})
+    with _c_stdout_silenced():
+        res = milp(objective, integrality=np.ones(n * k), bounds=Bounds(0, ub), constraints=cons,
+                   options={"mip_rel_gap": 1e-9, "time_limit": 120})
     if res.x is None:
         raise Infeasible(res.message)
     return np.argmax(res.x.reshape(n, k), axis=1)

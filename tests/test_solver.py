@@ -75,3 +75,13 @@ def test_pareto_front_is_monotone():
     sizes_f = [s.size for s in front]
     costs_f = [s.cost for s in front]
     assert sizes_f == sorted(sizes_f) and costs_f == sorted(costs_f, reverse=True)
+
+
+def test_solver_prints_nothing_on_stdout(capfd):
+    # HiGHS writes debug lines to file descriptor 1 on some problems; --json output must stay clean
+    rng = np.random.default_rng(0)
+    costs = np.sort(np.abs(rng.normal(size=(40, 6))), axis=1)[:, ::-1].copy()
+    sizes = np.sort(rng.integers(100, 10000, size=(40, 6)).astype(float), axis=1)
+    for budget in np.linspace(sizes.min(1).sum(), sizes.max(1).sum(), 30):
+        solve_size_budget(costs, sizes, float(budget))
+    assert capfd.readouterr().out == ""

@@ -518,8 +518,8 @@ def model_table(r: dict) -> list[str]:
 
 
 def allocation_table(r: dict) -> list[str]:
-    lines = ["| method | formats chosen (weights) | loss measured / predicted | Spearman (fidelity) | probe passes | "
-             "cet-onnx stages (s) |", "|---|---|---|---:|---:|---|"]
+    lines = ["| method | formats chosen (weights) | loss measured / predicted | Spearman (fidelity) | "
+             "probe batch runs | cet-onnx stages (s) |", "|---|---|---|---:|---:|---|"]
     for row in r["rows"].values():
         c = row.get("cet")
         if not c:
@@ -605,11 +605,14 @@ def plot(results: dict, path: Path) -> str | None:
             pts = sorted((row["avg_bits"], scale * row["metric"], row["method"]) for row in rows if row["family"] == fam)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
-                    ls="-" if fam != "ORT INT8" else "none", label=fam)
             if fam == "ORT INT8":
-                for x, y, k in pts:
-                    ax.annotate(k.replace("ort-", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="none", ms=10,
+                        mfc="none", mew=1.5, label=fam)
+                for n_, (x, y, k) in enumerate(pts):
+                    ax.annotate(k.replace("ort-", ""), (x, y), textcoords="offset points",
+                                xytext=(-30, 8 if n_ % 2 == 0 else -14), fontsize=7, color=color)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="-", label=fam)
         ax.set_xscale("log", base=2)
         ticks = [2, 2.5, 3, 4, 6, 8]
         ax.set_xticks(ticks)
@@ -632,42 +635,56 @@ def findings(results: dict) -> list[str]:
     out = []
     for name, r in results.items():
         rows = r["rows"]
-        better = (lambda a, b: a > b) if r["metric"] == "accuracy" else (lambda a, b: a < b)
-        mname = "accuracy" if r["metric"] == "accuracy" else "CER"
+        acc = r["metric"] == "accuracy"
+        better = (lambda a, b: a > b) if acc else (lambda a, b: a < b)
+        mname = "accuracy" if acc else "CER"
         f = lambda row: f"{100 * row['metric']:.2f} %"  # noqa: E731
         for b in BUDGETS:
             h, c = rows.get(f"hawq@{b:g}"), rows.get(f"cet@{b:g}")
-            if h and c and not better(c["metric"], h["metric"]):
-                out.append(f"{name}, avg {b:g} bits: hawq {'matches' if h['metric'] == c['metric'] else 'beats'} cet "
-                           f"({mname} {f(h)} vs {f(c)}).")
+            if not (h and c):
+                continue
+            if not better(c["metric"], h["metric"]):
+                s = (f"{name}, avg {b:g} bits: hawq {'matches' if h['metric'] == c['metric'] else 'beats'} cet "
+                     f"({mname} {f(h)} vs {f(c)})")
+                la, lh = (c.get("cet") or {}).get("allocation") or {}, (h.get("cet") or {}).get("allocation") or {}
+                if la.get("measured_loss") is not None and lh.get("measured_loss") is not None \
+                        and la["measured_loss"] < lh["measured_loss"]:
+                    s += (f", although cet's allocation has the lower loss on the probe samples ({la['loss']} "
+                          f"{la['measured_loss']:.3g} vs {lh['measured_loss']:.3g})")
+                out.append(s + ".")
         u = rows.get(f"uniform@{REPRESENTATIVE:g}")
         c = rows.get(f"cet@{REPRESENTATIVE:g}")
         if u and c and not better(c["metric"], u["metric"]):
             out.append(f"{name}: uniform at ≤ {REPRESENTATIVE:g} bits {'matches' if u['metric'] == c['metric'] else 'beats'} "
                        f"cet ({mname} {f(u)} vs {f(c)}).")
-        if "cet-w4" in rows:
+        for key in ("cet-w4", "cet-w2"):
+            w = rows.get(key)
+            if not w:
+                continue
             for b in BUDGETS:
                 c = rows.get(f"cet@{b:g}")
-                if c and c["avg_bits"] >= rows["cet-w4"]["avg_bits"] - 1e-9 and not better(c["metric"], rows["cet-w4"]["metric"]):
-                    out.append(f"{name}: uniform W4/b32 ({rows['cet-w4']['avg_bits']:.2f} bits) is as good as cet at "
-                               f"{c['avg_bits']:.2f} bits ({mname} {f(rows['cet-w4'])} vs {f(c)}).")
-        o = rows.get("ort-minmax")
-        cq = [row for row in rows.values() if row["family"] in ("cet uniform", "hawq", "cet")]
-        if o and cq:
-            fastest = min(cq, key=lambda row: row["latency_ms"])
-            slow = max(cq, key=lambda row: row["latency_ms"])
-            if fastest["latency_ms"] > o["latency_ms"]:
-                out.append(f"{name}: ORT INT8 is the fastest quantized model ({o['latency_ms']:.2f} ms; cet-onnx "
-                           f"{fastest['latency_ms']:.2f}–{slow['latency_ms']:.2f} ms at batch 1, 1 thread).")
-            elif slow["latency_ms"] > 1.1 * o["latency_ms"]:
-                out.append(f"{name}: the slowest cet-onnx model ({slow['label']}, {slow['latency_ms']:.2f} ms) is "
-                           f"{slow['latency_ms'] / o['latency_ms']:.1f}× ORT INT8's latency ({o['latency_ms']:.2f} ms); "
-                           f"FP32 {rows['fp32']['latency_ms']:.2f} ms.")
-            cs = [row for row in cq if row["timing"] == "subprocess" and row["family"] == "cet"]
-            if cs and o.get("quantize_s"):
-                out.append(f"{name}: quantizing with the cet allocator took {cs[0]['quantize_s']:.0f} s and "
-                           f"{cs[0]['peak_rss_mb']:.0f} MB peak RSS vs {o['quantize_s']:.0f} s / {o['peak_rss_mb']:.0f} MB "
-                           "for ORT INT8 MinMax (fresh processes).")
+                if c and c["avg_bits"] >= w["avg_bits"] - 1e-9 and not better(c["metric"], w["metric"]):
+                    out.append(f"{name}: {w['label'].replace('cet-onnx ', '')} at {w['avg_bits']:.2f} bits is as good as "
+                               f"cet at {c['avg_bits']:.2f} bits ({mname} {f(w)} vs {f(c)}).")
+        o, fp = rows.get("ort-minmax"), rows["fp32"]
+        low = [row for row in rows.values() if row["family"] in ("cet uniform", "hawq", "cet") and row["avg_bits"] < 8]
+        if o and low:
+            lo, hi = min(x["latency_ms"] for x in low), max(x["latency_ms"] for x in low)
+            if lo > o["latency_ms"]:
+                out.append(f"{name}: every cet-onnx model below 8 bits is slower than ORT INT8 at batch 1 on one thread "
+                           f"({lo:.2f}–{hi:.2f} ms vs {o['latency_ms']:.2f} ms; FP32 {fp['latency_ms']:.2f} ms): INT4/INT2 "
+                           "weights are dequantized at run time, not fused into integer kernels.")
+            elif hi > 1.1 * o["latency_ms"]:
+                out.append(f"{name}: cet-onnx models below 8 bits take {lo:.2f}–{hi:.2f} ms at batch 1 on one thread vs "
+                           f"{o['latency_ms']:.2f} ms for ORT INT8 (FP32 {fp['latency_ms']:.2f} ms).")
+            if fp["latency_ms"] < o["latency_ms"]:
+                out.append(f"{name}: FP32 itself is faster than ORT INT8 here ({fp['latency_ms']:.2f} vs "
+                           f"{o['latency_ms']:.2f} ms), so no quantized model is a latency win.")
+        cs = [row for row in rows.values() if row["timing"] == "subprocess" and row["family"] == "cet"]
+        if o and cs and o.get("quantize_s"):
+            out.append(f"{name}: quantizing with the cet allocator took {cs[0]['quantize_s']:.0f} s and "
+                       f"{cs[0]['peak_rss_mb']:.0f} MB peak RSS vs {o['quantize_s']:.0f} s / {o['peak_rss_mb']:.0f} MB "
+                       "for ORT INT8 MinMax (fresh processes, same calibration samples).")
     return out
 
 
