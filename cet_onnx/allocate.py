@@ -29,7 +29,7 @@ from .packing import format_nbytes
 from .probes import ProbeSession
 from .progress import Progress
 from .quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
-from .solver import Infeasible, Solution, pareto_front, solve_loss_budget, solve_size_budget
+from .solver import Infeasible, Solution, solve_loss_budget, solve_size_budget
 from .weights import WeightInfo
 
 ALLOCATORS = ("cet", "hawq", "sqnr", "uniform")

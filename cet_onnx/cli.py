@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
@@ -332,7 +332,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     Example:
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
     """
-    from .analysis_io import sensitivity_csv, write_analysis
+    from .analysis_io import write_analysis
     from .pipeline import QuantizeOptions, analyze as run_analyze
     from .progress import set_quiet
     set_quiet(quiet or as_json)

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .calib_data import ImageOptions, batched, load_samples, model_inputs
 from .errors import InputError

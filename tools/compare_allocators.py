@@ -137,7 +137,7 @@ def main(argv=None) -> None:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Allocators at equal weight bytes", "", f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+    lines = ["# Allocators at equal weight bytes", "", f"- date: {meta['date']}", f"- command: `{meta['command']}`",
              "- loss: the allocator's own proxy (label-free, vs FP32 outputs), measured on the probe samples "
              "with exactly the emitted weights; accuracy / agreement on held-out evaluation data",
              "- bits: average stored bits per weight parameter, scales and zero points included", "",
