@@ -147,3 +147,13 @@ def test_labels_give_task_loss_with_nonzero_first_order_term(tmp_path):
     assert r["loss"] == "ce" and r["base_loss"] > 0
     firsts = [f["first_order"] for row in r["cet"] for f in row["formats"].values()]
     assert max(abs(v) for v in firsts) > 0
+
+
+def test_deployed_probe_numerics_include_activation_quantization(tmp_path):
+    args = ["analyze", DIGITS / "model.onnx", "--calib", DIGITS / "calib.npz", "-o", tmp_path / "s",
+            "--cache-dir", tmp_path / "cache", "--bits", "4,8", "--candidate-block", 0, *FAST]
+    flt = json.loads(invoke(*args).stdout)
+    dep = json.loads(invoke(*args, "--probe-numerics", "deployed").stdout)
+    assert flt["probe_numerics"] == "float" and flt["base_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert dep["probe_numerics"] == "deployed" and dep["base_loss"] > 1e-6   # activation rounding alone costs loss
+    assert flt["formats"] == ["int4a/ch", "int8/ch"]
