@@ -10,6 +10,9 @@ Per model, on calibration samples and disjoint held-out evaluation samples:
 * ``cet-w8`` / ``cet-w4`` / ``cet-w2``: ``cet-onnx quantize --weight-bits 8`` (per channel),
   ``--weight-bits 4 --block-size 32``, ``--weight-bits 2 --block-size 32``.
 * ``hawq@X`` / ``cet@X``: ``cet-onnx quantize --allocator hawq|cet --avg-bits X`` for X = 4, 3, 2.5.
+* diagnostics (not in ``--quick``): ``cet-w4-wo`` / ``cet@3-wo``, the same as ``cet-w4`` / ``cet@3``
+  with ``--weight-only`` (activations left in float), to separate the weight error from the
+  8-bit activation error.
 
 Everything else is cet-onnx's default (major-axis rounding, MSE clipping and asymmetric grids at
 4 bits and below; candidate formats 2/4/8 bits per channel or in blocks of 32), except
@@ -128,6 +131,7 @@ class Method:
     block: int | None = None
     allocator: str | None = None
     avg_bits: float | None = None
+    weight_only: bool = False       # diagnostic: activations left in float
 
 
 def methods_for(quick: bool) -> list[Method]:
@@ -147,6 +151,11 @@ def methods_for(quick: bool) -> list[Method]:
         for b in BUDGETS:
             ms.append(Method(f"{alloc}@{b:g}", alloc, f"cet-onnx {alloc}, avg {b:g} bits",
                              "cli" if b == REPRESENTATIVE else "inproc", allocator=alloc, avg_bits=b))
+    # diagnostics: the same weights with activations left in float (--weight-only), to separate the two errors
+    ms += [Method("cet-w4-wo", "weight-only", f"cet-onnx uniform W4 (block {BLOCK}), weight-only", "cli",
+                  weight_bits=4, block=BLOCK, weight_only=True),
+           Method(f"cet@{REPRESENTATIVE:g}-wo", "weight-only", f"cet-onnx cet, avg {REPRESENTATIVE:g} bits, weight-only",
+                  "cli", allocator="cet", avg_bits=REPRESENTATIVE, weight_only=True)]
     return ms
 
 
@@ -313,7 +322,7 @@ def _rel(p: Path) -> str:
 def cet_cli_command(m: Method, spec: dict, cfg: dict, out: Path, cache_dir: Path | None) -> list[str]:
     cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", _rel(spec["model"]), "-o", _rel(out),
            "--calib", _rel(spec["calib_npz"]), "--device", "cpu", "--verify-size", "0",
-           "--batch-size", str(cfg["batch"]), "-q"]
+           "--batch-size", str(cfg["batch"]), "-q"] + (["--weight-only"] if m.weight_only else [])
     if m.weight_bits is not None:
         cmd += ["--weight-bits", str(m.weight_bits)] + (["--block-size", str(m.block)] if m.block else [])
     else:
@@ -397,6 +406,24 @@ def quantize_all(spec: dict, cfg: dict, methods: list[Method], work: Path, quick
     return runs
 
 
+def same_activation_ranges(a: Path, b: Path) -> dict:
+    """How many activation scales / zero points (scalar Q/DQ parameters) two ORT QDQ files share exactly."""
+    def params(path):
+        m = onnx.load(str(path))
+        inits = {t.name: t for t in m.graph.initializer}
+        out = {}
+        for n in m.graph.node:
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+                s_ = onnx.numpy_helper.to_array(inits[n.input[1]])
+                z = onnx.numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else None
+                out[n.input[0]] = (float(np.ravel(s_)[0]), None if z is None else int(np.ravel(z)[0]))
+        return out
+    pa, pb = params(a), params(b)
+    common = set(pa) & set(pb)
+    same = sum(pa[t] == pb[t] for t in common)
+    return {"activation_tensors": len(common), "identical": int(same), "all_identical": bool(common) and same == len(common)}
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(path: Path, spec: dict) -> dict:
@@ -476,6 +503,9 @@ def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dic
         rows[k]["latency"] = v
         rows[k]["latency_ms"] = v["median_ms"]
     del sessions
+    ort_same = None
+    if "ort-minmax" in runs and "ort-entropy" in runs:
+        ort_same = same_activation_ranges(runs["ort-minmax"]["path"], runs["ort-entropy"]["path"])
     if spec["metric"] == "cer":
         errors = [{"ref": r, "fp32": p} for r, p in zip(spec["texts"], outs["fp32"]["texts"]) if r != p]
     else:
@@ -484,6 +514,7 @@ def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dic
             "metric": spec["metric"], "settings": {**cfg, "calib_samples": int(len(spec["calib"])),
                                                    "eval_samples": int(len(spec["x_eval"]))},
             "rows": rows, "loadavg_during_latency": [load0, load1], "fp32_errors": errors,
+            "ort_entropy_vs_minmax": ort_same,
             "seconds": round(time.perf_counter() - t_model, 1)}
 
 
@@ -517,6 +548,20 @@ def model_table(r: dict) -> list[str]:
     return lines
 
 
+def _num(v) -> float | None:
+    """A finite float, or None (cet-onnx's report writes non-finite floats as strings)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _g(v, spec: str = ".4g") -> str:
+    f = _num(v)
+    return "—" if f is None else format(f, spec)
+
+
 def allocation_table(r: dict) -> list[str]:
     lines = ["| method | formats chosen (weights) | loss measured / predicted | Spearman (fidelity) | "
              "probe batch runs | cet-onnx stages (s) |", "|---|---|---|---:|---:|---|"]
@@ -526,11 +571,9 @@ def allocation_table(r: dict) -> list[str]:
             continue
         a = c.get("allocation") or {}
         fmts = ", ".join(f"{k} ×{v}" for k, v in sorted(c["formats"].items()))
-        lm = "—" if not a else (f"{a['measured_loss']:.4g} / " + ("—" if a.get("predicted_loss") is None
-                                                                   else f"{a['predicted_loss']:.4g}"))
-        sp = a.get("fidelity_spearman")
+        lm = "—" if not a else f"{_g(a.get('measured_loss'))} / {_g(a.get('predicted_loss'))}"
         stages = ", ".join(f"{k} {v:.1f}" for k, v in c["stages_s"].items() if k != "total" and v >= 0.05)
-        lines.append(f"| {row['label']} | {fmts} | {lm} | {'—' if sp is None else f'{sp:.2f}'} | "
+        lines.append(f"| {row['label']} | {fmts} | {lm} | {_g(a.get('fidelity_spearman'), '.2f')} | "
                      f"{a.get('probe_runs', '—') if a else '—'} | {stages} |")
     return lines
 
@@ -539,14 +582,19 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [f"# cet-onnx benchmark{' (--quick)' if meta['quick'] else ''}: FP32, onnxruntime INT8, cet-onnx", "",
              f"- date: {meta['date']}", f"- command: `{meta['command']}` (wall time {meta['runtime_s']:.0f} s)",
              f"- machine: {meta['cpu']}, {meta['cores']} cores; onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, "
-             f"numpy {meta['numpy']}, python {meta['python']}; {meta['cet_onnx']}",
-             "- ORT INT8: `quant_pre_process` (default arguments) + `quantize_static` (QDQ, per_channel=True, "
+             f"numpy {meta['numpy']}, python {meta['python']}; {meta['cet_onnx']}"
+             + (f" at commit {meta['git']['commit']}" + (" + uncommitted changes in "
+                + ", ".join(meta['git']['cet_onnx_uncommitted']) if meta['git'].get('cet_onnx_uncommitted') else "")
+                if (meta.get("git") or {}).get("commit") else ""),
+             "- ORT INT8: `quant_pre_process` (default arguments; fallbacks per model below) + `quantize_static` (QDQ, per_channel=True, "
              "activations QUInt8, weights QInt8, MinMax or Entropy, no extra_options), via `tools/ort_quantize.py`",
              "- cet-onnx: `cet-onnx quantize` with its defaults (major-axis rounding, MSE clipping and asymmetric grids "
              "at ≤ 4 bits; mixed-precision candidates INT2/INT4/INT8 per channel or in blocks of 32) plus `--device cpu "
              "--verify-size 0` (no held-back samples: calibrates on exactly the samples ORT gets) and the batch / probe "
              "settings below. Uniform W4 / W2 use `--block-size 32` (weights with fewer than 32 input channels stay per "
              "channel); `hawq` / `cet` rows: `--allocator hawq|cet --avg-bits X`",
+             "- weight-only rows (diagnostic): the same command with `--weight-only` (activations stay float), to "
+             "separate the error of the weights from that of the 8-bit activations",
              "- bits/weight and weight compression count scales and zero points: cet-onnx rows from its report "
              "(`totals`), FP32 / ORT rows from the weight initializers of the file (the same count on every cet-onnx "
              "file matches the report: "
@@ -576,8 +624,27 @@ def markdown(results: dict, meta: dict) -> str:
                      if r.get("model_info") else ""), f"- data: {r['data']}",
                   f"- 1-min load average before / after the latency runs: {r['loadavg_during_latency'][0]:.1f} / "
                   f"{r['loadavg_during_latency'][1]:.1f}; model wall time {r['seconds']:.0f} s", ""]
+        ort_notes = []
+        for row in r["rows"].values():
+            o = row.get("ort") or {}
+            if o.get("opset_upgraded_from") is not None:
+                ort_notes.append(f"opset {o['opset_upgraded_from']} → 13 with onnx.version_converter first "
+                                 "(quantize_static wrote an invalid per-channel model at opset 12)")
+            if o.get("preprocess_fallback_reason"):
+                ort_notes.append(f"quant_pre_process failed with default arguments ({o['preprocess_fallback_reason']}); "
+                                 "run with skip_symbolic_shape=True")
+        oe = r.get("ort_entropy_vs_minmax")
+        if oe and oe.get("all_identical"):
+            ort_notes.append(f"Entropy gave exactly MinMax's activation ranges ({oe['identical']}/{oe['activation_tensors']} "
+                             "scales and zero points identical): quantize_static builds its EntropyCalibrater with "
+                             "num_bins = num_quantized_bins = 128 and passes no extra option to change them, so the "
+                             "KL threshold search has a single candidate, the full range")
+        if ort_notes:
+            lines.insert(len(lines) - 1, "- ORT recipe on this model: " + "; ".join(dict.fromkeys(ort_notes)))
         lines += model_table(r)
-        lines += ["", "cet-onnx allocation details:", ""] + allocation_table(r)
+        alloc = allocation_table(r)
+        if len(alloc) > 2:
+            lines += ["", "cet-onnx allocation details:", ""] + alloc
         if r["metric"] == "cer":
             fp = r["rows"]["fp32"]
             lines += ["", f"FP32 reads {100 * fp['exact_lines']:.1f} % of the evaluation lines exactly (CER "
@@ -594,7 +661,7 @@ def plot(results: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed: no plot"
     styles = {"ORT INT8": ("tab:gray", "s"), "cet uniform": ("tab:blue", "o"), "hawq": ("tab:orange", "^"),
-              "cet": ("tab:green", "D")}
+              "cet": ("tab:green", "D"), "weight-only": ("tab:purple", "x")}
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
         rows = list(r["rows"].values())
@@ -605,7 +672,13 @@ def plot(results: dict, path: Path) -> str | None:
             pts = sorted((row["avg_bits"], scale * row["metric"], row["method"]) for row in rows if row["family"] == fam)
             if not pts:
                 continue
-            if fam == "ORT INT8":
+            if fam == "weight-only":
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="none", ms=8,
+                        mew=2, label="weight-only (float activations)")
+                for x, y, k in pts:
+                    ax.annotate(k.replace("-wo", "").replace("cet-", ""), (x, y), textcoords="offset points",
+                                xytext=(5, -10), fontsize=7, color=color)
+            elif fam == "ORT INT8":
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="none", ms=10,
                         mfc="none", mew=1.5, label=fam)
                 for n_, (x, y, k) in enumerate(pts):
@@ -621,6 +694,7 @@ def plot(results: dict, path: Path) -> str | None:
         ax.set_ylabel(("top-1 accuracy" if r["metric"] == "accuracy" else "character error rate") + " (%)")
         if r["metric"] == "cer":
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(0, 110)
         ax.set_title(f"{name} ({r['settings']['eval_samples']} eval samples)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -647,10 +721,10 @@ def findings(results: dict) -> list[str]:
                 s = (f"{name}, avg {b:g} bits: hawq {'matches' if h['metric'] == c['metric'] else 'beats'} cet "
                      f"({mname} {f(h)} vs {f(c)})")
                 la, lh = (c.get("cet") or {}).get("allocation") or {}, (h.get("cet") or {}).get("allocation") or {}
-                if la.get("measured_loss") is not None and lh.get("measured_loss") is not None \
-                        and la["measured_loss"] < lh["measured_loss"]:
+                mc, mh = _num(la.get("measured_loss")), _num(lh.get("measured_loss"))
+                if mc is not None and mh is not None and mc < mh:
                     s += (f", although cet's allocation has the lower loss on the probe samples ({la['loss']} "
-                          f"{la['measured_loss']:.3g} vs {lh['measured_loss']:.3g})")
+                          f"{mc:.3g} vs {mh:.3g})")
                 out.append(s + ".")
         u = rows.get(f"uniform@{REPRESENTATIVE:g}")
         c = rows.get(f"cet@{REPRESENTATIVE:g}")
@@ -667,19 +741,32 @@ def findings(results: dict) -> list[str]:
                     out.append(f"{name}: {w['label'].replace('cet-onnx ', '')} at {w['avg_bits']:.2f} bits is as good as "
                                f"cet at {c['avg_bits']:.2f} bits ({mname} {f(w)} vs {f(c)}).")
         o, fp = rows.get("ort-minmax"), rows["fp32"]
-        low = [row for row in rows.values() if row["family"] in ("cet uniform", "hawq", "cet") and row["avg_bits"] < 8]
+        low = [row for row in rows.values() if row["family"] in ("cet uniform", "hawq", "cet", "weight-only")
+               and row["avg_bits"] < 8]
         if o and low:
             lo, hi = min(x["latency_ms"] for x in low), max(x["latency_ms"] for x in low)
             if lo > o["latency_ms"]:
                 out.append(f"{name}: every cet-onnx model below 8 bits is slower than ORT INT8 at batch 1 on one thread "
-                           f"({lo:.2f}–{hi:.2f} ms vs {o['latency_ms']:.2f} ms; FP32 {fp['latency_ms']:.2f} ms): INT4/INT2 "
-                           "weights are dequantized at run time, not fused into integer kernels.")
+                           f"({lo:.2f}–{hi:.2f} ms vs {o['latency_ms']:.2f} ms; FP32 {fp['latency_ms']:.2f} ms): onnxruntime's "
+                           "CPU provider has no integer kernel for INT4/INT2 Conv weights, so their DequantizeLinear "
+                           "runs on every inference (README, \"Speed of low-bit models\").")
             elif hi > 1.1 * o["latency_ms"]:
                 out.append(f"{name}: cet-onnx models below 8 bits take {lo:.2f}–{hi:.2f} ms at batch 1 on one thread vs "
                            f"{o['latency_ms']:.2f} ms for ORT INT8 (FP32 {fp['latency_ms']:.2f} ms).")
             if fp["latency_ms"] < o["latency_ms"]:
                 out.append(f"{name}: FP32 itself is faster than ORT INT8 here ({fp['latency_ms']:.2f} vs "
                            f"{o['latency_ms']:.2f} ms), so no quantized model is a latency win.")
+        w8 = rows.get("cet-w8")
+        if o and w8 and better(o["metric"], w8["metric"]):
+            out.append(f"{name}: at INT8, ORT MinMax is better than cet-onnx W8 ({mname} {f(o)} vs {f(w8)}, "
+                       f"agreement {100 * o['agreement']:.1f} % vs {100 * w8['agreement']:.1f} %) and faster "
+                       f"({o['latency_ms']:.2f} vs {w8['latency_ms']:.2f} ms)." if o["latency_ms"] < w8["latency_ms"] else
+                       f"{name}: at INT8, ORT MinMax is better than cet-onnx W8 ({mname} {f(o)} vs {f(w8)}).")
+        for q, wo in ((rows.get("cet-w4"), rows.get("cet-w4-wo")), (rows.get(f"cet@{REPRESENTATIVE:g}"),
+                                                                   rows.get(f"cet@{REPRESENTATIVE:g}-wo"))):
+            if q and wo and better(wo["metric"], q["metric"]) and abs(wo["metric"] - q["metric"]) >= 0.01:
+                out.append(f"{name}: 8-bit activations cost more than the weights: {q['label'].replace('cet-onnx ', '')} "
+                           f"{mname} {f(q)}, the same with float activations (--weight-only) {f(wo)}.")
         cs = [row for row in rows.values() if row["timing"] == "subprocess" and row["family"] == "cet"]
         if o and cs and o.get("quantize_s"):
             out.append(f"{name}: quantizing with the cet allocator took {cs[0]['quantize_s']:.0f} s and "
@@ -713,6 +800,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="few samples, one budget (avg 3 bits: uniform, hawq, cet, ORT MinMax), fewer latency runs")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (writes PREFIX.md/.json/.png)")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="PREFIX.json",
+                    help="rewrite the .md / .png / snippet from an existing results JSON (no measurement)")
     ap.add_argument("--blas-threads", default="1", metavar="N",
                     help="OPENBLAS_NUM_THREADS / MKL_NUM_THREADS for every run, in-process and subprocess "
                          "(default 1; 0 keeps the environment as it is). cet-onnx's layer-Hessian step makes "
@@ -725,6 +814,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown model(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODELS)}")
     if not args.blas_threads.isdigit():
         ap.error(f"--blas-threads: expected a non-negative integer, got '{args.blas_threads}'")
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        write_reports(data["results"], data["meta"], args.out or args.from_json.with_suffix(""))
+        return 0
     out = args.out or RESULTS / ("bench_quick" if args.quick else "bench")
     mode = "quick" if args.quick else "full"
     from cet_onnx import __version__ as cet_version
@@ -736,6 +829,7 @@ def main(argv=None) -> int:
             "cet_onnx": f"cet-onnx {cet_version}", "budgets_avg_bits": [REPRESENTATIVE] if args.quick else list(BUDGETS),
             "settings": {n: SETTINGS[mode][n] for n in names},
             "blas_threads": {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}}
+    meta["git"] = _git_state()
     t0 = time.perf_counter()
     methods = methods_for(args.quick)
     results = {}
@@ -744,14 +838,35 @@ def main(argv=None) -> int:
         results[name] = bench_model(name, SETTINGS[mode][name], methods, args.quick)
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta["plot"] = plot(results, out.with_suffix(".png")) or _rel(out.with_suffix(".png"))
-    md = markdown(results, meta)
-    out.with_suffix(".md").write_text(md)
+    meta["plot"] = _rel(out.with_suffix(".png"))
+    # the measurements first, so that a failure while formatting loses nothing (see --from-json)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=_json))
-    Path(str(out) + "_readme_snippet.md").write_text(snippet(results, meta))
-    print(md)
+    print(write_reports(json.loads(out.with_suffix(".json").read_text())["results"], meta, out))
     log(f"done in {meta['runtime_s']:.0f} s: {_rel(out)}.md / .json / .png / _readme_snippet.md")
     return 0
+
+
+def write_reports(results: dict, meta: dict, out: Path) -> str:
+    """``OUT.md``, ``OUT.png`` and ``OUT_readme_snippet.md`` from the results; returns the Markdown."""
+    note = plot(results, out.with_suffix(".png"))
+    if note:
+        log(note)
+    md = markdown(results, meta)
+    out.with_suffix(".md").write_text(md)
+    Path(str(out) + "_readme_snippet.md").write_text(snippet(results, meta))
+    return md
+
+
+def _git_state() -> dict:
+    """The commit the tree is at and whether cet_onnx/ has uncommitted changes (read-only git calls)."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    changed = git("status", "--porcelain", "--", "cet_onnx")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "cet_onnx_uncommitted": None if changed is None else [ln[3:] for ln in changed.splitlines()]}
 
 
 def _json(o):

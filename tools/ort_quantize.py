@@ -4,14 +4,18 @@
 Same recipe as ``tools/baseline_ort.py``: ``quant_pre_process`` with its default arguments
 (symbolic shape inference + onnxruntime graph optimisation, as onnxruntime's docs recommend
 before static quantization; when symbolic shape inference fails, as on PP-OCRv4 rec, it is
-retried with ``skip_symbolic_shape=True`` and the JSON says so), then ``quantize_static`` with ``QuantFormat.QDQ``,
-``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
+retried with ``skip_symbolic_shape=True`` and the JSON says so), then ``quantize_static`` with
+``QuantFormat.QDQ``, ``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
 ``CalibrationMethod`` (MinMax or Entropy, onnxruntime's defaults for each: Entropy uses 128
 histogram bins and 128 quantized bins), calibration on the CPU provider, fed by
 ``baseline_ort.ArrayReader`` over the samples of one ``.npz`` (keyed by the input name) in
-batches of ``--batch-size``. ``--max-intermediate-outputs N`` sets ``CalibMaxIntermediateOutputs``
-(onnxruntime keeps every calibration batch's activations in memory until the end unless it is set;
-unset by default).
+batches of ``--batch-size``. It runs inside the output's folder: onnxruntime's symbolic shape
+inference dumps ``sym_shape_infer_temp.onnx`` into the current folder when it fails.
+``--max-intermediate-outputs N`` sets ``CalibMaxIntermediateOutputs`` (onnxruntime keeps every
+calibration batch's activations in memory until the end unless it is set; unset by default).
+
+A model below opset 13 is first converted to opset 13 with ``onnx.version_converter`` (per-channel
+``DequantizeLinear`` needs it; ``quantize_static`` would otherwise write an invalid model).
 
 Prints one JSON object (timings of both steps) on stdout.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,18 +43,45 @@ METHODS = ("minmax", "entropy")
 
 def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_size: int = 16,
              max_intermediate_outputs: int | None = None) -> dict:
-    import importlib
-
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
     if method not in METHODS:
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    model, out, calib = Path(model).resolve(), Path(out).resolve(), Path(calib).resolve()
+    # onnxruntime's symbolic shape inference dumps "sym_shape_infer_temp.onnx" into the current folder when it
+    # fails: keep that out of the caller's folder (the repository root)
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        return _quantize(model, out, calib, method, batch_size, max_intermediate_outputs)
+    finally:
+        os.chdir(cwd)
+
+
+def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
+              max_intermediate_outputs: int | None) -> dict:
+    import importlib
+
+    import onnx
+    import onnx.version_converter
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
     data = np.load(calib, allow_pickle=False)
     if len(data.files) != 1:
         raise SystemExit(f"{calib}: expected one array keyed by the model input name, got {data.files}")
     name = data.files[0]
     x = data[name]
     pre = out.with_name(out.stem + ".preprocessed.onnx")
+    t_up = time.perf_counter()
+    m = onnx.load(str(model))
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    upgraded_from = None
+    if opset is not None and opset < 13:
+        # per-channel DequantizeLinear (its axis attribute) needs opset 13; quantize_static does not raise the
+        # opset itself and writes an invalid model (PP-OCRv4 rec is opset 12)
+        up = out.with_name(out.stem + ".opset13.onnx")
+        onnx.save(onnx.version_converter.convert_version(m, 13), str(up))
+        model, upgraded_from = up, opset
+    del m
+    t_up = time.perf_counter() - t_up
     try:
         importlib.import_module("sympy")  # onnxruntime's symbolic shape inference needs it
         pre_args = {}
@@ -74,9 +106,12 @@ def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_
                     calibration_providers=["CPUExecutionProvider"], extra_options=extra)
     t2 = time.perf_counter()
     pre.unlink(missing_ok=True)
+    if upgraded_from is not None:
+        Path(model).unlink(missing_ok=True)
     return {"method": method, "calib_samples": int(len(x)), "batch_size": batch_size,
             "quant_pre_process_s": round(t1 - t0, 3), "quantize_static_s": round(t2 - t1, 3),
-            "total_s": round(t2 - t0, 3), "preprocess_args": pre_args,
+            "total_s": round(t2 - t0 + t_up, 3), "opset_upgraded_from": upgraded_from,
+            "opset_upgrade_s": round(t_up, 3), "preprocess_args": pre_args,
             "preprocess_fallback_reason": fallback, "extra_options": extra}
 
 
