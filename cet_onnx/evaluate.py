@@ -9,7 +9,7 @@ from typing import Any
 
 from .calib_data import ImageOptions, batched, load_samples, model_inputs
 from .errors import InputError
-from .model_io import load_model, model_file_bytes
+from .model_io import data_dir, load_model, model_file_bytes
 from .pipeline import effective_batch_size, load_labels
 from .runner import concat_outputs, make_session, run_batches, select_providers
 from .verify import accuracy, compare_outputs, median_latency_ms
@@ -30,8 +30,8 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
     samples = load_samples(data, inputs, limit=calib_size, image=image)
     label_arr = load_labels(labels, len(samples), truncated=calib_size is not None) if labels else None
     batches = batched(samples, effective_batch_size(inputs, batch_size), inputs=inputs)
-    ref_sess = make_session(fp32, providers)
-    q_sess = make_session(quant, providers)
+    ref_sess = make_session(fp32, providers, data_dir=data_dir(fp32, fp32_path))
+    q_sess = make_session(quant, providers, data_dir=data_dir(quant, quant_path))
     names = [o.name for o in ref_sess.get_outputs()]
     ref = concat_outputs(run_batches(ref_sess, batches, "float model"))
     test = concat_outputs(run_batches(q_sess, batches, "quantized model", names))

@@ -166,7 +166,8 @@ class LayerHessian:
 
 def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches: Sequence[Feed],
                      weight_feeds: dict[str, np.ndarray], providers: Sequence[str], max_rows: int = 8192,
-                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, list[np.ndarray]]:
+                     seed: int = 0, desc: str = "layer Hessians",
+                     data_dir: str | None = None) -> dict[str, list[np.ndarray]]:
     """Hessians of every spec's layer, one streamed pass over ``batches``.
 
     ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.probes.probe_model`);
@@ -180,7 +181,7 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
     wanted = list(dict.fromkeys(s.input_tensor for s in specs))
     m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                           for t in wanted if t not in existing)
-    session = make_session(m, providers)
+    session = make_session(m, providers, data_dir=data_dir)
     layers = {s.name: LayerHessian(s) for s in specs}
     rng = np.random.default_rng(seed)
     for feed in track(batches, desc=desc, unit="batch"):

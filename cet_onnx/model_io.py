@@ -15,9 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from . import external_data
 from .errors import InputError, RuntimeFailure
 
 #: Models larger than this are saved with external data (protobuf's 2 GB limit).
@@ -42,10 +44,33 @@ def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise InputError(f"{path}: tensor '{tensor.name}' needs external data file "
                              f"'{info.location}', which does not exist")
+        offset = int(info.offset or 0)
+        end = offset + int(info.length) if info.length is not None else offset
+        size = target.stat().st_size
+        if offset < 0 or end > size:
+            raise InputError(f"{path}: tensor '{tensor.name}': its external data [{offset}, {end}) lies outside "
+                             f"'{info.location}' ({size} bytes; truncated file?)")
+
+
+def _external_nbytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in external_data.external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(t)
+        if info.length is not None:
+            total += int(info.length)
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            total += itemsize * int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+    return total
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check an ONNX model (with its external data); never modifies the file."""
+    """Read and check an ONNX model; never modifies the file.
+
+    External data is loaded into the proto, unless it holds at least
+    :data:`external_data.LAZY_BYTES`: then the tensors keep referring to their files
+    (relative to the model's folder, see :func:`data_dir`) and are read when needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
@@ -57,19 +82,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
     _check_external_paths(model, path)
+    lazy = _external_nbytes(model) + model.ByteSize() >= external_data.LAZY_BYTES
+    if not lazy:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read external data ({exc})") from None
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read external data ({exc})") from None
-    try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        else:
+        if external_data.has_external(model):
             onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InputError(f"{path}: invalid ONNX model: {first}") from None
     return model
+
+
+def data_dir(model: onnx.ModelProto, path: str | os.PathLike) -> str | None:
+    """The folder external data paths are relative to, when ``model`` still refers to external files."""
+    return str(Path(path).parent) if external_data.has_external(model) else None
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -102,6 +134,9 @@ def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
         import onnxsim
     except ImportError:
         warn("onnxsim is not installed; continuing without simplification")
+        return model
+    if external_data.has_external(model):
+        warn(f"{source}: weights stay on disk (large model), skipping onnxsim simplification")
         return model
     if model.ByteSize() >= PROTOBUF_LIMIT:
         warn(f"{source}: larger than 2 GB, skipping onnxsim simplification")
@@ -184,12 +219,14 @@ def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> onnx.Mod
     return infer_shapes(model, str(path))
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None,
+               check: bool = False) -> None:
     """Write ``model`` (and ``extra_files`` beside it) atomically.
 
     Everything goes to a temporary folder in the target's folder first; only when all
-    writes succeeded are the files renamed into place. Models over 2 GB get their
-    weights in ``<name>.data`` beside the model.
+    writes succeeded (and, with ``check``, the written model passed ``onnx.checker``) are
+    the files renamed into place. Models over 2 GB get their weights in ``<name>.data``
+    beside the model.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -206,6 +243,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
             names.append(data_name)
         else:
             onnx.save_model(model, str(tmp_model))
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except Exception as exc:
+                raise RuntimeFailure(f"the quantized model fails onnx.checker: "
+                                     f"{str(exc).strip().splitlines()[0]}") from None
         for name, data in (extra_files or {}).items():
             (tmpdir / name).write_bytes(data)
             names.append(name)

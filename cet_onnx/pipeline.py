@@ -25,7 +25,9 @@ from .calib_data import ImageOptions, ModelInput, batched, load_samples, model_i
 from .decompose import decompose_hardswish
 from .errors import InputError, RuntimeFailure
 from .losses import LOSSES, default_loss
-from .model_io import initializer_map, model_file_bytes, prepare_model, save_model, to_array, warn
+from .external_data import LazyValues, load_into
+from .model_io import PROTOBUF_LIMIT, data_dir as external_dir, initializer_map, model_file_bytes, prepare_model, \
+    save_model, to_array, warn
 from .probes import ProbeSession
 from .gptq import major_axis_rounding
 from .hessian import collect_hessians, layer_spec
@@ -203,6 +205,7 @@ class Prepared:
     roundings: RoundingPlan = field(default_factory=RoundingPlan)
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
+    data_dir: str | None = None                          # where the weights stay on disk (large models)
 
 
 def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions, mixed: bool = False) -> Prepared:
@@ -240,16 +243,21 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     for name, why in skipped.items():
         warn(f"weight '{name}' left in float: {why}")
     inits = initializer_map(model)
-    values = {w.name: to_array(inits[w.name]).astype(np.float32) for w in weights}
+    ddir = external_dir(model, model_path)
+    if ddir is None:
+        values = {w.name: to_array(inits[w.name]).astype(np.float32) for w in weights}
+    else:
+        values = LazyValues({w.name: inits[w.name] for w in weights}, ddir)
     act_params = None
     if not opts.weight_only:
         with timer.stage("calibrate"):
             tensors = activation_tensors(model, remove_relus=not opts.act_symmetric)
             ranges = collect_ranges(model, tensors, calib_batches, providers, opts.calib_method,
-                                    symmetric=opts.act_symmetric, num_bits=opts.act_bits, percentile=opts.percentile)
+                                    symmetric=opts.act_symmetric, num_bits=opts.act_bits, percentile=opts.percentile,
+                                    data_dir=ddir)
             act_params = {t: activation_params(lo, hi, opts.act_bits, opts.act_symmetric) for t, (lo, hi) in ranges.items()}
     p = Prepared(model, inputs, weights, skipped, values, calib_samples, verify_samples, bs, calib_batches,
-                 verify_batches, act_params, providers, labels, timer)
+                 verify_batches, act_params, providers, labels, timer, data_dir=ddir)
     low_bits = min(opts.bits) <= 4 if mixed else opts.weight_bits <= 4
     p.rounding, p.roundings.max_bits = resolve_rounding(opts.rounding, calib, low_bits)
     if p.rounding == "major-axis":
@@ -286,7 +294,8 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     specs = [p.specs[w.name] for w in (only or p.weights) if w.name in p.specs]
     hess = collect_hessians(probe, specs, p.calib_batches, weight_feeds or p.values, p.providers,
                             opts.hessian_rows, opts.seed,
-                            desc="layer Hessians" if only is None else f"layer Hessian ({specs[0].name})" if specs else "")
+                            desc="layer Hessians" if only is None else f"layer Hessian ({specs[0].name})" if specs else "",
+                            data_dir=p.data_dir)
     for w in only or p.weights:
         if w.name in hess:
             p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
@@ -324,7 +333,7 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     n = sum(next(iter(b.values())).shape[0] for b in batches)
     labels = p.labels[:n] if p.labels is not None else None
     out = _loss_output(p.model, opts.loss_output)
-    ref_probe = make_session(p.model, p.providers)
+    ref_probe = make_session(p.model, p.providers, data_dir=p.data_dir)
     sample = ref_probe.run([out], batches[0])[0]
     del ref_probe
     loss = opts.loss or default_loss(sample, labels is not None)
@@ -333,7 +342,8 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     if opts.probe_numerics not in ("float", "deployed"):
         raise InputError(f"--probe-numerics must be float or deployed, got '{opts.probe_numerics}'")
     acts = p.act_params if opts.probe_numerics == "deployed" else None
-    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels)
+    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,
+                           data_dir=p.data_dir)
     info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": opts.probe_numerics}
     return session, info
@@ -351,7 +361,7 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
                 "clip": opts.weight_clip, "grid": opts.weight_grid, "numerics": opts.probe_numerics,
                 "version": __version__}
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else probe_cache.default_dir()
-    key = probe_cache.cache_key(p.model, session.batches, settings, session.labels)
+    key = probe_cache.cache_key(p.model, session.batches, settings, session.labels, p.data_dir)
     if opts.use_cache:
         entry = probe_cache.load(cache_dir, key)
         if entry is not None:
@@ -486,21 +496,34 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         with timer.stage("measure"):
             # the loss of exactly the weights that are emitted (sequential rounding included)
             allocation["measured_loss"] = session.loss({n: q.dequantize() for n, q in qweights.items()})
+        del session  # its onnxruntime session holds the float weights
     with timer.stage("rewrite"):
-        result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path))
+        result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path), data_dir=p.data_dir)
         qmodel = result.model
-        try:
-            onnx.checker.check_model(qmodel, full_check=True)
-        except Exception as exc:
-            raise RuntimeFailure(f"the quantized model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+        if p.data_dir is not None:
+            load_into(qmodel, p.data_dir)  # the output is self-contained: unchanged initializers are copied
+        large_output = qmodel.ByteSize() >= PROTOBUF_LIMIT
+        if not large_output:  # larger ones are checked from the written file, before it is renamed into place
+            try:
+                onnx.checker.check_model(qmodel, full_check=True)
+            except Exception as exc:
+                raise RuntimeFailure(f"the quantized model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+    weight_rows = [
+        {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
+         "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
+         "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
+         **({"predicted_delta_loss": allocation["per_weight_predicted"][w.name]}
+            if allocation and "per_weight_predicted" in allocation else {})}
+        for w in p.weights]
+    del qweights  # the codes now live in qmodel; keep one copy while verifying
     with timer.stage("verify"):
         vlabels = p.labels[len(p.labels) - len(p.verify_samples):] if p.labels is not None and \
             p.verify_samples is not p.calib_samples else None
-        verification = verify(p.model, qmodel, p.verify_batches, p.providers, vlabels)
+        verification = verify(p.model, qmodel, p.verify_batches, p.providers, vlabels, data_dir=p.data_dir)
 
     total_params = int(sum(w.size for w in p.weights))
     fp32_bytes = 4 * total_params
-    q_bytes = int(sum(qw.nbytes() for qw in qweights.values()))
+    q_bytes = int(sum(row["bytes"] for row in weight_rows))
     report: dict[str, Any] = {
         "tool": f"cet-onnx {__version__}",
         "model": str(model_path),
@@ -510,13 +533,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
                         "verify_samples": len(p.verify_samples), "batch_size": p.batch_size,
                         "disjoint": p.verify_samples is not p.calib_samples},
         "opset": result.opset,
-        "weights": [
-            {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
-             "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
-             "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
-             **({"predicted_delta_loss": allocation["per_weight_predicted"][w.name]}
-                if allocation and "per_weight_predicted" in allocation else {})}
-            for w in p.weights],
+        "weights": weight_rows,
         "skipped_weights": p.skipped,
         "rounding": {"method": p.rounding, "up_to_bits": p.roundings.max_bits,
                      "sequential": bool(opts.sequential and p.rounding == "major-axis"),
@@ -560,22 +577,28 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
     text = json.dumps(strict_json(without_wall_clock(report) if opts.reproducible else report), indent=2)
     extra[report_path(out_path).name] = text.encode()
-    save_model(qmodel, out_path, extra_files=extra)
+    save_model(qmodel, out_path, extra_files=extra, check=large_output)
     report["totals"]["file_bytes_fp32"] = model_file_bytes(Path(model_path))
     report["totals"]["file_bytes"] = model_file_bytes(out_path)
     return report
 
 
 def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers,
-           labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Run both models on held-out batches and compare every output."""
+           labels: np.ndarray | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Run both models on held-out batches and compare every output.
+
+    One session at a time, so a large model's float and quantized weights are never both
+    held by onnxruntime. ``data_dir``: where the float model's external data is.
+    """
     if not batches:
         return {"samples": 0, "outputs": [], "min_sqnr_db": None, "min_top1_agreement": None}
-    ref_sess = make_session(model, providers)
-    q_sess = make_session(qmodel, providers)
+    ref_sess = make_session(model, providers, data_dir=data_dir)
     names = [o.name for o in ref_sess.get_outputs()]
     ref = concat_outputs(run_batches(ref_sess, batches, "verify: float model"))
+    del ref_sess
+    q_sess = make_session(qmodel, providers)
     test = concat_outputs(run_batches(q_sess, batches, "verify: quantized model", names))
+    del q_sess
     metrics = compare_outputs(names, ref, test)
     sqnrs = [m.sqnr_db for m in metrics if not np.isnan(m.sqnr_db)]
     agrees = [m.top1_agreement for m in metrics if m.top1_agreement is not None]

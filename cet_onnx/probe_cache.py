@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from .external_data import data_digest
+
 
 def default_dir() -> Path:
     """``$CET_ONNX_CACHE``, else ``$XDG_CACHE_HOME/cet-onnx``, else ``~/.cache/cet-onnx``."""
@@ -26,10 +28,12 @@ def default_dir() -> Path:
 
 
 def cache_key(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], settings: dict[str, Any],
-              labels: np.ndarray | None = None) -> str:
-    """SHA-256 over the serialized model, every batch array and the settings."""
+              labels: np.ndarray | None = None, data_dir: str | None = None) -> str:
+    """SHA-256 over the serialized model (and its external data in ``data_dir``), every batch array and the settings."""
     h = hashlib.sha256()
     h.update(model.SerializeToString(deterministic=True))
+    if data_dir is not None:
+        h.update(data_digest(model, data_dir))
     for feed in batches:
         for name in sorted(feed):
             arr = np.ascontiguousarray(feed[name])

@@ -97,13 +97,14 @@ class ProbeSession:
 
     def __init__(self, model: onnx.ModelProto, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
                  act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
-                 loss: str, loss_output: str, labels: np.ndarray | None = None) -> None:
+                 loss: str, loss_output: str, labels: np.ndarray | None = None,
+                 data_dir: str | None = None) -> None:
         self.weights = list(weights)
         self.values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
         self.loss_name = loss
         self.loss_output = loss_output
         self.labels = labels
-        float_sess = make_session(model, providers)
+        float_sess = make_session(model, providers, data_dir=data_dir)
         self.reference = concat_outputs(run_batches(float_sess, batches, "reference outputs", [loss_output]))[0]
         del float_sess
         self.probabilities = is_probability(self.reference)
@@ -113,7 +114,7 @@ class ProbeSession:
             for i in node.input:
                 if i in self.values and i not in self.layer_output:
                     self.layer_output[i] = node.output[0]
-        self.session = make_session(pm, providers)
+        self.session = make_session(pm, providers, data_dir=data_dir)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.runs = 0
         self._bindings = []

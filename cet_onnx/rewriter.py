@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .external_data import read_array
 from .model_io import opset_version, upgrade_opset
 from .packing import make_int_tensor, stored_form
 from .quantizer import ActivationParams, QuantizedWeight, container_bits
@@ -145,12 +146,15 @@ def required_opset(qweights: dict[str, QuantizedWeight], act_bits: int | None) -
 
 
 def rewrite(model: onnx.ModelProto, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
-            act_params: dict[str, ActivationParams] | None, source: str = "model") -> RewriteResult:
+            act_params: dict[str, ActivationParams] | None, source: str = "model",
+            data_dir: str | None = None) -> RewriteResult:
     """Return a QDQ copy of ``model`` (the input proto is not modified).
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
-    quantization. Unsigned activation parameters turn on Relu removal (rule 3).
+    quantization. Unsigned activation parameters turn on Relu removal (rule 3). ``data_dir``
+    is where the model's external data lives, for biases kept on disk (rule 4); initializers
+    that stay unchanged keep referring to their external data.
     """
     act_params = act_params or {}
     act_bits = None
@@ -232,7 +236,7 @@ def rewrite(model: onnx.ModelProto, weights: list[WeightInfo], qweights: dict[st
         px = act_params.get(x)
         if qw is None or px is None or qw.block_size is not None or b not in inits or len(cons.get(b, [])) != 1:
             continue
-        bias = numpy_helper.to_array(inits[b]).astype(np.float64)
+        bias = np.asarray(read_array(inits[b], data_dir), dtype=np.float64)
         channel = by_name[w].channel_axis
         nch = by_name[w].shape[channel]
         if bias.ndim != 1 or bias.shape[0] != nch:

@@ -42,8 +42,13 @@ def select_providers(device: str) -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str],
-                 optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
-    """An inference session for an in-memory model or a file; >2 GB models go through a temp file."""
+                 optimize: bool = True, threads: int = 0, data_dir: str | None = None) -> ort.InferenceSession:
+    """An inference session for an in-memory model or a file.
+
+    ``data_dir``: the folder the model's external data paths are relative to (a model whose
+    weights stay on disk); onnxruntime then reads the weights from there itself. Other
+    in-memory models over 2 GB go through a temporary file.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -52,6 +57,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence
         opts.intra_op_num_threads = threads
     try:
         if isinstance(model, onnx.ModelProto):
+            if data_dir is not None:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
+                return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
             if model.ByteSize() < PROTOBUF_LIMIT:
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
             with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
@@ -106,12 +114,12 @@ def concat_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
 
 def collect_ranges(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feed], providers: Sequence[str],
                    method: str = "minmax", symmetric: bool = False, num_bits: int = 8,
-                   percentile: float = 99.999) -> dict[str, tuple[float, float]]:
+                   percentile: float = 99.999, data_dir: str | None = None) -> dict[str, tuple[float, float]]:
     """Activation range of every tensor in ``tensors``, streamed over ``batches``."""
     if not tensors:
         return {}
     augmented = with_outputs(model, tensors)
-    session = make_session(augmented, providers, optimize=False)
+    session = make_session(augmented, providers, optimize=False, data_dir=data_dir)
     observers = {t: make_observer(method, symmetric=symmetric, num_bits=num_bits, percentile=percentile)
                  for t in tensors}
     names = list(tensors)

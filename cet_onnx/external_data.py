@@ -1,0 +1,150 @@
+"""Weights that stay on disk: large models are never loaded whole into memory.
+
+A model whose external data is large (see :data:`LAZY_BYTES`) is loaded as a graph only;
+its initializers keep their ``external_data`` entries, relative to the model's folder.
+Weights are then read one at a time, memory-mapped (:class:`LazyValues`); onnxruntime
+sessions read the same files themselves (``runner.make_session(..., data_dir=...)``); and
+only the initializers that are written out unchanged are copied into the output model
+(:func:`load_into`). Together this keeps the peak memory of a quantize run near one copy
+of the float weights (measured by ``tools/large_model_memory.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+from .errors import InputError
+
+#: Models whose initializers hold at least this many bytes in external data files keep them on disk.
+LAZY_BYTES = 2**30
+
+_CHUNK = 64 * 2**20
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    """True when the tensor's bytes live in an external data file."""
+    return external_data_helper.uses_external_data(tensor)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
+    return external_data_helper._get_all_tensors(model)
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors whose data is in external files."""
+    return [t for t in all_tensors(model) if is_external(t)]
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    """True when some tensor of ``model`` still refers to an external data file."""
+    return any(is_external(t) for t in all_tensors(model))
+
+
+def _span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, checked against the file's size."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    path = Path(data_dir) / info.location
+    offset = int(info.offset or 0)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise InputError(f"tensor '{tensor.name}': external data file '{path}' cannot be read") from None
+    length = int(info.length) if info.length is not None else size - offset
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InputError(f"tensor '{tensor.name}': external data [{offset}, {offset + length}) lies outside "
+                         f"'{path}' ({size} bytes)")
+    return path, offset, length
+
+
+def read_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
+    """The raw little-endian bytes of an external tensor."""
+    path, offset, length = _span(tensor, data_dir)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def read_array(tensor: onnx.TensorProto, data_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """numpy value of a tensor; external float / integer data is memory-mapped read-only, not copied."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    if data_dir is None:
+        raise ValueError(f"tensor '{tensor.name}' has external data but no data folder was given")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    path, offset, length = _span(tensor, data_dir)
+    if dtype.kind in "fiub" and dtype.itemsize in (1, 2, 4, 8) and tensor.data_type != onnx.TensorProto.BFLOAT16 \
+            and length == count * dtype.itemsize:
+        if count == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=shape)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = read_bytes(tensor, data_dir)
+    try:
+        return numpy_helper.to_array(inline)
+    except Exception as exc:
+        raise InputError(f"tensor '{tensor.name}': external data does not match its type and shape "
+                         f"{list(shape)} ({exc})") from None
+
+
+class LazyValues(Mapping):
+    """Name → float32 value of the weights, read from disk on every access (nothing is cached).
+
+    A float32 weight comes back as a read-only memory map: its pages are read when used and
+    released when the array is dropped, so a loop over the weights holds about one at a time.
+    """
+
+    def __init__(self, tensors: Mapping[str, onnx.TensorProto], data_dir: str | os.PathLike) -> None:
+        self._tensors = dict(tensors)
+        self._dir = data_dir
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.asarray(read_array(self._tensors[name], self._dir)).astype(np.float32, copy=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def load_into(model: onnx.ModelProto, data_dir: str | os.PathLike) -> int:
+    """Copy the data of every external tensor of ``model`` into the proto; returns how many."""
+    n = 0
+    for t in external_tensors(model):
+        data = read_bytes(t, data_dir)
+        del t.external_data[:]
+        t.ClearField("data_location")  # DEFAULT, written the way an in-memory tensor is
+        t.raw_data = data
+        n += 1
+    return n
+
+
+def data_digest(model: onnx.ModelProto, data_dir: str | os.PathLike) -> bytes:
+    """SHA-256 over the bytes of every external tensor (for cache keys: the graph alone names only files)."""
+    h = hashlib.sha256()
+    for t in external_tensors(model):
+        path, offset, length = _span(t, data_dir)
+        h.update(t.name.encode())
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+    return h.digest()

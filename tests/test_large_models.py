@@ -1,0 +1,106 @@
+"""Large models: weights stay on disk (external data read when needed), same result as in memory.
+
+The on-disk path normally starts at ``external_data.LAZY_BYTES`` (1 GiB); these tests lower
+the threshold so the bundled digits model, saved with external data, takes it. The peak
+memory on a real 2.5 GB model is measured by ``tools/large_model_memory.py``.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cet_onnx import external_data
+from cet_onnx.cli import main
+from cet_onnx.errors import InputError
+from cet_onnx.model_io import load_model, prepare_model
+from cet_onnx.probe_cache import cache_key
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def external_digits(tmp_path) -> Path:
+    """The digits model with every initializer (biases too) in ``model.onnx.data``."""
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    m = onnx.load(str(DIGITS / "model.onnx"))
+    onnx.save_model(m, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    return folder / "model.onnx"
+
+
+def test_large_model_keeps_its_weights_on_disk(external_digits, monkeypatch):
+    eager = load_model(external_digits)
+    assert not external_data.has_external(eager)
+    monkeypatch.setattr(external_data, "LAZY_BYTES", 0)
+    lazy = prepare_model(external_digits)          # onnxsim is skipped with a warning on this path
+    assert external_data.has_external(lazy)
+    assert all(not t.raw_data for t in lazy.graph.initializer if external_data.is_external(t))
+    tensors = {t.name: t for t in lazy.graph.initializer}
+    values = external_data.LazyValues(tensors, external_digits.parent)
+    for t in eager.graph.initializer:
+        got = values[t.name]
+        assert not got.flags.writeable and not got.flags.owndata   # a read-only view of the file
+        np.testing.assert_array_equal(got, onnx.numpy_helper.to_array(t).astype(np.float32))
+
+
+@pytest.mark.parametrize("args", [
+    ("--weight-bits", 8),
+    ("--weight-bits", 4, "--block-size", 32),                       # major-axis rounding: Hessians in chunks
+    ("--weight-bits", 4, "--block-size", 32, "--sequential"),
+    ("--avg-bits", 3, "--probe-size", 32, "--fidelity-samples", 3, "--refine-rounds", 1),
+], ids=["int8", "int4-major-axis", "int4-sequential", "mixed"])
+def test_on_disk_run_is_byte_identical_to_in_memory_run(external_digits, tmp_path, monkeypatch, args):
+    outs = []
+    for lazy in (False, True):
+        monkeypatch.setattr(external_data, "LAZY_BYTES", 0 if lazy else 2**62)
+        out = tmp_path / f"q{int(lazy)}" / "q.onnx"
+        out.parent.mkdir()
+        res = invoke("quantize", external_digits, "-o", out, "--calib", DIGITS / "calib.npz", "--calib-size", 96,
+                     "--no-simplify", "--reproducible", "--cache-dir", tmp_path / f"cache{int(lazy)}", "-q", *args)
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.with_name("q.report.json").read_text())
+        report.pop("model"), report.pop("output"), report["options"].pop("cache_dir")
+        outs.append((out.read_bytes(), report))
+        # the output is self-contained: no external data files, loads from its bytes alone
+        assert {p.name for p in out.parent.iterdir()} - {"q.pareto.png"} == {"q.onnx", "q.report.json"}
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1] == outs[1][1]
+
+
+def test_truncated_external_data_is_a_clear_error(external_digits, monkeypatch):
+    data = external_digits.with_name("model.onnx.data")
+    data.write_bytes(data.read_bytes()[:1000])
+    for threshold in (0, 2**62):
+        monkeypatch.setattr(external_data, "LAZY_BYTES", threshold)
+        with pytest.raises(InputError, match=r"tensor '.*'.*outside"):
+            load_model(external_digits)
+    res = CliRunner().invoke(main, ["quantize", str(external_digits), "-o", str(external_digits.with_name("q.onnx"))])
+    assert res.exit_code == 2
+    assert "model.onnx.data" in res.output and "Traceback" not in res.output
+    assert not external_digits.with_name("q.onnx").exists()
+
+
+def test_probe_cache_key_covers_external_weight_bytes(external_digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(external_data, "LAZY_BYTES", 0)
+    model = load_model(external_digits)
+    batches = [{"input": np.zeros((2, 1, 28, 28), np.float32)}]
+    key = cache_key(model, batches, {"a": 1}, None, str(external_digits.parent))
+    copy = tmp_path / "copy"
+    shutil.copytree(external_digits.parent, copy)
+    assert cache_key(model, batches, {"a": 1}, None, str(copy)) == key   # same bytes elsewhere: same key
+    data = copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-5] ^= 0xFF                                                      # one weight byte changed
+    data.write_bytes(bytes(raw))
+    assert cache_key(model, batches, {"a": 1}, None, str(copy)) != key
