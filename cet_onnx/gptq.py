@@ -16,19 +16,28 @@ granularity and bit-width works. Pure numpy: arrays in, codes out.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.linalg import LinAlgError, cho_factor, cho_solve, cholesky
 
 
 def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``, raising the damping until H is positive definite."""
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, raising the damping until H is positive definite.
+
+    Works in place where it can: besides ``h`` it holds two ``n × n`` arrays at a time
+    (a layer with 8192 inputs has 512 MB Hessians).
+    """
     n = h.shape[0]
     mean_diag = float(np.mean(np.diag(h))) or 1.0
     lam = damp * mean_diag
+    diag = np.arange(n)
     for _ in range(8):
         try:
-            hd = h + lam * np.eye(n)
-            hinv = cho_solve(cho_factor(hd, lower=True), np.eye(n))
-            return np.linalg.cholesky((hinv + hinv.T) / 2).T
+            hd = h.copy()
+            hd[diag, diag] += lam
+            factor = cho_factor(hd, lower=True, overwrite_a=True, check_finite=False)
+            hinv = cho_solve(factor, np.eye(n), overwrite_b=True, check_finite=False)
+            del factor, hd
+            # (H + λI)⁻¹ is symmetric; cholesky reads its upper triangle only
+            return cholesky(hinv, lower=False, overwrite_a=True, check_finite=False)
         except (LinAlgError, np.linalg.LinAlgError):
             lam *= 10.0
     raise LinAlgError("Hessian is not positive definite even with heavy damping")
@@ -39,11 +48,16 @@ def hessian_factor(h: np.ndarray, damp: float = 0.01, act_order: bool = True) ->
 
     Depends on ``H`` only, so one factor serves every format a weight is probed at.
     """
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
-    return perm, _inverse_cholesky_upper(h[np.ix_(perm, perm)], damp)
+    h = np.asarray(h, dtype=np.float64)
+    d = np.diag(h).copy()
+    dead = d <= 0
+    d[dead] = 1.0                      # inputs that are always zero: unit curvature, any rounding is free
+    perm = np.argsort(-d, kind="stable") if act_order else np.arange(h.shape[0])
+    hp = h[np.ix_(perm, perm)]         # a copy; ``h`` is not modified
+    del h
+    k = np.flatnonzero(dead[perm])
+    hp[k, k] = 1.0
+    return perm, _inverse_cholesky_upper(hp, damp)
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], scale: np.ndarray,
@@ -95,10 +109,11 @@ def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128
 
     def rounding(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
         if not factors:
-            factors.extend(hessian_factor(h, damp, act_order) for h in hessians)
+            while hessians:  # each Hessian is dropped once factored: one n × n array per group is kept
+                factors.append(hessian_factor(hessians.pop(0), damp, act_order))
         w2, s2, z2 = (to_rows(np.ascontiguousarray(a), info) for a in (w, scale, zero_point))
         q2 = np.empty(w2.shape, dtype=np.int8)
-        for rows, f in zip(groups_rows(info, spec, len(hessians)), factors):
+        for rows, f in zip(groups_rows(info, spec, len(factors)), factors):
             q2[rows] = gptq_round(w2[rows], f, s2[rows], z2[rows], qmin, qmax, block)
         return from_rows(q2, w.shape, info)
 

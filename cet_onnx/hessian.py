@@ -41,6 +41,12 @@ class LayerSpec:
     auto_pad: str = "NOTSET"
 
 
+def hessian_nbytes(w: WeightInfo, spec: LayerSpec) -> int:
+    """Bytes of ``w``'s float64 Hessians: one (columns × columns) matrix per group."""
+    cols = w.shape[w.reduction_axis] * (spec.kernel[0] * spec.kernel[1] if spec.kind == "conv2d" else 1)
+    return 8 * (spec.group if spec.kind == "conv2d" else 1) * cols * cols
+
+
 def _ints(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:

@@ -30,8 +30,9 @@ from .model_io import PROTOBUF_LIMIT, data_dir as external_dir, initializer_map,
     save_model, to_array, warn
 from .probes import ProbeSession
 from .gptq import major_axis_rounding
-from .hessian import collect_hessians, layer_spec
+from .hessian import collect_hessians, hessian_nbytes, layer_spec
 from .plot import pareto_path, pareto_png
+from .progress import track
 from .probes import probe_model
 from .quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
                         grid_symmetric, quantize_weight)
@@ -206,6 +207,7 @@ class Prepared:
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
     data_dir: str | None = None                          # where the weights stay on disk (large models)
+    hessians_deferred: bool = False                      # major-axis Hessians are collected while quantizing
 
 
 def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions, mixed: bool = False) -> Prepared:
@@ -262,7 +264,13 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     p.rounding, p.roundings.max_bits = resolve_rounding(opts.rounding, calib, low_bits)
     if p.rounding == "major-axis":
         with timer.stage("hessians"):
-            prepare_major_axis(p, opts)
+            layer_specs(p)
+            # Probes need every layer's rounding at once; a uniform run can take the layers
+            # chunk by chunk when their Hessians are large (quantize() then collects them).
+            p.hessians_deferred = not mixed and (opts.sequential or sum(
+                hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs) > HESSIAN_BYTES)
+            if not p.hessians_deferred:
+                prepare_major_axis(p, opts)
     return p
 
 
@@ -280,25 +288,66 @@ def resolve_rounding(rounding: str, calib: str | None, low_bits: bool) -> tuple[
     return rounding, 8
 
 
-def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
-                       only: list[WeightInfo] | None = None) -> None:
-    """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding."""
+#: Major-axis rounding of a uniform format collects at most this many bytes of layer Hessians per
+#: pass over the calibration data (at least one layer); larger models take several passes.
+HESSIAN_BYTES = 2**30
+
+
+def layer_specs(p: Prepared) -> None:
+    """Fill ``p.specs`` (how each weight meets its input) and ``p.rtn_fallback`` (why a weight has no Hessian)."""
     probe = probe_model(p.model, p.weights, p.act_params)
-    for w in only or p.weights:
+    for w in p.weights:
         if w.name not in p.specs and w.name not in p.rtn_fallback:
             spec, why = layer_spec(probe, w)
             if spec is None:
                 p.rtn_fallback[w.name] = why
             else:
                 p.specs[w.name] = spec
+
+
+def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
+                       only: list[WeightInfo] | None = None) -> None:
+    """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding."""
+    layer_specs(p)
+    probe = probe_model(p.model, p.weights, p.act_params)
     specs = [p.specs[w.name] for w in (only or p.weights) if w.name in p.specs]
+    desc = "layer Hessians"
+    if only is not None and specs:
+        desc = f"layer Hessians ({specs[0].name}{f' + {len(specs) - 1} more' if len(specs) > 1 else ''})"
     hess = collect_hessians(probe, specs, p.calib_batches, weight_feeds or p.values, p.providers,
-                            opts.hessian_rows, opts.seed,
-                            desc="layer Hessians" if only is None else f"layer Hessian ({specs[0].name})" if specs else "",
-                            data_dir=p.data_dir)
+                            opts.hessian_rows, opts.seed, desc=desc, data_dir=p.data_dir)
     for w in only or p.weights:
         if w.name in hess:
             p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
+
+
+def hessian_chunks(p: Prepared, budget: int) -> list[list[WeightInfo]]:
+    """Consecutive weights whose Hessians together stay within ``budget`` bytes (at least one per chunk)."""
+    chunks: list[list[WeightInfo]] = [[]]
+    used = 0
+    for w in p.weights:
+        size = hessian_nbytes(w, p.specs[w.name]) if w.name in p.specs else 0
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(w)
+        used += size
+    return chunks
+
+
+def chunked_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFormat],
+                     timer: Timer) -> dict[str, QuantizedWeight]:
+    """Major-axis rounding in bounded memory: per chunk of layers one pass collects their Hessians,
+    the chunk is quantized, and its Hessians are dropped before the next chunk."""
+    out: dict[str, QuantizedWeight] = {}
+    for chunk in track(hessian_chunks(p, HESSIAN_BYTES), desc="major-axis rounding in chunks", unit="chunk"):
+        with timer.stage("hessians"):
+            prepare_major_axis(p, opts, only=chunk)
+        with timer.stage("quantize_weights"):
+            out.update(quantize_weights(p.values, chunk, formats, opts.weight_clip, p.roundings))
+        for w in chunk:
+            p.roundings.roundings.pop(w.name, None)
+    return out
 
 
 def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFormat]) -> dict[str, QuantizedWeight]:
@@ -482,16 +531,23 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     p = prepared or prepare(model_path, calib, opts, mixed=budget is not None)
     timer = p.timer if prepared is None else Timer()
     allocation = None
+    if budget is not None and p.hessians_deferred:  # ``prepared`` was made for a uniform run
+        with timer.stage("hessians"):
+            prepare_major_axis(p, opts)
+        p.hessians_deferred = False
     if budget is not None:
         with timer.stage("allocate"):
             formats, allocation, session = _allocate(p, opts, budget)
     else:
         formats = {w.name: choose_format(w, opts) for w in p.weights}
-    with timer.stage("quantize_weights"):
-        if opts.sequential and p.rounding == "major-axis":
-            qweights = sequential_quantize(p, opts, formats)
-        else:
-            qweights = quantize_weights(p.values, p.weights, formats, opts.weight_clip, p.roundings)
+    if p.rounding == "major-axis" and p.hessians_deferred and not opts.sequential:
+        qweights = chunked_quantize(p, opts, formats, timer)
+    else:
+        with timer.stage("quantize_weights"):
+            if opts.sequential and p.rounding == "major-axis":
+                qweights = sequential_quantize(p, opts, formats)
+            else:
+                qweights = quantize_weights(p.values, p.weights, formats, opts.weight_clip, p.roundings)
     if allocation is not None:
         with timer.stage("measure"):
             # the loss of exactly the weights that are emitted (sequential rounding included)

@@ -104,3 +104,19 @@ def test_probe_cache_key_covers_external_weight_bytes(external_digits, tmp_path,
     raw[-5] ^= 0xFF                                                      # one weight byte changed
     data.write_bytes(bytes(raw))
     assert cache_key(model, batches, {"a": 1}, None, str(copy)) != key
+
+
+def test_hessians_in_chunks_give_the_same_model(tmp_path, monkeypatch):
+    """A Hessian budget smaller than one layer: one pass per layer, same codes as one pass for all."""
+    from cet_onnx import pipeline
+    outs = []
+    for budget in (2**62, 1):
+        monkeypatch.setattr(pipeline, "HESSIAN_BYTES", budget)
+        out = tmp_path / f"q{budget}.onnx"
+        res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz",
+                     "--calib-size", 96, "--weight-bits", 4, "--block-size", 32, "--reproducible", "-q")
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+        assert report["rounding"]["method"] == "major-axis"
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
