@@ -16,14 +16,16 @@ granularity and bit-width works. Pure numpy: arrays in, codes out.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve, cholesky
+from scipy.linalg import LinAlgError, cholesky
+from scipy.linalg.lapack import dtrtri
 
 
 def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``, raising the damping until H is positive definite.
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU``, raising the damping until H is positive definite.
 
-    Works in place where it can: besides ``h`` it holds two ``n × n`` arrays at a time
-    (a layer with 8192 inputs has 512 MB Hessians).
+    With ``J`` the reversal permutation and ``J(H + λI)J = RRᵀ`` (lower ``R``), ``U = J R⁻¹ J``:
+    one Cholesky and one triangular inverse, no full inverse (about 3x faster), and besides
+    ``h`` only one ``n × n`` array at a time (a layer with 8192 inputs has 512 MB Hessians).
     """
     n = h.shape[0]
     mean_diag = float(np.mean(np.diag(h))) or 1.0
@@ -31,13 +33,13 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     diag = np.arange(n)
     for _ in range(8):
         try:
-            hd = h.copy()
-            hd[diag, diag] += lam
-            factor = cho_factor(hd, lower=True, overwrite_a=True, check_finite=False)
-            hinv = cho_solve(factor, np.eye(n), overwrite_b=True, check_finite=False)
-            del factor, hd
-            # (H + λI)⁻¹ is symmetric; cholesky reads its upper triangle only
-            return cholesky(hinv, lower=False, overwrite_a=True, check_finite=False)
+            r = h[::-1, ::-1].copy()
+            r[diag, diag] += lam
+            r = cholesky(r, lower=True, overwrite_a=True, check_finite=False)  # zeros above the diagonal
+            r, info = dtrtri(r, lower=1, overwrite_c=1)
+            if info != 0:
+                raise LinAlgError("singular Cholesky factor")
+            return np.ascontiguousarray(r[::-1, ::-1])
         except (LinAlgError, np.linalg.LinAlgError):
             lam *= 10.0
     raise LinAlgError("Hessian is not positive definite even with heavy damping")
@@ -66,34 +68,40 @@ def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], sca
     """Integer codes for ``w`` ``[rows, cols]`` given ``H`` ``[cols, cols]`` and per-element scale / zero point.
 
     ``h`` may also be a precomputed :func:`hessian_factor`. Returns int8 codes with the same
-    shape as ``w``; ``(q − zero_point) · scale`` is the dequantized weight.
+    shape as ``w``; ``(q − zero_point) · scale`` is the dequantized weight. ``scale`` and
+    ``zero_point`` may be broadcast views: only one block of their columns is read at a time.
+    The working copy is float32 and column-major (one visited column per row), as in the GPTQ
+    reference: besides the factor it holds about 1.5 bytes per weight on top of float32 ``w``.
     """
-    w = np.array(w, dtype=np.float64)
-    s = np.asarray(scale, dtype=np.float64)
-    z = np.asarray(zero_point, dtype=np.float64)
     rows, n = w.shape
     perm, u = h if isinstance(h, tuple) else hessian_factor(h, damp, act_order)
     if u.shape != (n, n):
         raise ValueError(f"Hessian shape {u.shape} does not match {n} columns")
-    w, s, z = w[:, perm], s[:, perm], z[:, perm]
-    q = np.empty((rows, n), dtype=np.float64)
+    step = max(1, 2**22 // max(rows, 1))           # bounds the temporaries of gathers and updates
+    wt = np.empty((n, rows), np.float32)            # wt[k] = column perm[k] of w
+    for k in range(0, n, step):
+        wt[k:k + step] = np.asarray(w[:, perm[k:k + step]], dtype=np.float32).T
+    qt = np.empty((n, rows), np.int8)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        cols = perm[i1:i2]
+        st = np.ascontiguousarray(np.asarray(scale[:, cols], dtype=np.float32).T)
+        zt = np.ascontiguousarray(np.asarray(zero_point[:, cols], dtype=np.float32).T)
+        w1 = wt[i1:i2]
+        err1 = np.empty_like(w1)
+        u1 = u[i1:i2, i1:i2].astype(np.float32)
         for i in range(i2 - i1):
-            col = w1[:, i]
-            qc = np.clip(np.rint(col / s[:, i1 + i]) + z[:, i1 + i], qmin, qmax)
-            q[:, i1 + i] = qc
-            err = (col - (qc - z[:, i1 + i]) * s[:, i1 + i]) / u1[i, i]
-            w1[:, i:] -= np.outer(err, u1[i, i:])
-            err1[:, i] = err
-        if i2 < n:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    out = np.empty_like(q)
-    out[:, perm] = q
-    return out.astype(np.int8)
+            col = w1[i]
+            qc = np.clip(np.rint(col / st[i]) + zt[i], qmin, qmax)
+            qt[i1 + i] = qc
+            err = (col - (qc - zt[i]) * st[i]) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], err)
+            err1[i] = err
+        for k in range(i2, n, step):                # the lazy batch update of the columns not yet visited
+            wt[k:k + step] -= u[i1:i2, k:k + step].T.astype(np.float32) @ err1
+    out = np.empty((rows, n), np.int8)
+    out[:, perm] = qt.T
+    return out
 
 
 def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128, damp: float = 0.01,
@@ -111,7 +119,7 @@ def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128
         if not factors:
             while hessians:  # each Hessian is dropped once factored: one n × n array per group is kept
                 factors.append(hessian_factor(hessians.pop(0), damp, act_order))
-        w2, s2, z2 = (to_rows(np.ascontiguousarray(a), info) for a in (w, scale, zero_point))
+        w2, s2, z2 = (to_rows(a, info) for a in (w, scale, zero_point))
         q2 = np.empty(w2.shape, dtype=np.int8)
         for rows, f in zip(groups_rows(info, spec, len(factors)), factors):
             q2[rows] = gptq_round(w2[rows], f, s2[rows], z2[rows], qmin, qmax, block)

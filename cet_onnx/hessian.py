@@ -177,7 +177,8 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
     """Hessians of every spec's layer, one streamed pass over ``batches``.
 
     ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.probes.probe_model`);
-    ``weight_feeds`` gives every weight's value (float, or already quantized for a sequential pass).
+    ``weight_feeds`` gives the value of each weight that ``probe`` takes as a graph input (already
+    quantized ones, for a sequential pass); the other weights are the probe's own initializers.
     """
     if not specs:
         return {}

@@ -307,14 +307,19 @@ def layer_specs(p: Prepared) -> None:
 
 def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
                        only: list[WeightInfo] | None = None) -> None:
-    """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding."""
+    """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding.
+
+    ``weight_feeds`` replaces some weights (already quantized ones, for a sequential pass); the
+    others stay initializers, which onnxruntime holds once (fed as inputs, they would be copied).
+    """
     layer_specs(p)
-    probe = probe_model(p.model, p.weights, p.act_params)
+    feeds = weight_feeds or {}
+    probe = probe_model(p.model, [w for w in p.weights if w.name in feeds], p.act_params)
     specs = [p.specs[w.name] for w in (only or p.weights) if w.name in p.specs]
     desc = "layer Hessians"
     if only is not None and specs:
         desc = f"layer Hessians ({specs[0].name}{f' + {len(specs) - 1} more' if len(specs) > 1 else ''})"
-    hess = collect_hessians(probe, specs, p.calib_batches, weight_feeds or p.values, p.providers,
+    hess = collect_hessians(probe, specs, p.calib_batches, feeds, p.providers,
                             opts.hessian_rows, opts.seed, desc=desc, data_dir=p.data_dir)
     for w in only or p.weights:
         if w.name in hess:
@@ -352,7 +357,7 @@ def chunked_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, Weig
 
 def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFormat]) -> dict[str, QuantizedWeight]:
     """Quantize in graph order, each layer's Hessian taken with every earlier weight already quantized."""
-    feeds = dict(p.values)
+    feeds: dict[str, np.ndarray] = {}
     out: dict[str, QuantizedWeight] = {}
     for w in p.weights:
         if w.name in p.specs:
@@ -360,6 +365,7 @@ def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, W
         qw = quantize_weights(p.values, [w], {w.name: formats[w.name]}, opts.weight_clip, p.roundings)[w.name]
         out[w.name] = qw
         feeds[w.name] = qw.dequantize()
+        p.roundings.roundings.pop(w.name, None)  # its Hessian factor is not needed again
     return out
 
 

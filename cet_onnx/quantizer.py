@@ -120,7 +120,9 @@ def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None,
         view[axis] = shape[axis]
         return np.broadcast_to(scale.reshape(view), shape)
     full = np.repeat(scale, block_size, axis=axis)
-    return np.take(full, np.arange(shape[axis]), axis=axis)
+    cut = [slice(None)] * full.ndim
+    cut[axis] = slice(0, shape[axis])
+    return full[tuple(cut)]
 
 
 def _blocked_reduce(a: np.ndarray, axis: int, block_size: int, op) -> np.ndarray:
@@ -164,16 +166,14 @@ def scale_from_absmax(amax: np.ndarray, bits: int) -> np.ndarray:
     return _positive(np.asarray(amax, dtype=np.float32) / np.float32(qmax))
 
 
-def group_params(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int,
-                 clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(scale, zero_point, axis) of every group, with its range shrunk by ``clip_ratio``."""
+def params_from_range(lo: np.ndarray, hi: np.ndarray, fmt: WeightFormat,
+                      clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero_point) of groups whose values span ``[lo, hi]`` (``lo ≤ 0 ≤ hi``), range shrunk by ``clip_ratio``."""
     ratio = np.asarray(clip_ratio, dtype=np.float32)
+    lo, hi = np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
     if fmt.symmetric:
-        amax, axis = absmax(w, fmt, channel_axis, reduction_axis)
-        scale = scale_from_absmax(amax * ratio, fmt.bits)
-        return scale, np.zeros(scale.shape, np.int8), axis
-    lo, axis = reduce_groups(np.minimum(w, 0), fmt, channel_axis, reduction_axis, np.min)
-    hi, _ = reduce_groups(np.maximum(w, 0), fmt, channel_axis, reduction_axis, np.max)
+        scale = scale_from_absmax(np.maximum(-lo, hi) * ratio, fmt.bits)
+        return scale, np.zeros(scale.shape, np.int8)
     qmin, qmax = weight_qrange(fmt.bits, symmetric=False)
     lo, hi = lo.astype(np.float64) * ratio, hi.astype(np.float64) * ratio   # float64: hi − lo can exceed float32
     scale = (hi - lo) / (qmax - qmin)
@@ -181,7 +181,34 @@ def group_params(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_
     # keep every grid point (q − zp)·scale finite in float32
     reach = np.maximum(np.abs(qmin - zp), np.abs(qmax - zp))
     scale = np.minimum(scale, float(np.finfo(np.float32).max) / reach)
-    return _positive(scale.astype(np.float32)), zp.astype(np.int8), axis
+    return _positive(scale.astype(np.float32)), zp.astype(np.int8)
+
+
+def group_params(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int,
+                 clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(scale, zero_point, axis) of every group, with its range shrunk by ``clip_ratio``."""
+    lo, axis = reduce_groups(np.minimum(w, 0), fmt, channel_axis, reduction_axis, np.min)
+    hi, _ = reduce_groups(np.maximum(w, 0), fmt, channel_axis, reduction_axis, np.max)
+    scale, zp = params_from_range(lo, hi, fmt, clip_ratio)
+    return scale, zp, axis
+
+
+def _group_rows(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int):
+    """``w`` with each scale group along the last axis (short blocks zero-padded), and a function that
+    moves per-group results from that layout to :func:`reduce_groups`'s."""
+    if fmt.granularity == "tensor":
+        return w.reshape(1, -1), lambda g: g.reshape(())
+    if fmt.granularity == "channel":
+        c = channel_axis % w.ndim
+        return np.moveaxis(w, c, 0).reshape(w.shape[c], -1), lambda g: g
+    r = reduction_axis % w.ndim
+    bs = fmt.block_size
+    a = np.moveaxis(w, r, -1)
+    nblocks = -(-a.shape[-1] // bs)
+    pad = nblocks * bs - a.shape[-1]
+    if pad:
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), a.dtype)], axis=-1)
+    return a.reshape(a.shape[:-1] + (nblocks, bs)), lambda g: np.moveaxis(g, -1, r)
 
 
 def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
@@ -189,26 +216,36 @@ def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, red
     """Per-group clipping ratio (of the group's range) that minimises the squared round-to-nearest error.
 
     At low bit-widths clipping a few outliers buys a finer step for all other weights; the
-    search tries each ratio of ``grid`` (default 0.40 … 1.00) for every group at once.
+    search tries each ratio of ``grid`` (default 0.40 … 1.00) for every group at once, on a
+    layout with one group per row so that scales broadcast without being expanded.
     """
     w = np.asarray(w, dtype=np.float32)
     grid = np.linspace(0.4, 1.0, 25) if grid is None else np.asarray(grid, dtype=np.float32)
-    block = fmt.block_size if fmt.granularity == "block" else None
     qmin, qmax = weight_qrange(fmt.bits, fmt.symmetric)
+    rows, to_groups = _group_rows(w, fmt, channel_axis, reduction_axis)
+    lo = np.minimum(rows.min(axis=-1, initial=0.0), 0)
+    hi = np.maximum(rows.max(axis=-1, initial=0.0), 0)
+    buf = np.empty(rows.shape, np.float32)
     best_err = best = None
     for r in grid:
-        scale, zp, axis = group_params(w, fmt, channel_axis, reduction_axis, r)
-        s = expand_scale(scale, w.shape, axis, block)
-        z = expand_scale(zp.astype(np.float32), w.shape, axis, block)
-        err = ((np.clip(np.rint(w / s) + z, qmin, qmax) - z) * s - w) ** 2
-        e, _ = reduce_groups(err, fmt, channel_axis, reduction_axis, np.sum)
+        scale, zp = params_from_range(lo, hi, fmt, r)
+        s, z = scale[..., None], zp.astype(np.float32)[..., None]
+        np.divide(rows, s, out=buf)
+        np.rint(buf, out=buf)
+        buf += z
+        np.clip(buf, qmin, qmax, out=buf)
+        buf -= z
+        buf *= s
+        buf -= rows
+        np.square(buf, out=buf)
+        e = buf.sum(axis=-1)
         if best_err is None:
             best_err, best = e, np.full(e.shape, np.float32(r))
         else:
             better = e < best_err
             best_err = np.where(better, e, best_err)
             best = np.where(better, np.float32(r), best)
-    return best
+    return to_groups(best)
 
 
 def quantize_weight(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
