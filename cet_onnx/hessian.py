@@ -166,8 +166,15 @@ class LayerHessian:
         self.rows += parts[0].shape[0]
 
     def hessians(self) -> list[np.ndarray]:
-        """``2/rows · X Xᵀ`` per group (the scale does not change the rounding)."""
-        return [2.0 * h / max(self.rows, 1) for h in self.h]
+        """``2/rows · X Xᵀ`` per group (the scale does not change the rounding).
+
+        Scales the running sums in place and hands them over (no second copy of large
+        Hessians); the accumulator is empty afterwards.
+        """
+        out, self.h = self.h, []
+        for h in out:
+            h *= 2.0 / max(self.rows, 1)
+        return out
 
 
 def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches: Sequence[Feed],
@@ -199,6 +206,7 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first}") from None
         for layer in layers.values():
             layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)
+    del session  # it holds the model's weights
     return {name: layer.hessians() for name, layer in layers.items()}
 
 

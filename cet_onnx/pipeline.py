@@ -268,7 +268,7 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             # Probes need every layer's rounding at once; a uniform run can take the layers
             # chunk by chunk when their Hessians are large (quantize() then collects them).
             p.hessians_deferred = not mixed and (opts.sequential or sum(
-                hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs) > HESSIAN_BYTES)
+                hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs) > hessian_budget(p.weights))
             if not p.hessians_deferred:
                 prepare_major_axis(p, opts)
     return p
@@ -288,9 +288,16 @@ def resolve_rounding(rounding: str, calib: str | None, low_bits: bool) -> tuple[
     return rounding, 8
 
 
-#: Major-axis rounding of a uniform format collects at most this many bytes of layer Hessians per
-#: pass over the calibration data (at least one layer); larger models take several passes.
+#: Major-axis rounding of a uniform format collects at most half the float32 weight bytes of layer
+#: Hessians per pass over the calibration data, clamped to [HESSIAN_MIN_BYTES, HESSIAN_BYTES]
+#: (and at least one layer); larger models take several passes.
 HESSIAN_BYTES = 2**30
+HESSIAN_MIN_BYTES = 2**28
+
+
+def hessian_budget(weights: list[WeightInfo]) -> int:
+    """Bytes of layer Hessians one pass may collect (see :data:`HESSIAN_BYTES`)."""
+    return int(min(HESSIAN_BYTES, max(HESSIAN_MIN_BYTES, 2 * sum(w.size for w in weights))))
 
 
 def layer_specs(p: Prepared) -> None:
@@ -345,7 +352,7 @@ def chunked_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, Weig
     """Major-axis rounding in bounded memory: per chunk of layers one pass collects their Hessians,
     the chunk is quantized, and its Hessians are dropped before the next chunk."""
     out: dict[str, QuantizedWeight] = {}
-    for chunk in track(hessian_chunks(p, HESSIAN_BYTES), desc="major-axis rounding in chunks", unit="chunk"):
+    for chunk in track(hessian_chunks(p, hessian_budget(p.weights)), desc="major-axis rounding in chunks", unit="chunk"):
         with timer.stage("hessians"):
             prepare_major_axis(p, opts, only=chunk)
         with timer.stage("quantize_weights"):

@@ -223,6 +223,7 @@ def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, red
     grid = np.linspace(0.4, 1.0, 25) if grid is None else np.asarray(grid, dtype=np.float32)
     qmin, qmax = weight_qrange(fmt.bits, fmt.symmetric)
     rows, to_groups = _group_rows(w, fmt, channel_axis, reduction_axis)
+    rows = np.ascontiguousarray(rows)  # 25 passes follow: a strided view would make each one slow
     lo = np.minimum(rows.min(axis=-1, initial=0.0), 0)
     hi = np.maximum(rows.max(axis=-1, initial=0.0), 0)
     buf = np.empty(rows.shape, np.float32)

@@ -13,7 +13,10 @@ process's peak RSS (``ru_maxrss`` from ``os.wait4``):
 * ``mixed``: ``--avg-bits 4`` (probes of every weight at 2/4/8 bits, exact solve, closed loop).
 
     python tools/large_model_memory.py [--gb 2.5] [--configs ort-run,int8,int4] [--dir DIR]
-                                       [--out tools/results/large_model]
+                                       [--out tools/results/large_model] [--max-ratio 2.0]
+
+``--max-ratio R`` exits with status 1 when a cet-onnx run's peak RSS exceeds R × the weight
+bytes (CI runs the int8 configuration with R = 2).
 
 Writes ``OUT.md`` and ``OUT.json``. The model (and outputs) go to ``--dir`` or a temporary
 folder removed at the end; the disk needs about 2 × the model size.
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--configs", default="ort-run,int8,int4")
     ap.add_argument("--dir", type=Path, help="folder for the model and outputs (kept); default: a temporary one")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "large_model")
+    ap.add_argument("--max-ratio", type=float, help="fail when a cet-onnx run's peak RSS exceeds this × weight bytes")
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c != "ort-run" and c not in CONFIGS]
@@ -130,6 +134,13 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_md(result, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
+    if args.max_ratio is not None:
+        over = [r for r in result["rows"] if r["config"] != "ort-run" and r["peak_rss_over_weight_bytes"] > args.max_ratio]
+        for r in over:
+            print(f"FAIL: {r['config']}: peak RSS {r['peak_rss_over_weight_bytes']:.2f} x weight bytes "
+                  f"> --max-ratio {args.max_ratio}", file=sys.stderr)
+        if over:
+            sys.exit(1)
 
 
 if __name__ == "__main__":
