@@ -162,7 +162,10 @@ class LayerHessian:
             self.h = [np.zeros((p.shape[1], p.shape[1])) for p in parts]
         for k, p in enumerate(parts):
             p = np.ascontiguousarray(p, dtype=np.float32)
-            self.h[k] += (p.T @ p).astype(np.float64)  # float32 product, float64 running sum
+            pt = p.T
+            step = max(1, 2**22 // max(p.shape[1], 1))   # bounds the float32 temporary to 16 MB
+            for j in range(0, p.shape[1], step):
+                self.h[k][:, j:j + step] += pt @ p[:, j:j + step]  # float32 product, float64 running sum
         self.rows += parts[0].shape[0]
 
     def hessians(self) -> list[np.ndarray]:

@@ -26,6 +26,14 @@ from .errors import InputError, RuntimeFailure
 PROTOBUF_LIMIT = 2**31 - 2**20
 
 
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """True when ``model`` can be serialized as one protobuf (under 2 GB)."""
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except Exception:  # upb refuses to even size a message over 2 GB
+        return False
+
+
 def warn(msg: str) -> None:
     """Print a warning line on stderr."""
     print(f"WARNING: {msg}", file=sys.stderr)
@@ -138,7 +146,7 @@ def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     if external_data.has_external(model):
         warn(f"{source}: weights stay on disk (large model), skipping onnxsim simplification")
         return model
-    if model.ByteSize() >= PROTOBUF_LIMIT:
+    if not fits_protobuf(model):
         warn(f"{source}: larger than 2 GB, skipping onnxsim simplification")
         return model
     try:
@@ -156,7 +164,7 @@ def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """Shape inference; models over 2 GB are inferred without their weights."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if fits_protobuf(model):
             return onnx.shape_inference.infer_shapes(model)
     except Exception as exc:
         warn(f"{source}: shape inference failed ({str(exc).strip().splitlines()[0]}); continuing")
@@ -236,7 +244,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
     try:
         names = [path.name]
         tmp_model = tmpdir / path.name
-        if model.ByteSize() >= PROTOBUF_LIMIT:
+        if not fits_protobuf(model):
             data_name = path.name + ".data"
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)

@@ -26,7 +26,7 @@ from .decompose import decompose_hardswish
 from .errors import InputError, RuntimeFailure
 from .losses import LOSSES, default_loss
 from .external_data import LazyValues, load_into
-from .model_io import PROTOBUF_LIMIT, data_dir as external_dir, initializer_map, model_file_bytes, prepare_model, \
+from .model_io import data_dir as external_dir, fits_protobuf, initializer_map, model_file_bytes, prepare_model, \
     save_model, to_array, warn
 from .probes import ProbeSession
 from .gptq import major_axis_rounding
@@ -291,7 +291,7 @@ def resolve_rounding(rounding: str, calib: str | None, low_bits: bool) -> tuple[
 #: Major-axis rounding of a uniform format collects at most half the float32 weight bytes of layer
 #: Hessians per pass over the calibration data, clamped to [HESSIAN_MIN_BYTES, HESSIAN_BYTES]
 #: (and at least one layer); larger models take several passes.
-HESSIAN_BYTES = 2**30
+HESSIAN_BYTES = 2**29
 HESSIAN_MIN_BYTES = 2**28
 
 
@@ -571,7 +571,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         qmodel = result.model
         if p.data_dir is not None:
             load_into(qmodel, p.data_dir)  # the output is self-contained: unchanged initializers are copied
-        large_output = qmodel.ByteSize() >= PROTOBUF_LIMIT
+        large_output = not fits_protobuf(qmodel)
         if not large_output:  # larger ones are checked from the written file, before it is renamed into place
             try:
                 onnx.checker.check_model(qmodel, full_check=True)

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError, RuntimeFailure
-from .model_io import PROTOBUF_LIMIT
+from .model_io import fits_protobuf
 from .progress import track
 from .ranges import make_observer
 
@@ -60,7 +60,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence
             if data_dir is not None:
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-            if model.ByteSize() < PROTOBUF_LIMIT:
+            if fits_protobuf(model):
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
             with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
                 path = Path(tmp) / "model.onnx"
