@@ -25,6 +25,10 @@ from .errors import InputError
 #: Models whose initializers hold at least this many bytes in external data files keep them on disk.
 LAZY_BYTES = 2**30
 
+#: Unchanged initializers that stay on disk and total at least this many bytes are streamed into
+#: the output's data file (``OUT.data``) instead of being copied into the output model in memory.
+STREAM_BYTES = 2**26
+
 _CHUNK = 64 * 2**20
 
 
@@ -148,3 +152,55 @@ def data_digest(model: onnx.ModelProto, data_dir: str | os.PathLike) -> bytes:
                 h.update(chunk)
                 left -= len(chunk)
     return h.digest()
+
+
+def external_nbytes(tensors: list[onnx.TensorProto]) -> int:
+    """Bytes the external tensors occupy in their files."""
+    total = 0
+    for t in tensors:
+        info = external_data_helper.ExternalDataInfo(t)
+        if info.length is not None:
+            total += int(info.length)
+        else:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            total += itemsize * int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+    return total
+
+
+def write_data_file(tensors: list[onnx.TensorProto], src_dir: str | os.PathLike | None, dst: Path,
+                    location: str) -> None:
+    """Write the bytes of ``tensors`` into ``dst`` (page-aligned) and point each tensor there as ``location``.
+
+    External tensors are streamed from their files under ``src_dir`` in 64 MB chunks; inline
+    ones have their ``raw_data`` moved out. Nothing is held in memory beyond one chunk.
+    """
+    with open(dst, "ab") as out:
+        for t in tensors:
+            out.write(b"\0" * ((-out.tell()) % 4096))
+            start = out.tell()
+            if is_external(t):
+                path, offset, length = _span(t, src_dir)
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    left = length
+                    while left > 0:
+                        chunk = f.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise InputError(f"tensor '{t.name}': external data file '{path}' ended early")
+                        out.write(chunk)
+                        left -= len(chunk)
+            else:
+                if not t.HasField("raw_data"):
+                    t.raw_data = numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+                    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                                  "string_data"):
+                        t.ClearField(field)
+                length = len(t.raw_data)
+                out.write(t.raw_data)
+                t.ClearField("raw_data")
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(start)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+

@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
@@ -60,18 +59,6 @@ def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
                              f"'{info.location}' ({size} bytes; truncated file?)")
 
 
-def _external_nbytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in external_data.external_tensors(model):
-        info = external_data_helper.ExternalDataInfo(t)
-        if info.length is not None:
-            total += int(info.length)
-        else:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            total += itemsize * int(np.prod([int(d) for d in t.dims], dtype=np.int64))
-    return total
-
-
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and check an ONNX model; never modifies the file.
 
@@ -90,7 +77,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
     _check_external_paths(model, path)
-    lazy = _external_nbytes(model) + model.ByteSize() >= external_data.LAZY_BYTES
+    lazy = external_data.external_nbytes(external_data.external_tensors(model)) + model.ByteSize() \
+        >= external_data.LAZY_BYTES
     if not lazy:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -228,13 +216,14 @@ def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> onnx.Mod
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None,
-               check: bool = False) -> None:
+               check: bool = False, external_from: str | None = None) -> None:
     """Write ``model`` (and ``extra_files`` beside it) atomically.
 
     Everything goes to a temporary folder in the target's folder first; only when all
     writes succeeded (and, with ``check``, the written model passed ``onnx.checker``) are
     the files renamed into place. Models over 2 GB get their weights in ``<name>.data``
-    beside the model.
+    beside the model. ``external_from``: the folder the model's external tensors refer to;
+    their bytes are streamed into ``<name>.data`` (with every inline tensor over 1 KB).
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -244,7 +233,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
     try:
         names = [path.name]
         tmp_model = tmpdir / path.name
-        if not fits_protobuf(model):
+        if external_from is not None:
+            data_name = path.name + ".data"
+            tensors = [t for t in external_data.all_tensors(model)
+                       if external_data.is_external(t) or len(t.raw_data) > 1024]
+            external_data.write_data_file(tensors, external_from, tmpdir / data_name, data_name)
+            onnx.save_model(model, str(tmp_model))
+            names.append(data_name)
+        elif not fits_protobuf(model):
             data_name = path.name + ".data"
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)

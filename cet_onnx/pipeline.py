@@ -25,7 +25,8 @@ from .calib_data import ImageOptions, ModelInput, batched, load_samples, model_i
 from .decompose import decompose_hardswish
 from .errors import InputError, RuntimeFailure
 from .losses import LOSSES, default_loss
-from .external_data import LazyValues, load_into
+from . import external_data
+from .external_data import LazyValues, external_nbytes, external_tensors, load_into
 from .model_io import data_dir as external_dir, fits_protobuf, initializer_map, model_file_bytes, prepare_model, \
     save_model, to_array, warn
 from .probes import ProbeSession
@@ -569,9 +570,15 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     with timer.stage("rewrite"):
         result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path), data_dir=p.data_dir)
         qmodel = result.model
+        # Unchanged initializers left on disk: small ones are copied into the output; large ones
+        # (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
+        stream_from = None
         if p.data_dir is not None:
-            load_into(qmodel, p.data_dir)  # the output is self-contained: unchanged initializers are copied
-        large_output = not fits_protobuf(qmodel)
+            if external_nbytes(external_tensors(qmodel)) >= external_data.STREAM_BYTES:
+                stream_from = p.data_dir
+            else:
+                load_into(qmodel, p.data_dir)
+        large_output = stream_from is not None or not fits_protobuf(qmodel)
         if not large_output:  # larger ones are checked from the written file, before it is renamed into place
             try:
                 onnx.checker.check_model(qmodel, full_check=True)
@@ -588,7 +595,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     with timer.stage("verify"):
         vlabels = p.labels[len(p.labels) - len(p.verify_samples):] if p.labels is not None and \
             p.verify_samples is not p.calib_samples else None
-        verification = verify(p.model, qmodel, p.verify_batches, p.providers, vlabels, data_dir=p.data_dir)
+        verification = verify(p.model, qmodel, p.verify_batches, p.providers, vlabels, data_dir=p.data_dir,
+                              q_data_dir=stream_from)
 
     total_params = int(sum(w.size for w in p.weights))
     fp32_bytes = 4 * total_params
@@ -646,18 +654,19 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
     text = json.dumps(strict_json(without_wall_clock(report) if opts.reproducible else report), indent=2)
     extra[report_path(out_path).name] = text.encode()
-    save_model(qmodel, out_path, extra_files=extra, check=large_output)
+    save_model(qmodel, out_path, extra_files=extra, check=large_output, external_from=stream_from)
     report["totals"]["file_bytes_fp32"] = model_file_bytes(Path(model_path))
     report["totals"]["file_bytes"] = model_file_bytes(out_path)
     return report
 
 
 def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers,
-           labels: np.ndarray | None = None, data_dir: str | None = None) -> dict[str, Any]:
+           labels: np.ndarray | None = None, data_dir: str | None = None,
+           q_data_dir: str | None = None) -> dict[str, Any]:
     """Run both models on held-out batches and compare every output.
 
     One session at a time, so a large model's float and quantized weights are never both
-    held by onnxruntime. ``data_dir``: where the float model's external data is.
+    held by onnxruntime. ``data_dir`` / ``q_data_dir``: where each model's external data is.
     """
     if not batches:
         return {"samples": 0, "outputs": [], "min_sqnr_db": None, "min_top1_agreement": None}
@@ -665,7 +674,7 @@ def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, provi
     names = [o.name for o in ref_sess.get_outputs()]
     ref = concat_outputs(run_batches(ref_sess, batches, "verify: float model"))
     del ref_sess
-    q_sess = make_session(qmodel, providers)
+    q_sess = make_session(qmodel, providers, data_dir=q_data_dir)
     test = concat_outputs(run_batches(q_sess, batches, "verify: quantized model", names))
     del q_sess
     metrics = compare_outputs(names, ref, test)

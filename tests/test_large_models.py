@@ -120,3 +120,39 @@ def test_hessians_in_chunks_give_the_same_model(tmp_path, monkeypatch):
         assert report["rounding"]["method"] == "major-axis"
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_large_unchanged_initializers_are_streamed_into_the_output_data_file(tmp_path, monkeypatch):
+    """An embedding table (Gather: not quantized) stays on disk and is copied to OUT.data chunk by chunk."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    table = numpy_helper.from_array(rng.normal(size=(500, 32)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.normal(size=(32, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    g = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [table, w])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = folder / "m.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model),
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids=rng.integers(0, 500, 64))
+    outs = {}
+    for lazy in (False, True):
+        monkeypatch.setattr(external_data, "LAZY_BYTES", 0 if lazy else 2**62)
+        monkeypatch.setattr(external_data, "STREAM_BYTES", 0)
+        out = tmp_path / f"out{int(lazy)}" / "q.onnx"
+        out.parent.mkdir()
+        res = invoke("quantize", model, "-o", out, "--calib", data, "--no-simplify", "-q")
+        assert res.exit_code == 0, res.output
+        files = {p.name for p in out.parent.iterdir()}
+        assert files == ({"q.onnx", "q.report.json", "q.onnx.data"} if lazy else {"q.onnx", "q.report.json"})
+        import onnxruntime as ort
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        outs[lazy] = sess.run(None, {"ids": np.arange(0, 500, 7)})[0]
+        if lazy:
+            q = onnx.load(str(out), load_external_data=False)
+            streamed = {t.name for t in q.graph.initializer if external_data.is_external(t)}
+            assert streamed == {"table"}   # the quantized weight (256 B) is small enough to stay inline
+    np.testing.assert_array_equal(outs[False], outs[True])
