@@ -266,15 +266,16 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     history: list[dict[str, float]] = []
     idx = np.arange(len(cand.weights))
 
-    def record(choice: np.ndarray, step: str) -> float:
-        measured = session.loss(cand.assignment(choice))
+    def record(choice: np.ndarray, step: str) -> tuple[float, dict[str, np.ndarray]]:
+        assign = cand.assignment(choice)
+        measured = session.loss(assign)
         history.append({"step": step, "predicted": session.base_loss + float(sens.costs[idx, choice].sum()),
                         "measured": measured, "bytes": float(sizes[idx, choice].sum())})
-        return measured
+        return measured, assign
 
-    best_loss, best = record(sol.choice, "solve"), sol.choice.copy()
+    best_loss, assign = record(sol.choice, "solve")
+    best = sol.choice.copy()
     for r in range(rounds):
-        assign = cand.assignment(sol.choice)
         for i, w in enumerate(cand.weights):
             rest = {k: v for k, v in assign.items() if k != w.name}
             in_context = history[-1]["measured"] - session.loss(rest)
@@ -285,7 +286,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         if np.array_equal(new.choice, sol.choice):
             break
         sol = new
-        loss = record(sol.choice, f"rescale {r + 1}")
+        loss, assign = record(sol.choice, f"rescale {r + 1}")
         if loss < best_loss:
             best_loss, best = loss, sol.choice.copy()
     current = best.copy()
@@ -295,7 +296,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         for gain, i, up, j, down in moves:
             choice = current.copy()
             choice[i], choice[j] = up, down
-            trials.append((record(choice, f"swap {k + 1}"), choice))
+            trials.append((record(choice, f"swap {k + 1}")[0], choice))
         if not trials:
             break
         loss, choice = min(trials, key=lambda t: t[0])

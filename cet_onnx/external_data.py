@@ -52,7 +52,7 @@ def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in all_tensors(model))
 
 
-def _span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
+def span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor, checked against the file's size."""
     info = external_data_helper.ExternalDataInfo(tensor)
     path = Path(data_dir) / info.location
@@ -68,9 +68,22 @@ def _span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, 
     return path, offset, length
 
 
+def _chunks(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> Iterator[bytes]:
+    """The bytes of an external tensor, in pieces of at most 64 MB."""
+    path, offset, left = span(tensor, data_dir)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while left > 0:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise InputError(f"tensor '{tensor.name}': external data file '{path}' ended early")
+            yield chunk
+            left -= len(chunk)
+
+
 def read_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
     """The raw little-endian bytes of an external tensor."""
-    path, offset, length = _span(tensor, data_dir)
+    path, offset, length = span(tensor, data_dir)
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
@@ -85,7 +98,7 @@ def read_array(tensor: onnx.TensorProto, data_dir: str | os.PathLike | None = No
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
     shape = tuple(int(d) for d in tensor.dims)
     count = int(np.prod(shape, dtype=np.int64))
-    path, offset, length = _span(tensor, data_dir)
+    path, offset, length = span(tensor, data_dir)
     if dtype.kind in "fiub" and dtype.itemsize in (1, 2, 4, 8) and tensor.data_type != onnx.TensorProto.BFLOAT16 \
             and length == count * dtype.itemsize:
         if count == 0:
@@ -140,17 +153,9 @@ def data_digest(model: onnx.ModelProto, data_dir: str | os.PathLike) -> bytes:
     """SHA-256 over the bytes of every external tensor (for cache keys: the graph alone names only files)."""
     h = hashlib.sha256()
     for t in external_tensors(model):
-        path, offset, length = _span(t, data_dir)
         h.update(t.name.encode())
-        with open(path, "rb") as f:
-            f.seek(offset)
-            left = length
-            while left > 0:
-                chunk = f.read(min(_CHUNK, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
+        for chunk in _chunks(t, data_dir):
+            h.update(chunk)
     return h.digest()
 
 
@@ -172,29 +177,17 @@ def write_data_file(tensors: list[onnx.TensorProto], src_dir: str | os.PathLike 
     """Write the bytes of ``tensors`` into ``dst`` (page-aligned) and point each tensor there as ``location``.
 
     External tensors are streamed from their files under ``src_dir`` in 64 MB chunks; inline
-    ones have their ``raw_data`` moved out. Nothing is held in memory beyond one chunk.
+    ones (which must hold ``raw_data``) have it moved out. Nothing is held in memory beyond one chunk.
     """
     with open(dst, "ab") as out:
         for t in tensors:
             out.write(b"\0" * ((-out.tell()) % 4096))
             start = out.tell()
             if is_external(t):
-                path, offset, length = _span(t, src_dir)
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    left = length
-                    while left > 0:
-                        chunk = f.read(min(_CHUNK, left))
-                        if not chunk:
-                            raise InputError(f"tensor '{t.name}': external data file '{path}' ended early")
-                        out.write(chunk)
-                        left -= len(chunk)
+                for chunk in _chunks(t, src_dir):
+                    out.write(chunk)
+                length = out.tell() - start
             else:
-                if not t.HasField("raw_data"):
-                    t.raw_data = numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
-                    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                                  "string_data"):
-                        t.ClearField(field)
                 length = len(t.raw_data)
                 out.write(t.raw_data)
                 t.ClearField("raw_data")

@@ -40,9 +40,7 @@ def warn(msg: str) -> None:
 
 def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
     base = path.parent.resolve()
-    for tensor in external_data_helper._get_all_tensors(model):
-        if not external_data_helper.uses_external_data(tensor):
-            continue
+    for tensor in external_data.external_tensors(model):
         info = external_data_helper.ExternalDataInfo(tensor)
         target = (base / info.location).resolve()
         if base != target and base not in target.parents:
@@ -51,12 +49,10 @@ def _check_external_paths(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise InputError(f"{path}: tensor '{tensor.name}' needs external data file "
                              f"'{info.location}', which does not exist")
-        offset = int(info.offset or 0)
-        end = offset + int(info.length) if info.length is not None else offset
-        size = target.stat().st_size
-        if offset < 0 or end > size:
-            raise InputError(f"{path}: tensor '{tensor.name}': its external data [{offset}, {end}) lies outside "
-                             f"'{info.location}' ({size} bytes; truncated file?)")
+        try:
+            external_data.span(tensor, base)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc} (truncated file?)") from None
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -85,7 +81,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         except Exception as exc:
             raise InputError(f"{path}: cannot read external data ({exc})") from None
     try:
-        if external_data.has_external(model):
+        if lazy:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)

@@ -303,14 +303,16 @@ def hessian_budget(weights: list[WeightInfo]) -> int:
 
 def layer_specs(p: Prepared) -> None:
     """Fill ``p.specs`` (how each weight meets its input) and ``p.rtn_fallback`` (why a weight has no Hessian)."""
+    missing = [w for w in p.weights if w.name not in p.specs and w.name not in p.rtn_fallback]
+    if not missing:
+        return
     probe = probe_model(p.model, p.weights, p.act_params)
-    for w in p.weights:
-        if w.name not in p.specs and w.name not in p.rtn_fallback:
-            spec, why = layer_spec(probe, w)
-            if spec is None:
-                p.rtn_fallback[w.name] = why
-            else:
-                p.specs[w.name] = spec
+    for w in missing:
+        spec, why = layer_spec(probe, w)
+        if spec is None:
+            p.rtn_fallback[w.name] = why
+        else:
+            p.specs[w.name] = spec
 
 
 def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
