@@ -52,6 +52,21 @@ def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in all_tensors(model))
 
 
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, n): b for n, b in
+                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+                  if hasattr(onnx.TensorProto, n)}
+
+
+def data_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's type and shape need (packed sub-byte types rounded up; None for strings)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = int(np.prod([int(d) for d in tensor.dims], dtype=np.int64))
+    if tensor.data_type in _SUB_BYTE_BITS:
+        return -(-count * _SUB_BYTE_BITS[tensor.data_type] // 8)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize * count
+
+
 def span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor, checked against the file's size."""
     info = external_data_helper.ExternalDataInfo(tensor)
@@ -65,6 +80,10 @@ def span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, i
     if offset < 0 or length < 0 or offset + length > size:
         raise InputError(f"tensor '{tensor.name}': external data [{offset}, {offset + length}) lies outside "
                          f"'{path}' ({size} bytes)")
+    need = data_nbytes(tensor)
+    if info.length is not None and need is not None and length != need:
+        raise InputError(f"tensor '{tensor.name}': external data holds {length} bytes, its type and shape "
+                         f"{[int(d) for d in tensor.dims]} need {need}")
     return path, offset, length
 
 
@@ -164,11 +183,7 @@ def external_nbytes(tensors: list[onnx.TensorProto]) -> int:
     total = 0
     for t in tensors:
         info = external_data_helper.ExternalDataInfo(t)
-        if info.length is not None:
-            total += int(info.length)
-        else:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            total += itemsize * int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+        total += int(info.length) if info.length is not None else data_nbytes(t) or 0
     return total
 
 

@@ -156,3 +156,26 @@ def test_large_unchanged_initializers_are_streamed_into_the_output_data_file(tmp
             streamed = {t.name for t in q.graph.initializer if external_data.is_external(t)}
             assert streamed == {"table"}   # the quantized weight (256 B) is small enough to stay inline
     np.testing.assert_array_equal(outs[False], outs[True])
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["in-memory", "on-disk"])
+def test_external_data_shorter_than_the_tensor_is_a_clear_error(tmp_path, monkeypatch, lazy):
+    """A ``length`` entry too small for the tensor's shape: exit 2, the tensor named, no output."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w])
+    model = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model),
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    m = onnx.load(str(model), load_external_data=False)
+    next(e for e in m.graph.initializer[0].external_data if e.key == "length").value = "100"
+    onnx.save(m, str(model))
+    monkeypatch.setattr(external_data, "LAZY_BYTES", 0 if lazy else 2**62)
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "w" in lines[0] and "Traceback" not in res.output
+    assert not out.exists() and not out.with_name("q.report.json").exists()
