@@ -8,7 +8,7 @@ Python API::
 
 __version__ = "0.1.0"
 
-from .errors import CetError, InputError, RuntimeFailure  # noqa: E402
-from .pipeline import QuantizeOptions, quantize  # noqa: E402
+from cet_onnx.errors import CetError, InputError, RuntimeFailure  # noqa: E402
+from cet_onnx.pipeline import QuantizeOptions, quantize  # noqa: E402
 
 __all__ = ["CetError", "InputError", "QuantizeOptions", "RuntimeFailure", "quantize", "__version__"]

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import RuntimeFailure
+from cet_onnx.errors import RuntimeFailure
 
 CSV_FIELDS = ("allocator", "name", "op", "params", "format", "bytes", "first_order", "curvature", "predicted", "form")
 
@@ -41,7 +41,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_analysis(result: dict[str, Any], prefix: str) -> list[Path]:
     """``PREFIX.json`` and ``PREFIX.csv``."""
-    from .pipeline import strict_json
+    from cet_onnx.pipeline import strict_json
     base = Path(prefix)
     if not base.parent.is_dir():
         raise RuntimeFailure(f"{prefix}: output folder '{base.parent}' does not exist")

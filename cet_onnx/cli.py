@@ -17,14 +17,14 @@ from typing import Callable
 
 import click
 
-from . import __version__
-from .errors import CetError, InputError
+from cet_onnx import __version__
+from cet_onnx.errors import CetError, InputError
 
 EXAMPLE_MODEL = "models/digits/model.onnx"
 
 
 def emit_json(obj: dict) -> None:
-    from .pipeline import strict_json
+    from cet_onnx.pipeline import strict_json
     click.echo(json.dumps(strict_json(obj), indent=2, default=str))
 
 
@@ -63,7 +63,7 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _image_options(image_size, mean, std, layout):
-    from .calib_data import ImageOptions
+    from cet_onnx.calibration.data import ImageOptions
     size = None
     if image_size is not None:
         parts = _floats(image_size.replace("x", ","), "--image-size")
@@ -226,8 +226,8 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
       cet-onnx quantize models/digits/model.onnx -o digits.mixed.onnx \\
           --calib models/digits/calib.npz --avg-bits 3
     """
-    from .pipeline import QuantizeOptions, quantize as run_quantize, report_path
-    from .progress import set_quiet
+    from cet_onnx.pipeline import QuantizeOptions, quantize as run_quantize, report_path
+    from cet_onnx.progress import set_quiet
     set_quiet(quiet or as_json)
     if per_tensor and block_size:
         raise InputError("--per-tensor and --block-size cannot be combined")
@@ -332,9 +332,9 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     Example:
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
     """
-    from .analysis_io import write_analysis
-    from .pipeline import QuantizeOptions, analyze as run_analyze
-    from .progress import set_quiet
+    from cet_onnx.analysis_io import write_analysis
+    from cet_onnx.pipeline import QuantizeOptions, analyze as run_analyze
+    from cet_onnx.progress import set_quiet
     set_quiet(quiet or as_json)
     names = tuple(a.strip() for a in allocators.split(",") if a.strip())
     bad = [a for a in names if a not in ("cet", "hawq", "sqnr")]
@@ -382,7 +382,7 @@ def inspect(model, as_json):
     Example:
       cet-onnx inspect models/digits/model.onnx
     """
-    from .inspect_model import inspect_model
+    from cet_onnx.inspect_model import inspect_model
     info = inspect_model(model)
     if as_json:
         emit_json({"ok": True, **info})
@@ -421,8 +421,8 @@ def evaluate(fp32_model, quant_model, calib, calib_size, batch_size, image_size,
       cet-onnx evaluate models/digits/model.onnx digits.int8.onnx \\
           --calib models/digits/eval.npz --labels models/digits/eval_labels.npy
     """
-    from .evaluate import evaluate_models
-    from .progress import set_quiet
+    from cet_onnx.evaluate import evaluate_models
+    from cet_onnx.progress import set_quiet
     set_quiet(quiet or as_json)
     result = evaluate_models(fp32_model, quant_model, calib, calib_size=calib_size, batch_size=batch_size,
                              image=_image_options(image_size, mean, std, layout), device=device,

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 
-from .calib_data import ImageOptions, batched, load_samples, model_inputs
-from .errors import InputError
-from .model_io import data_dir, load_model, model_file_bytes
-from .pipeline import effective_batch_size, load_labels
-from .runner import concat_outputs, make_session, run_batches, select_providers
-from .verify import accuracy, compare_outputs, median_latency_ms
+from cet_onnx.calibration.data import ImageOptions, batched, load_samples, model_inputs
+from cet_onnx.errors import InputError
+from cet_onnx.io.model_files import data_dir, load_model, model_file_bytes
+from cet_onnx.pipeline import effective_batch_size, load_labels
+from cet_onnx.runner import concat_outputs, make_session, run_batches, select_providers
+from cet_onnx.verify import accuracy, compare_outputs, median_latency_ms
 
 
 def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike, data: str | None, *,

@@ -7,8 +7,8 @@ from typing import Any
 
 import onnx
 
-from .model_io import constants_to_initializers, load_model, opset_version
-from .weights import find_weights
+from cet_onnx.io.model_files import constants_to_initializers, load_model, opset_version
+from cet_onnx.graph.weights import find_weights
 
 
 def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:

@@ -16,32 +16,32 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
-from . import probe_cache
-from .allocate import (ALLOCATORS, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget,
+from cet_onnx import __version__
+from cet_onnx.allocation import cache as probe_cache
+from cet_onnx.allocation.allocate import (ALLOCATORS, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget,
                        refine_size_budget,
                        fidelity, measure_cet, measure_hawq, measure_sqnr, solve)
-from .calib_data import ImageOptions, ModelInput, batched, load_samples, model_inputs
-from .decompose import decompose_hardswish
-from .errors import InputError, RuntimeFailure
-from .losses import LOSSES, default_loss
-from . import external_data
-from .external_data import LazyValues, external_nbytes, external_tensors, load_into
-from .model_io import data_dir as external_dir, fits_protobuf, initializer_map, model_file_bytes, prepare_model, \
+from cet_onnx.calibration.data import ImageOptions, ModelInput, batched, load_samples, model_inputs
+from cet_onnx.graph.split_hardswish import decompose_hardswish
+from cet_onnx.errors import InputError, RuntimeFailure
+from cet_onnx.allocation.losses import LOSSES, default_loss
+from cet_onnx.io import external_data
+from cet_onnx.io.external_data import LazyValues, external_nbytes, external_tensors, load_into
+from cet_onnx.io.model_files import data_dir as external_dir, fits_protobuf, initializer_map, model_file_bytes, prepare_model, \
     save_model, to_array, warn
-from .probes import ProbeSession
-from .gptq import major_axis_rounding
-from .hessian import collect_hessians, hessian_nbytes, layer_spec
-from .plot import pareto_path, pareto_png
-from .progress import track
-from .probes import probe_model
-from .quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
+from cet_onnx.allocation.probes import ProbeSession
+from cet_onnx.rounding.gptq import major_axis_rounding
+from cet_onnx.rounding.hessian import collect_hessians, hessian_nbytes, layer_spec
+from cet_onnx.plot import pareto_path, pareto_png
+from cet_onnx.progress import track
+from cet_onnx.allocation.probes import probe_model
+from cet_onnx.quant.quantizer import (ActivationParams, QuantizedWeight, RoundingPlan, WeightFormat, activation_params, clip_for,
                         grid_symmetric, quantize_weight)
-from .rewriter import ACTIVATION_OPS, activation_tensors, rewrite
-from .runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
-from .solver import pareto_front
-from .verify import accuracy, compare_outputs
-from .weights import WeightInfo, find_weights, subgraph_weights
+from cet_onnx.graph.rewriter import ACTIVATION_OPS, activation_tensors, rewrite
+from cet_onnx.runner import collect_ranges, concat_outputs, make_session, run_batches, select_providers
+from cet_onnx.allocation.solver import pareto_front
+from cet_onnx.verify import accuracy, compare_outputs
+from cet_onnx.graph.weights import WeightInfo, find_weights, subgraph_weights
 
 
 @dataclass

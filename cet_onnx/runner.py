@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputError, RuntimeFailure
-from .model_io import fits_protobuf
-from .progress import track
-from .ranges import make_observer
+from cet_onnx.errors import InputError, RuntimeFailure
+from cet_onnx.io.model_files import fits_protobuf
+from cet_onnx.progress import track
+from cet_onnx.calibration.ranges import make_observer
 
 Feed = dict[str, np.ndarray]
 

@@ -1,4 +1,4 @@
-"""Tests for cet_onnx.calib_data: every source kind, batching and every input error."""
+"""Tests for cet_onnx.calibration.data: every source kind, batching and every input error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from cet_onnx.calib_data import (
+from cet_onnx.calibration.data import (
     ImageOptions,
     ModelInput,
     batched,

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from cet_onnx.allocate import Candidates, candidate_formats
+from cet_onnx.allocation.allocate import Candidates, candidate_formats
 from cet_onnx.cli import main
-from cet_onnx.probes import ProbeSession
-from cet_onnx.quantizer import WeightFormat, quantize_weight
-from cet_onnx.weights import find_weights
+from cet_onnx.allocation.probes import ProbeSession
+from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
+from cet_onnx.graph.weights import find_weights
 
 from models import small_cnn
 

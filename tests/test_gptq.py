@@ -5,10 +5,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cet_onnx.gptq import gptq_round, major_axis_rounding
-from cet_onnx.hessian import LayerSpec, conv_patches, from_rows, linear_rows, to_rows
-from cet_onnx.quantizer import WeightFormat, quantize_weight
-from cet_onnx.weights import WeightInfo
+from cet_onnx.rounding.gptq import gptq_round, major_axis_rounding
+from cet_onnx.rounding.hessian import LayerSpec, conv_patches, from_rows, linear_rows, to_rows
+from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
+from cet_onnx.graph.weights import WeightInfo
 
 RNG = np.random.default_rng(11)
 

@@ -14,11 +14,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cet_onnx import external_data
+from cet_onnx.io import external_data
 from cet_onnx.cli import main
 from cet_onnx.errors import InputError
-from cet_onnx.model_io import load_model, prepare_model
-from cet_onnx.probe_cache import cache_key
+from cet_onnx.io.model_files import load_model, prepare_model
+from cet_onnx.allocation.cache import cache_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"

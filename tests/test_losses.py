@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cet_onnx.losses import default_loss, is_probability, log_softmax, loss_value
+from cet_onnx.allocation.losses import default_loss, is_probability, log_softmax, loss_value
 
 RNG = np.random.default_rng(0)
 

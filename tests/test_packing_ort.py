@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cet_onnx.packing import make_int_tensor
-from cet_onnx.quantizer import WeightFormat, quantize_weight
+from cet_onnx.quant.packing import make_int_tensor
+from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
 
 RNG = np.random.default_rng(1)
 

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cet_onnx.packing import pack_bits, unpack_bits
-from cet_onnx.quantizer import WeightFormat, expand_scale, quantize_weight, weight_qrange
+from cet_onnx.quant.packing import pack_bits, unpack_bits
+from cet_onnx.quant.quantizer import WeightFormat, expand_scale, quantize_weight, weight_qrange
 
 EDGE = st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3e38, -3e38, 1.0, -1.0])
 FLOATS = st.one_of(EDGE, st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False).map(lambda v: float(np.float32(v))))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cet_onnx.packing import pack_bits, unpack_bits
-from cet_onnx.quantizer import (WeightFormat, activation_params, container_bits, expand_scale, quantize_activation,
+from cet_onnx.quant.packing import pack_bits, unpack_bits
+from cet_onnx.quant.quantizer import (WeightFormat, activation_params, container_bits, expand_scale, quantize_activation,
                                 quantize_weight, weight_qrange)
 
 RNG = np.random.default_rng(0)

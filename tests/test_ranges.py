@@ -1,11 +1,11 @@
-"""Tests of cet_onnx.ranges: activation-range observers."""
+"""Tests of cet_onnx.calibration.ranges: activation-range observers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cet_onnx.ranges import METHODS, Observer, _MagnitudeHistogram, make_observer
+from cet_onnx.calibration.ranges import METHODS, Observer, _MagnitudeHistogram, make_observer
 
 HIST_METHODS = ("percentile", "entropy", "mse")
 

@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from cet_onnx.model_io import constants_to_initializers
-from cet_onnx.quantizer import WeightFormat, activation_params, quantize_weight
-from cet_onnx.rewriter import activation_tensors, removable_relus, rewrite
+from cet_onnx.io.model_files import constants_to_initializers
+from cet_onnx.quant.quantizer import WeightFormat, activation_params, quantize_weight
+from cet_onnx.graph.rewriter import activation_tensors, removable_relus, rewrite
 from cet_onnx.runner import collect_ranges
-from cet_onnx.weights import find_weights
+from cet_onnx.graph.weights import find_weights
 
 from models import small_cnn, small_mlp
 
@@ -133,7 +133,7 @@ def test_shared_weight_is_quantized_once():
 
 def test_hardswish_split_is_exact_and_gets_quantized_mul():
     from onnx import TensorProto, helper
-    from cet_onnx.decompose import decompose_hardswish
+    from cet_onnx.graph.split_hardswish import decompose_hardswish
     w = numpy_helper.from_array(RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("HardSwish", ["c"], ["h"]),
              helper.make_node("Conv", ["h", "w2"], ["y"])]

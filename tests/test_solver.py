@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cet_onnx.solver import Infeasible, pareto_front, solve_loss_budget, solve_size_budget
+from cet_onnx.allocation.solver import Infeasible, pareto_front, solve_loss_budget, solve_size_budget
 
 RNG = np.random.default_rng(7)
 

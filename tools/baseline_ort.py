@@ -436,9 +436,9 @@ def evaluate_model(name: str, args) -> dict:
     cet_info = run_cet(model, paths["cet-int8"], spec, args.batch_size)
     print(f"[{name}] cet-onnx quantize:   {cet_info['time_total_s']:.2f}s", file=sys.stderr)
     if args.what_if_ops:
-        # Diagnostic: the same like-for-like run with extra op types in cet_onnx.rewriter.ACTIVATION_OPS
+        # Diagnostic: the same like-for-like run with extra op types in cet_onnx.graph.rewriter.ACTIVATION_OPS
         # (patched in this process only; no file is changed), to test a hypothesis about Q/DQ placement.
-        from cet_onnx import rewriter
+        from cet_onnx.graph import rewriter
         saved = rewriter.ACTIVATION_OPS
         rewriter.ACTIVATION_OPS = frozenset(saved | set(args.what_if_ops.split(",")))
         try:
@@ -493,7 +493,7 @@ def evaluate_model(name: str, args) -> dict:
                                              "quantize_static": ort_info["time_quant_s"]}
     if WHAT_IF in rows:
         rows[WHAT_IF]["quantize_s"] = wi["time_total_s"]
-        rows[WHAT_IF]["what_if"] = f"cet_onnx.rewriter.ACTIVATION_OPS += {args.what_if_ops} (in-process patch)"
+        rows[WHAT_IF]["what_if"] = f"cet_onnx.graph.rewriter.ACTIVATION_OPS += {args.what_if_ops} (in-process patch)"
     rows["cet-int8"]["quantize_s"] = cet_info["time_total_s"]
     rows["cet-int8"]["quantize_detail_s"] = cet_info["stages_s"]
 
@@ -660,7 +660,7 @@ def main(argv=None) -> None:
                     help="skip the extra cet-onnx run with its own default options (accuracy only)")
     ap.add_argument("--what-if-ops", default=None, metavar="OP[,OP]",
                     help="diagnostic: add a 'cet-int8 what-if' model quantized with these op types added to "
-                         "cet_onnx.rewriter.ACTIVATION_OPS (patched in-process only)")
+                         "cet_onnx.graph.rewriter.ACTIVATION_OPS (patched in-process only)")
     ap.add_argument("--out", type=Path, default=RESULTS / "baseline_int8.md")
     args = ap.parse_args(argv)
     args.latency_batches = [int(b) for b in args.latency_batches.split(",")]

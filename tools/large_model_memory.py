@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
 from bench import run_measured  # noqa: E402
-from cet_onnx.model_io import model_file_bytes  # noqa: E402
+from cet_onnx.io.model_files import model_file_bytes  # noqa: E402
 from make_large_model import write_model  # noqa: E402
 
 ORT_RUN = """

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
-from .errors import InputError
+from cet_onnx.errors import InputError
 
 #: Models whose initializers hold at least this many bytes in external data files keep them on disk.
 LAZY_BYTES = 2**30

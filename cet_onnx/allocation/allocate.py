@@ -4,7 +4,7 @@ Allocators (all feed the same exact knapsack, so their differences are differenc
 sensitivity they assume):
 
 * ``cet``: the measured finite-difference loss change ``L(w+δ) − L(w)`` of each weight and
-  format (first-order + curvature terms, see :mod:`cet_onnx.probes`);
+  format (first-order + curvature terms, see :mod:`cet_onnx.allocation.probes`);
 * ``hawq``: ``½ · Tr(H_i)/n_i · ‖δ_if‖²`` with a Hutchinson estimate of the Hessian trace
   (Rademacher directions, central differences);
 * ``sqnr``: the noise-to-signal ratio of the weight's own layer output;
@@ -24,13 +24,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .packing import format_nbytes
-from .probes import ProbeSession
-from .progress import Progress
-from .quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
-from .solver import Infeasible, Solution, solve_loss_budget, solve_size_budget
-from .weights import WeightInfo
+from cet_onnx.errors import InputError
+from cet_onnx.quant.packing import format_nbytes
+from cet_onnx.allocation.probes import ProbeSession
+from cet_onnx.progress import Progress
+from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
+from cet_onnx.allocation.solver import Infeasible, Solution, solve_loss_budget, solve_size_budget
+from cet_onnx.graph.weights import WeightInfo
 
 ALLOCATORS = ("cet", "hawq", "sqnr", "uniform")
 

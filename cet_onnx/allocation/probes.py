@@ -26,13 +26,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import RuntimeFailure
-from .losses import is_probability, loss_value
-from .progress import Progress
-from .quantizer import ActivationParams
-from .rewriter import rewrite
-from .runner import Feed, concat_outputs, make_session, run_batches
-from .weights import WeightInfo
+from cet_onnx.errors import RuntimeFailure
+from cet_onnx.allocation.losses import is_probability, loss_value
+from cet_onnx.progress import Progress
+from cet_onnx.quant.quantizer import ActivationParams
+from cet_onnx.graph.rewriter import rewrite
+from cet_onnx.runner import Feed, concat_outputs, make_session, run_batches
+from cet_onnx.graph.weights import WeightInfo
 
 
 def probe_model(model: onnx.ModelProto, weights: Sequence[WeightInfo],

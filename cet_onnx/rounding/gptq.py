@@ -106,12 +106,12 @@ def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], sca
 
 def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128, damp: float = 0.01,
                         act_order: bool = True):
-    """A :data:`cet_onnx.quantizer.Rounding` that applies :func:`gptq_round` to one layer's weight.
+    """A :data:`cet_onnx.quant.quantizer.Rounding` that applies :func:`gptq_round` to one layer's weight.
 
-    ``info`` / ``spec`` describe the weight's layout (:mod:`cet_onnx.hessian`), ``hessians`` holds
+    ``info`` / ``spec`` describe the weight's layout (:mod:`cet_onnx.rounding.hessian`), ``hessians`` holds
     one Hessian per convolution group (one for Gemm / MatMul).
     """
-    from .hessian import from_rows, groups_rows, to_rows
+    from cet_onnx.rounding.hessian import from_rows, groups_rows, to_rows
 
     factors: list = []
 

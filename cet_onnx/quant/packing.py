@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .quantizer import QuantizedWeight, WeightFormat, container_bits, packed_nbytes
+from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat, container_bits, packed_nbytes
 
 _ELEM_TYPE = {8: TensorProto.INT8, 4: TensorProto.INT4, 2: TensorProto.INT2}
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from .external_data import data_digest
+from cet_onnx.io.external_data import data_digest
 
 
 def default_dir() -> Path:

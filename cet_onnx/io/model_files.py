@@ -18,8 +18,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from . import external_data
-from .errors import InputError, RuntimeFailure
+from cet_onnx.io import external_data
+from cet_onnx.errors import InputError, RuntimeFailure
 
 #: Models larger than this are saved with external data (protobuf's 2 GB limit).
 PROTOBUF_LIMIT = 2**31 - 2**20

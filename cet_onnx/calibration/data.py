@@ -52,7 +52,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from .errors import InputError
+from cet_onnx.errors import InputError
 
 Dim = Union[int, str, None]
 Feed = dict[str, np.ndarray]

@@ -99,7 +99,7 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         """Stored bytes: packed codes + float32 scales + zero points in the code's container."""
-        from .packing import stored_nbytes
+        from cet_onnx.quant.packing import stored_nbytes
         return stored_nbytes(self)
 
 

@@ -18,10 +18,10 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .errors import RuntimeFailure
-from .progress import track
-from .runner import Feed, make_session
-from .weights import WeightInfo
+from cet_onnx.errors import RuntimeFailure
+from cet_onnx.progress import track
+from cet_onnx.runner import Feed, make_session
+from cet_onnx.graph.weights import WeightInfo
 
 
 @dataclass
@@ -186,7 +186,7 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
                      data_dir: str | None = None) -> dict[str, list[np.ndarray]]:
     """Hessians of every spec's layer, one streamed pass over ``batches``.
 
-    ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.probes.probe_model`);
+    ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.allocation.probes.probe_model`);
     ``weight_feeds`` gives the value of each weight that ``probe`` takes as a graph input (already
     quantized ones, for a sequential pass); the other weights are the probe's own initializers.
     """

@@ -43,11 +43,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .external_data import read_array
-from .model_io import opset_version, upgrade_opset
-from .packing import make_int_tensor, stored_form
-from .quantizer import ActivationParams, QuantizedWeight, container_bits
-from .weights import WeightInfo
+from cet_onnx.io.external_data import read_array
+from cet_onnx.io.model_files import opset_version, upgrade_opset
+from cet_onnx.quant.packing import make_int_tensor, stored_form
+from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight, container_bits
+from cet_onnx.graph.weights import WeightInfo
 
 #: Ops whose float activation inputs get QuantizeLinear/DequantizeLinear, following
 #: onnxruntime's QDQ conventions (its CPU fusions look for Q/DQ around these).
