@@ -82,19 +82,14 @@ if BLAS_THREADS.isdigit() and int(BLAS_THREADS) > 0:
         os.environ[_var] = BLAS_THREADS
 
 import numpy as np  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-import baseline_ort  # noqa: E402  (session options, interleaved latency, batched runs, CPU name)
+import bench_common as common  # noqa: E402  (cet-onnx's API, sessions, interleaved latency, subprocess runs)
+import bench_data  # noqa: E402  (the models and their data)
+from bench_common import ROOT, rel as _rel  # noqa: E402
+from bench_data import CACHE, MODELS, RESULTS  # noqa: E402
 
-RESULTS = ROOT / "tools" / "results"
-CACHE = RESULTS / "cache"
-MODELS = ("digits", "orientation", "ocr")
 BUDGETS = (4.0, 3.0, 2.5)
 REPRESENTATIVE = 3.0          # the budget whose hawq / cet runs are timed in a fresh subprocess
 BLOCK = 32                    # block size of the uniform 4- and 2-bit runs
@@ -161,47 +156,10 @@ def methods_for(quick: bool) -> list[Method]:
 
 # --------------------------------------------------------------------------- data
 
-def model_data(name: str, cfg: dict, work: Path) -> dict:
-    """Model path, input name, calibration .npz (written to ``work``), evaluation arrays and references."""
-    if name == "digits":
-        d = ROOT / "models" / "digits"
-        calib = np.load(d / "calib.npz")["image"][:cfg["calib_n"]]
-        x_eval = np.load(d / "eval.npz")["image"][:cfg["eval_n"]]
-        y_eval = np.load(d / "eval_labels.npy")[:cfg["eval_n"]]
-        spec = {"model": d / "model.onnx", "input": "image", "calib": calib, "x_eval": x_eval, "labels": y_eval,
-                "metric": "accuracy", "source": "models/digits: calib.npz (calibration), eval.npz + eval_labels.npy"}
-    elif name == "orientation":
-        import orientation_data
-        n_c, n_e = SETTINGS["full"]["orientation"]["calib_n"], SETTINGS["full"]["orientation"]["eval_n"]
-        info = orientation_data.build(CACHE, n_c, n_e)     # built once at the full size, sliced for --quick
-        inp = info["input_name"]
-        spec = {"model": Path(info["model"]), "input": inp,
-                "calib": np.load(info["calib_data"])[inp][:cfg["calib_n"]],
-                "x_eval": np.load(info["eval_data"])[inp][:cfg["eval_n"]],
-                "labels": np.load(info["eval_labels"])[:cfg["eval_n"]], "metric": "accuracy",
-                "model_info": info["model_info"],
-                "source": f"tools/orientation_data.py build(calib_n={n_c}, eval_n={n_e}) (rendered DejaVu text pages "
-                          "+ scikit-image samples, 4 rotations; calibration and evaluation from disjoint sources), "
-                          "first calib_n / eval_n samples"}
-    elif name == "ocr":
-        import ocr_data
-        info = ocr_data.build(CACHE, cfg["calib_n"], cfg["eval_n"])
-        inp = info["input_name"]
-        texts = json.loads(Path(info["eval_texts"]).read_text())
-        spec = {"model": Path(info["model"]), "input": inp, "calib": np.load(info["calib_data"])[inp],
-                "x_eval": np.load(info["eval_data"])[inp], "texts": texts["texts"], "fonts": texts["fonts"],
-                "chars": ocr_data.character_list(Path(info["model"])), "metric": "cer",
-                "model_info": info["model_info"],
-                "source": f"tools/ocr_data.py build(calib_n={cfg['calib_n']}, eval_n={cfg['eval_n']}): ASCII text lines "
-                          f"rendered 48x<=320 px with PIL in {len(info['fonts'])} DejaVu fonts, sizes "
-                          f"{info['font_sizes'][0]}-{info['font_sizes'][1]} px, padded to 48x320; calibration and "
-                          "evaluation lines from disjoint documents"}
-    else:
-        raise SystemExit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
-    work.mkdir(parents=True, exist_ok=True)
-    spec["calib_npz"] = work / "calib.npz"
-    np.savez(spec["calib_npz"], **{spec["input"]: spec["calib"]})
-    return spec
+def model_data(name: str, cfg: dict) -> bench_data.ModelData:
+    """The model with its first ``calib_n`` calibration and ``eval_n`` evaluation samples (``bench_data``; the
+    orientation data is built once at the full size, 128 / 400, and sliced for ``--quick``)."""
+    return bench_data.load(name, cfg["calib_n"], cfg["eval_n"])
 
 
 # --------------------------------------------------------------------------- weight bytes in a file
@@ -297,31 +255,10 @@ def weight_bytes_in_file(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- quantize runs
 
-def run_measured(cmd: list[str], log_path: Path) -> dict:
-    """Run ``cmd`` in a fresh process; wall time, and the child's peak RSS / CPU time from ``os.wait4``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    t0 = time.perf_counter()
-    with open(log_path, "w") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"command failed with exit code {p.returncode}: {shlex.join(cmd)}\n{tail}")
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(ru.ru_maxrss * 1024 / 1e6, 1),
-            "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2)}
-
-
-def _rel(p: Path) -> str:
-    p = Path(p)
-    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
-
-
-def cet_cli_command(m: Method, spec: dict, cfg: dict, out: Path, cache_dir: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", _rel(spec["model"]), "-o", _rel(out),
-           "--calib", _rel(spec["calib_npz"]), "--device", "cpu", "--verify-size", "0",
+def cet_cli_command(m: Method, spec: bench_data.ModelData, calib: Path, cfg: dict, out: Path,
+                    cache_dir: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", _rel(spec.model), "-o", _rel(out),
+           "--calib", _rel(calib), "--device", "cpu", "--verify-size", "0",
            "--batch-size", str(cfg["batch"]), "-q"] + (["--weight-only"] if m.weight_only else [])
     if m.weight_bits is not None:
         cmd += ["--weight-bits", str(m.weight_bits)] + (["--block-size", str(m.block)] if m.block else [])
@@ -332,9 +269,9 @@ def cet_cli_command(m: Method, spec: dict, cfg: dict, out: Path, cache_dir: Path
     return cmd
 
 
-def ort_command(m: Method, spec: dict, cfg: dict, out: Path) -> list[str]:
-    return [sys.executable, _rel(ROOT / "tools" / "ort_quantize.py"), _rel(spec["model"]), "-o", _rel(out),
-            "--calib", _rel(spec["calib_npz"]), "--method", m.ort_method, "--batch-size", str(cfg["batch"])]
+def ort_command(m: Method, spec: bench_data.ModelData, calib: Path, cfg: dict, out: Path) -> list[str]:
+    return [sys.executable, _rel(ROOT / "tools" / "ort_quantize.py"), _rel(spec.model), "-o", _rel(out),
+            "--calib", _rel(calib), "--method", m.ort_method, "--batch-size", str(cfg["batch"])]
 
 
 def _cet_summary(report: dict) -> dict:
@@ -356,45 +293,44 @@ def _cet_summary(report: dict) -> dict:
     return out
 
 
-def quantize_all(spec: dict, cfg: dict, methods: list[Method], work: Path, quick: bool) -> dict[str, dict]:
+def quantize_all(spec: bench_data.ModelData, calib: Path, cfg: dict, methods: list[Method], work: Path,
+                 quick: bool) -> dict[str, dict]:
     """Produce every method's model; return per method: path, command, timings, cet report summary."""
-    from cet_onnx.pipeline import QuantizeOptions, prepare, quantize
-    from cet_onnx.progress import set_quiet
-    set_quiet(True)
+    common.quiet()
     probe_cache = Path(tempfile.mkdtemp(prefix="probe-cache-", dir=work))   # fresh: the first runs probe cold
     runs: dict[str, dict] = {}
     try:
         for m in methods:
             if m.kind == "fp32":
-                runs[m.key] = {"path": Path(spec["model"])}
+                runs[m.key] = {"path": Path(spec.model)}
             elif m.kind in ("ort", "cli"):
                 out = work / f"{m.key.replace('@', '_at_')}.onnx"
-                cmd = ort_command(m, spec, cfg, out) if m.kind == "ort" else \
-                    cet_cli_command(m, spec, cfg, out, None if quick else probe_cache)
+                cmd = ort_command(m, spec, calib, cfg, out) if m.kind == "ort" else \
+                    cet_cli_command(m, spec, calib, cfg, out, None if quick else probe_cache)
                 log(f"{m.key}: {shlex.join([_rel(Path(c)) if c == sys.executable else c for c in cmd[1:]])}")
-                meas = run_measured(cmd, out.with_suffix(".log"))
+                meas = common.run_measured(cmd, out.with_suffix(".log"))
                 run = {"path": out, "command": "python " + shlex.join(cmd[1:]), "subprocess": meas,
                        "quantize_s": meas["wall_s"], "peak_rss_mb": meas["peak_rss_mb"], "timing": "subprocess"}
                 if m.kind == "ort":
                     run["ort"] = json.loads(out.with_suffix(".log").read_text().strip().splitlines()[-1])
                 else:
-                    from cet_onnx.pipeline import report_path
-                    run["cet"] = _cet_summary(json.loads(report_path(out).read_text()))
+                    run["cet"] = _cet_summary(json.loads(common.report_path(out).read_text()))
                 runs[m.key] = run
                 log(f"{m.key}: {meas['wall_s']:.1f} s, peak RSS {meas['peak_rss_mb']:.0f} MB")
         inproc = [m for m in methods if m.kind == "inproc"]
         if inproc:
-            base = QuantizeOptions(device="cpu", verify_size=0, batch_size=cfg["batch"], probe_size=cfg["probe_size"],
-                                   fidelity_samples=cfg["fidelity_samples"], cache_dir=str(probe_cache))
+            base = common.cet_options(device="cpu", verify_size=0, batch_size=cfg["batch"],
+                                      probe_size=cfg["probe_size"], fidelity_samples=cfg["fidelity_samples"],
+                                      cache_dir=str(probe_cache))
             t0 = time.perf_counter()
-            prepared = prepare(spec["model"], str(spec["calib_npz"]), base, mixed=True)
+            prepared = common.prepare(spec.model, str(calib), base, mixed=True)
             prep_s = time.perf_counter() - t0
             log(f"shared prepare(mixed=True): {prep_s:.1f} s")
             for m in inproc:
                 out = work / f"{m.key.replace('@', '_at_')}.onnx"
-                opts = dataclasses.replace(base, allocator=m.allocator, avg_bits=m.avg_bits)
+                opts = common.with_options(base, allocator=m.allocator, avg_bits=m.avg_bits)
                 t0 = time.perf_counter()
-                report = quantize(spec["model"], out, str(spec["calib_npz"]), opts, prepared=prepared)
+                report = common.quantize(spec.model, out, str(calib), opts, prepared=prepared)
                 dt_s = time.perf_counter() - t0
                 runs[m.key] = {"path": out, "quantize_s": round(dt_s, 3), "peak_rss_mb": None, "timing": "in-process",
                                "shared_prepare_s": round(prep_s, 3), "cet": _cet_summary(report),
@@ -426,26 +362,21 @@ def same_activation_ranges(a: Path, b: Path) -> dict:
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate(path: Path, spec: dict) -> dict:
-    """Outputs on the evaluation set: top-1 predictions (classifiers) or decoded strings (ocr)."""
-    sess = baseline_ort.session(path, None)
-    x = spec["x_eval"]
-    bs = 64 if spec["metric"] == "accuracy" else 32
-    if spec["metric"] == "accuracy":
-        return {"pred": baseline_ort.run_all(sess, spec["input"], x, bs).argmax(-1)}
+def evaluate(path: Path, spec: bench_data.ModelData) -> dict:
+    """Outputs on the evaluation set: the first output (classifiers) or decoded strings (ocr)."""
+    sess = common.session(path)
+    if spec.metric == "accuracy":
+        return {"logits": common.run_model(sess, spec.input, spec.x_eval, 64)}
     import ocr_data
-    texts = []
-    for i in range(0, len(x), bs):
-        texts += ocr_data.ctc_greedy_decode(sess.run(None, {spec["input"]: x[i:i + bs]})[0], spec["chars"])
-    return {"texts": texts}
+    return {"texts": ocr_data.ctc_greedy_decode(common.run_model(sess, spec.input, spec.x_eval, 32), spec.extra["chars"])}
 
 
-def metrics(res: dict, ref: dict, spec: dict) -> dict:
-    if spec["metric"] == "accuracy":
-        return {"metric": float(np.mean(res["pred"] == spec["labels"])),
-                "agreement": float(np.mean(res["pred"] == ref["pred"]))}
+def metrics(res: dict, ref: dict, spec: bench_data.ModelData) -> dict:
+    if spec.metric == "accuracy":
+        return {"metric": common.accuracy(res["logits"], spec.labels),
+                "agreement": common.top1_agreement(ref["logits"], res["logits"])}
     import ocr_data
-    t, r = res["texts"], spec["texts"]
+    t, r = res["texts"], spec.texts
     return {"metric": ocr_data.cer(t, r), "agreement": float(np.mean([a == b for a, b in zip(t, ref["texts"])])),
             "exact_lines": float(np.mean([a == b for a, b in zip(t, r)]))}
 
@@ -455,9 +386,10 @@ def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dic
     work = CACHE / "work" / ("bench_quick" if quick else "bench") / name
     if work.exists():
         shutil.rmtree(work)
-    spec = model_data(name, cfg, work)
-    log(f"{name}: calibration {spec['calib'].shape}, evaluation {spec['x_eval'].shape}")
-    runs = quantize_all(spec, cfg, methods, work, quick)
+    spec = model_data(name, cfg)
+    calib = spec.save_calib(work / "calib.npz")
+    log(f"{name}: calibration {spec.calib.shape}, evaluation {spec.x_eval.shape}")
+    runs = quantize_all(spec, calib, cfg, methods, work, quick)
     outs = {m.key: evaluate(runs[m.key]["path"], spec) for m in methods}
     rows = {}
     for m in methods:
@@ -483,21 +415,21 @@ def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dic
             row.update(weight_bytes_fp32=wf["bytes_fp32"], weight_bytes=wf["bytes"],
                        weight_compression=wf["compression"], avg_bits=wf["avg_bits"],
                        weight_bytes_source="weight initializers of the file")
-        if spec["metric"] == "cer":
-            fonts = spec["fonts"]
+        if spec.metric == "cer":
+            import ocr_data
+            fonts = spec.extra["fonts"]
             by_font = {}
             for f in sorted(set(fonts)):
                 idx = [i for i, g in enumerate(fonts) if g == f]
-                import ocr_data
-                by_font[f] = round(ocr_data.cer([outs[m.key]["texts"][i] for i in idx], [spec["texts"][i] for i in idx]), 5)
+                by_font[f] = round(ocr_data.cer([outs[m.key]["texts"][i] for i in idx], [spec.texts[i] for i in idx]), 5)
             row["cer_by_font"] = by_font
         rows[m.key] = row
-        log(f"{name} {m.key}: {spec['metric']} {row['metric']:.4f}, agreement {row['agreement']:.4f}, "
+        log(f"{name} {m.key}: {spec.metric} {row['metric']:.4f}, agreement {row['agreement']:.4f}, "
             f"{row['avg_bits']:.2f} bits/weight, {row['file_bytes']:,} B")
     # latency: batch 1, one thread, every model's runs interleaved
-    sessions = {m.key: baseline_ort.session(runs[m.key]["path"], 1) for m in methods}
+    sessions = {m.key: common.session(runs[m.key]["path"], 1) for m in methods}
     load0 = os.getloadavg()[0]
-    lat = baseline_ort.interleaved_latency(sessions, spec["input"], spec["x_eval"][:1], cfg["repeats"])
+    lat = common.interleaved_latency(sessions, spec.input, spec.x_eval[:1], cfg["repeats"])
     load1 = os.getloadavg()[0]
     for k, v in lat.items():
         rows[k]["latency"] = v
@@ -506,13 +438,13 @@ def bench_model(name: str, cfg: dict, methods: list[Method], quick: bool) -> dic
     ort_same = None
     if "ort-minmax" in runs and "ort-entropy" in runs:
         ort_same = same_activation_ranges(runs["ort-minmax"]["path"], runs["ort-entropy"]["path"])
-    if spec["metric"] == "cer":
-        errors = [{"ref": r, "fp32": p} for r, p in zip(spec["texts"], outs["fp32"]["texts"]) if r != p]
+    if spec.metric == "cer":
+        errors = [{"ref": r, "fp32": p} for r, p in zip(spec.texts, outs["fp32"]["texts"]) if r != p]
     else:
         errors = None
-    return {"model": _rel(Path(spec["model"])), "model_info": spec.get("model_info"), "data": spec["source"],
-            "metric": spec["metric"], "settings": {**cfg, "calib_samples": int(len(spec["calib"])),
-                                                   "eval_samples": int(len(spec["x_eval"]))},
+    return {"model": _rel(Path(spec.model)), "model_info": spec.extra.get("model_info"), "data": spec.extra["source"],
+            "metric": spec.metric, "settings": {**cfg, "calib_samples": int(len(spec.calib)),
+                                                "eval_samples": int(len(spec.x_eval))},
             "rows": rows, "loadavg_during_latency": [load0, load1], "fp32_errors": errors,
             "ort_entropy_vs_minmax": ort_same,
             "seconds": round(time.perf_counter() - t_model, 1)}
@@ -820,13 +752,12 @@ def main(argv=None) -> int:
         return 0
     out = args.out or RESULTS / ("bench_quick" if args.quick else "bench")
     mode = "quick" if args.quick else "full"
-    from cet_onnx import __version__ as cet_version
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python tools/bench.py" + "".join(f" {shlex.quote(a)}" for a in
                                                          (sys.argv[1:] if argv is None else argv)),
-            "quick": args.quick, "cpu": baseline_ort._cpu(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+            "quick": args.quick, "cpu": common.cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
             "onnx": onnx.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "cet_onnx": f"cet-onnx {cet_version}", "budgets_avg_bits": [REPRESENTATIVE] if args.quick else list(BUDGETS),
+            "cet_onnx": f"cet-onnx {common.CET_VERSION}", "budgets_avg_bits": [REPRESENTATIVE] if args.quick else list(BUDGETS),
             "settings": {n: SETTINGS[mode][n] for n in names},
             "blas_threads": {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}}
     meta["git"] = _git_state()
@@ -840,7 +771,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta["plot"] = _rel(out.with_suffix(".png"))
     # the measurements first, so that a failure while formatting loses nothing (see --from-json)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=_json))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2,
+                                                   default=common.json_default))
     print(write_reports(json.loads(out.with_suffix(".json").read_text())["results"], meta, out))
     log(f"done in {meta['runtime_s']:.0f} s: {_rel(out)}.md / .json / .png / _readme_snippet.md")
     return 0
@@ -867,16 +799,6 @@ def _git_state() -> dict:
     changed = git("status", "--porcelain", "--", "cet_onnx")
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "cet_onnx_uncommitted": None if changed is None else [ln[3:] for ln in changed.splitlines()]}
-
-
-def _json(o):
-    if isinstance(o, Path):
-        return _rel(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
-
-from bench import run_measured  # noqa: E402
-from cet_onnx.io.model_files import model_file_bytes  # noqa: E402
-from make_large_model import write_model  # noqa: E402
+from bench_common import model_file_bytes, report_path, run_measured
+from bench_data import RESULTS
+from make_large_model import write_model
 
 ORT_RUN = """
 import sys, numpy as np, onnxruntime as ort
@@ -79,7 +76,7 @@ def measure(folder: Path, configs: list[str], gb: float) -> dict:
         row = {"config": name, "args": CONFIGS.get(name, []), **res,
                "peak_rss_over_weight_bytes": round(res["peak_rss_mb"] * 1e6 / weight_bytes, 3)}
         if out is not None:
-            report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+            report = json.loads(report_path(out).read_text())
             row.update({"file_bytes": model_file_bytes(out), "avg_bits": report["totals"]["avg_bits"],
                         "min_sqnr_db": report["verification"]["min_sqnr_db"],
                         "top1_agreement": report["verification"]["min_top1_agreement"],
@@ -116,7 +113,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=2.5)
     ap.add_argument("--configs", default="ort-run,int8,int4")
     ap.add_argument("--dir", type=Path, help="folder for the model and outputs (kept); default: a temporary one")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "large_model")
+    ap.add_argument("--out", type=Path, default=RESULTS / "large_model")
     ap.add_argument("--max-ratio", type=float, help="fail when a cet-onnx run's peak RSS exceeds this × weight bytes")
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]
