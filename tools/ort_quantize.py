@@ -8,7 +8,7 @@ retried with ``skip_symbolic_shape=True`` and the JSON says so), then ``quantize
 ``QuantFormat.QDQ``, ``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
 ``CalibrationMethod`` (MinMax or Entropy, onnxruntime's defaults for each: Entropy uses 128
 histogram bins and 128 quantized bins), calibration on the CPU provider, fed by
-``baseline_ort.ArrayReader`` over the samples of one ``.npz`` (keyed by the input name) in
+``ArrayReader`` over the samples of one ``.npz`` (keyed by the input name) in
 batches of ``--batch-size``. It runs inside the output's folder: onnxruntime's symbolic shape
 inference dumps ``sym_shape_infer_temp.onnx`` into the current folder when it fails.
 ``--max-intermediate-outputs N`` sets ``CalibMaxIntermediateOutputs`` (onnxruntime keeps every
@@ -32,13 +32,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-from baseline_ort import ArrayReader  # noqa: E402
+from onnxruntime.quantization import CalibrationDataReader
 
 METHODS = ("minmax", "entropy")
+
+
+class ArrayReader(CalibrationDataReader):
+    """onnxruntime CalibrationDataReader over in-memory arrays, in fixed-size batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch_size: int):
+        self.batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
 
 
 def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_size: int = 16,
