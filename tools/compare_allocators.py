@@ -19,7 +19,6 @@ Writes tools/results/allocators.md and .json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import sys
@@ -28,40 +27,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import bench_common as common
+import bench_data
 
-from cet_onnx.pipeline import QuantizeOptions, prepare, quantize  # noqa: E402
-from cet_onnx.progress import set_quiet  # noqa: E402
-
-RESULTS = ROOT / "tools" / "results"
+RESULTS = bench_data.RESULTS
+#: probe samples and batch size per model (``--quick``: 16 probe samples)
+SETTINGS = {"digits": {"probe_size": 128, "batch": 16}, "orientation": {"probe_size": 32, "batch": 16}}
 
 
-def model_data(name: str) -> dict:
-    if name == "digits":
-        d = ROOT / "models" / "digits"
-        return {"model": d / "model.onnx", "calib": d / "calib.npz", "calib_labels": d / "calib_labels.npy",
-                "eval": d / "eval.npz", "eval_labels": d / "eval_labels.npy", "probe_size": 128, "batch": 16}
-    if name == "orientation":
-        import orientation_data
-        paths = orientation_data.build()
-        return {"model": paths["model"], "calib": paths["calib_data"], "calib_labels": paths["calib_labels"],
-                "eval": paths["eval_data"], "eval_labels": paths["eval_labels"], "probe_size": 32, "batch": 16}
-    raise SystemExit(f"unknown model {name}")
+def model_data(name: str, work: Path) -> tuple[bench_data.ModelData, Path, dict]:
+    """The model with all its samples (orientation: built at 128 / 400), its calibration ``.npz`` in ``work``
+    and its settings."""
+    if name not in SETTINGS:
+        raise SystemExit(f"unknown model {name}")
+    spec = bench_data.load(name)
+    return spec, spec.save_calib(work / f"{name}_calib.npz"), SETTINGS[name]
 
 
-def evaluate(path: Path, x: dict, labels: np.ndarray, ref: np.ndarray | None, batch: int) -> dict:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    data = next(iter(x.values()))
-    out = np.concatenate([sess.run(None, {name: data[i:i + batch]})[0] for i in range(0, len(data), batch)])
-    pred = out.argmax(-1)
-    res = {"accuracy": float(np.mean(pred == labels))}
+def evaluate(path: Path, spec: bench_data.ModelData, ref: np.ndarray | None, batch: int) -> tuple[dict, np.ndarray]:
+    out = common.run_model(common.session(path), spec.input, spec.x_eval, batch)
+    res = {"accuracy": common.accuracy(out, spec.labels)}
     if ref is not None:
-        res["agreement"] = float(np.mean(pred == ref.argmax(-1)))
+        res["agreement"] = common.top1_agreement(ref, out)
     return res, out
 
 
@@ -74,31 +62,31 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer probe samples and budgets (CI)")
     ap.add_argument("--out", type=Path, default=RESULTS / "allocators")
     args = ap.parse_args(argv)
-    set_quiet(True)
+    common.quiet()
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows, meta = [], {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "command": "python tools/compare_allocators.py " + " ".join(argv or sys.argv[1:])}
     cache = tempfile.mkdtemp(prefix="cet-cache-")
+    calib_dir = Path(tempfile.mkdtemp(prefix="cet-calib-"))
     for mname in args.models.split(","):
-        spec = model_data(mname)
-        x = dict(np.load(spec["eval"]))
-        labels = np.load(spec["eval_labels"])
-        fp32, ref = evaluate(spec["model"], x, labels, None, spec["batch"])
+        spec, calib, cfg = model_data(mname, calib_dir)
+        fp32, ref = evaluate(spec.model, spec, None, cfg["batch"])
         rows.append({"model": mname, "budget": "fp32", "method": "fp32", "rounding": "-", "avg_bits": 32.0,
                      "weight_bytes": None, **fp32})
         print(f"{mname}: fp32 accuracy {fp32['accuracy']:.4f}", file=sys.stderr)
         for rounding in args.roundings.split(","):
-            base = QuantizeOptions(device="cpu", verify_size=0, rounding=rounding, batch_size=spec["batch"],
-                                   probe_size=16 if args.quick else spec["probe_size"],
-                                   fidelity_samples=6 if args.quick else 12, cache_dir=cache)
+            base = common.cet_options(device="cpu", verify_size=0, rounding=rounding, batch_size=cfg["batch"],
+                                      probe_size=16 if args.quick else cfg["probe_size"],
+                                      fidelity_samples=6 if args.quick else 12, cache_dir=cache)
             t0 = time.perf_counter()
-            prepared = prepare(spec["model"], str(spec["calib"]), base, mixed=True)
+            prepared = common.prepare(spec.model, str(calib), base, mixed=True)
             prep_s = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 sizes = {}
                 for label, bits, block in (("uniform 4-bit/ch size", 4, None), ("uniform 2-bit/b32 size", 2, 32)):
-                    rep = quantize(spec["model"], Path(tmp) / f"u{bits}.onnx", str(spec["calib"]),
-                                   dataclasses.replace(base, weight_bits=bits, block_size=block), prepared=prepared)
+                    rep = common.quantize(spec.model, Path(tmp) / f"u{bits}.onnx", str(calib),
+                                          common.with_options(base, weight_bits=bits, block_size=block),
+                                          prepared=prepared)
                     sizes[label] = rep["totals"]["weight_bytes"]
                 budgets = [(k, {"max_size_mb": v / 1e6}) for k, v in sizes.items()]
                 budgets += [("avg 3 bits", {"avg_bits": 3.0}), ("avg 2.5 bits", {"avg_bits": 2.5})]
@@ -108,16 +96,16 @@ def main(argv=None) -> None:
                     budgets = budgets[2:3]
                 for bname, b in budgets:
                     for alloc in args.allocators.split(","):
-                        opts = dataclasses.replace(base, allocator=alloc, **b)
+                        opts = common.with_options(base, allocator=alloc, **b)
                         out = Path(tmp) / "q.onnx"
                         t1 = time.perf_counter()
                         try:
-                            rep = quantize(spec["model"], out, str(spec["calib"]), opts, prepared=prepared)
+                            rep = common.quantize(spec.model, out, str(calib), opts, prepared=prepared)
                         except Exception as exc:  # an infeasible budget for one method is a result too
                             rows.append({"model": mname, "budget": bname, "method": alloc, "rounding": rounding,
                                          "error": str(exc)})
                             continue
-                        res, _ = evaluate(out, x, labels, ref, spec["batch"])
+                        res, _ = evaluate(out, spec, ref, cfg["batch"])
                         a = rep["allocation"]
                         rows.append({"model": mname, "budget": bname, "method": alloc, "rounding": rounding,
                                      "avg_bits": rep["totals"]["avg_bits"], "weight_bytes": rep["totals"]["weight_bytes"],

@@ -19,13 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from cet_onnx.pipeline import QuantizeOptions, analyze  # noqa: E402
-from cet_onnx.progress import set_quiet  # noqa: E402
-from compare_allocators import model_data  # noqa: E402
+import bench_common as common
+from bench_data import RESULTS
+from compare_allocators import model_data
 
 
 def main(argv=None) -> None:
@@ -34,17 +30,18 @@ def main(argv=None) -> None:
     ap.add_argument("--losses", default="logmse,kl,mse")
     ap.add_argument("--assignments", type=int, default=20)
     ap.add_argument("--probe-size", type=int, default=None, help="default: 128 digits, 16 orientation")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "loss_fidelity")
+    ap.add_argument("--out", type=Path, default=RESULTS / "loss_fidelity")
     args = ap.parse_args(argv)
-    set_quiet(True)
+    common.quiet()
     rows = []
+    calib_dir = Path(tempfile.mkdtemp(prefix="cet-calib-"))
     for mname in args.models.split(","):
-        spec = model_data(mname)
+        spec, calib, cfg = model_data(mname, calib_dir)
         for loss in args.losses.split(","):
-            opts = QuantizeOptions(device="cpu", verify_size=0, batch_size=spec["batch"], loss=loss,
-                                   probe_size=args.probe_size or (128 if mname == "digits" else 16),
-                                   fidelity_samples=args.assignments, cache_dir=tempfile.mkdtemp())
-            r = analyze(spec["model"], str(spec["calib"]), opts)
+            opts = common.cet_options(device="cpu", verify_size=0, batch_size=cfg["batch"], loss=loss,
+                                      probe_size=args.probe_size or (128 if mname == "digits" else 16),
+                                      fidelity_samples=args.assignments, cache_dir=tempfile.mkdtemp())
+            r = common.analyze(spec.model, str(calib), opts)
             f = r["fidelity"]
             rows.append({"model": mname, "loss": loss, "spearman": f["spearman"],
                          "ratio": f["median_measured_over_predicted"], "assignments": len(f["assignments"]),
