@@ -79,8 +79,7 @@ def record(out: Path, models: list[str], configs: list[str], python: str) -> Non
         data = bench_data.load(name, cfg["calib_n"], cfg["eval_n"])
         work = out / name
         work.mkdir(exist_ok=True)
-        calib = work / "calib.npz"
-        np.savez(calib, **{data.input: data.calib})
+        calib = data.save_calib(work / "calib.npz")
         for c in configs:
             q = work / f"{c}.onnx"
             cmd = [python, "-m", "cet_onnx.cli", "quantize", str(data.model), "-o", str(q), "--calib", str(calib),

@@ -136,22 +136,22 @@ def _dtype(onnx, name):
     return val
 
 
-def _raw_tensor(onnx, name, qtype, arr):
-    t = onnx.TensorProto()
-    t.name = name
-    t.data_type = _dtype(onnx, qtype)
-    t.dims.extend(list(np.shape(arr)))
-    t.raw_data = pack_bits(arr, _BITS[qtype])
-    return t
-
-
-def _float_tensor(onnx, name, arr, dtype_name):
+def _tensor(onnx, name, dtype_name, shape, raw):
     t = onnx.TensorProto()
     t.name = name
     t.data_type = _dtype(onnx, dtype_name)
-    t.dims.extend(list(np.shape(arr)))
-    t.raw_data = np.ascontiguousarray(arr, dtype=np.dtype(_NP[dtype_name]).newbyteorder("<")).tobytes()
+    t.dims.extend(list(shape))
+    t.raw_data = raw
     return t
+
+
+def _raw_tensor(onnx, name, qtype, arr):
+    return _tensor(onnx, name, qtype, np.shape(arr), pack_bits(arr, _BITS[qtype]))
+
+
+def _float_tensor(onnx, name, arr, dtype_name):
+    raw = np.ascontiguousarray(arr, dtype=np.dtype(_NP[dtype_name]).newbyteorder("<")).tobytes()
+    return _tensor(onnx, name, dtype_name, np.shape(arr), raw)
 
 
 def build_model(spec):

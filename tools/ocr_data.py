@@ -45,17 +45,14 @@ import argparse
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
+import orientation_data  # text sources and their calib / eval split
 from wheel_models import fetch_wheel_member
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-import orientation_data  # noqa: E402  (text sources and their calib / eval split)
 
 DEFAULT_CACHE = ROOT / "tools" / "results" / "cache"
 WHEEL_PACKAGE = "rapidocr-onnxruntime"
