@@ -265,9 +265,9 @@ def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
         if k != "fp32":
             res["unfused_qdq_after_opt"][k] = unfused_qdq(om)
     qa, qc = qdq_params(models["ort-int8"]), qdq_params(models["cet-int8"])
-    common = sorted(set(qa) & set(qc))
+    both = sorted(set(qa) & set(qc))
     diffs = []
-    for t in common:
+    for t in both:
         a, c = qa[t], qc[t]
         rel = abs(a["scale"] - c["scale"]) / max(abs(a["scale"]), 1e-30)
         if rel > 1e-5 or a["zero_point"] != c["zero_point"]:
@@ -311,7 +311,7 @@ def compare_graphs(paths: dict[str, Path], work: Path) -> dict:
     only_ort = [describe(t, pa, consumers_a) for t in sorted(set(qa) - set(qc))]
     only_cet = [describe(t, pc, consumers_c) for t in sorted(set(qc) - set(qa))]
     res["activation_qdq"] = {
-        "ort_count": len(qa), "cet_count": len(qc), "common": len(common),
+        "ort_count": len(qa), "cet_count": len(qc), "common": len(both),
         "common_with_different_params": diffs,
         "only_ort": only_ort, "only_cet": only_cet,
         "only_ort_by_producer_consumers": dict(collections.Counter(

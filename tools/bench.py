@@ -355,9 +355,9 @@ def same_activation_ranges(a: Path, b: Path) -> dict:
                 out[n.input[0]] = (float(np.ravel(s_)[0]), None if z is None else int(np.ravel(z)[0]))
         return out
     pa, pb = params(a), params(b)
-    common = set(pa) & set(pb)
-    same = sum(pa[t] == pb[t] for t in common)
-    return {"activation_tensors": len(common), "identical": int(same), "all_identical": bool(common) and same == len(common)}
+    both = set(pa) & set(pb)
+    same = sum(pa[t] == pb[t] for t in both)
+    return {"activation_tensors": len(both), "identical": int(same), "all_identical": bool(both) and same == len(both)}
 
 
 # --------------------------------------------------------------------------- evaluation
