@@ -25,3 +25,9 @@ class RuntimeFailure(CetError):
     """Valid input, but the work failed or a quality gate was not met (exit code 1)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (else ``default``, else its type name)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (default or type(exc).__name__)

@@ -5,32 +5,31 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import onnx
+import onnx_ir as ir
 
-from cet_onnx.io.model_files import constants_to_initializers, load_model, opset_version
+from cet_onnx.graph.passes.lift_constants import LiftConstantsPass
 from cet_onnx.graph.weights import find_weights
+from cet_onnx.io.load import load_model
 
 
-def _io(vi: onnx.ValueInfoProto) -> dict[str, Any]:
-    t = vi.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "unknown"
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-    return {"name": vi.name, "dtype": dtype, "shape": shape}
+def _io(v: ir.Value) -> dict[str, Any]:
+    dtype = v.dtype.numpy().name if v.dtype is not None and v.dtype != ir.DataType.UNDEFINED else "unknown"
+    shape = [] if v.shape is None else [d if isinstance(d, int) else (d.value or "?") for d in v.shape]
+    return {"name": v.name, "dtype": dtype, "shape": shape}
 
 
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     """Describe the model at ``path`` (no simplification, so names match the file)."""
     model = load_model(path)
-    constants_to_initializers(model)
-    inits = {t.name for t in model.graph.initializer}
+    LiftConstantsPass()(model)
     weights, skipped = find_weights(model)
     return {
         "model": str(path),
-        "opset": opset_version(model),
+        "opset": model.opset_imports.get("", 1),
         "ir_version": model.ir_version,
-        "nodes": len(model.graph.node),
-        "inputs": [_io(i) for i in model.graph.input if i.name not in inits],
-        "outputs": [_io(o) for o in model.graph.output],
+        "nodes": len(model.graph),
+        "inputs": [_io(v) for v in model.graph.inputs if v.name not in model.graph.initializers],
+        "outputs": [_io(v) for v in model.graph.outputs],
         "weights": [{"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
                      "bytes": 4 * w.size} for w in weights],
         "weight_params": sum(w.size for w in weights),

@@ -14,10 +14,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
-from cet_onnx.errors import InputError, RuntimeFailure
-from cet_onnx.io.model_files import fits_protobuf
+from cet_onnx.errors import InputError, RuntimeFailure, first_line
+from cet_onnx.io import external_data
+from cet_onnx.io.sizes import fits_protobuf
 from cet_onnx.progress import track
 from cet_onnx.calibration.ranges import make_observer
 
@@ -41,13 +43,13 @@ def select_providers(device: str) -> list[str]:
     raise InputError(f"--device must be auto, cpu or cuda, got '{device}'")
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence[str],
-                 optimize: bool = True, threads: int = 0, data_dir: str | None = None) -> ort.InferenceSession:
+def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, providers: Sequence[str],
+                 optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     """An inference session for an in-memory model or a file.
 
-    ``data_dir``: the folder the model's external data paths are relative to (a model whose
-    weights stay on disk); onnxruntime then reads the weights from there itself. Other
-    in-memory models over 2 GB go through a temporary file.
+    Weights an ``ir.Model`` still keeps on disk are read by onnxruntime itself from their
+    folder (``session.model_external_initializers_file_folder_path``); other in-memory
+    models over 2 GB go through a temporary file.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -56,20 +58,21 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        if isinstance(model, onnx.ModelProto):
-            if data_dir is not None:
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
-                return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
-            if fits_protobuf(model):
-                return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(str(model), opts, providers=list(providers))
+        if isinstance(model, ir.Model):
+            folder = external_data.data_dir(model)
+            if folder is not None:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            if folder is not None or fits_protobuf(model):
+                return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
             with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
                 path = Path(tmp) / "model.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+                ir.save(model, path, external_data="model.onnx.data")
                 return ort.InferenceSession(str(path), opts, providers=list(providers))
-        return ort.InferenceSession(str(model), opts, providers=list(providers))
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeFailure(f"onnxruntime cannot load the model: {first}") from None
+        raise RuntimeFailure(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -25,12 +26,12 @@ from cet_onnx.errors import InputError
 # --------------------------------------------------------------------------- tiny models
 
 
-def _identity_model(inputs: list[tuple[str, int, list]]) -> onnx.ModelProto:
+def _identity_model(inputs: list[tuple[str, int, list]]) -> ir.Model:
     """A model passing each input straight to an output (shapes/dtypes are what matter)."""
     graph_inputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs]
     outputs = [helper.make_tensor_value_info(f"{n}_out", t, s) for n, t, s in inputs]
     nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n, _, _ in inputs]
-    return helper.make_model(helper.make_graph(nodes, "g", graph_inputs, outputs))
+    return ir.from_proto(helper.make_model(helper.make_graph(nodes, "g", graph_inputs, outputs)))
 
 
 def _image_inputs(shape=("N", 1, 8, 8)) -> list[ModelInput]:
@@ -61,9 +62,10 @@ def _rand(*shape, dtype=np.float32, seed=0) -> np.ndarray:
 def test_model_inputs_reads_names_dtypes_shapes_and_skips_initializers():
     model = _identity_model([("x", TensorProto.FLOAT, ["N", 4]),
                              ("ids", TensorProto.INT64, [None, 3])])
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
-    model.graph.initializer.append(weight)
-    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [4]))
+    weight = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]),
+                      const_value=ir.tensor(np.zeros(4, np.float32), name="w"))
+    model.graph.register_initializer(weight)
+    model.graph.inputs.append(weight)
     got = model_inputs(model)
     assert got == [ModelInput("x", np.dtype(np.float32), ("N", 4)),
                    ModelInput("ids", np.dtype(np.int64), (None, 3))]

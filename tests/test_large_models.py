@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
 from cet_onnx.io import external_data
 from cet_onnx.cli import main
 from cet_onnx.errors import InputError
-from cet_onnx.io.model_files import load_model, prepare_model
+from cet_onnx.graph.prepare import prepare_model
+from cet_onnx.io.load import load_model
 from cet_onnx.allocation.cache import cache_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +43,16 @@ def external_digits(tmp_path) -> Path:
 
 def test_large_model_keeps_its_weights_on_disk(external_digits, monkeypatch):
     eager = load_model(external_digits)
-    assert not external_data.has_external(eager)
+    assert not external_data.external_tensors(eager)
     monkeypatch.setattr(external_data, "LAZY_BYTES", 0)
     lazy = prepare_model(external_digits)          # onnxsim is skipped with a warning on this path
-    assert external_data.has_external(lazy)
-    assert all(not t.raw_data for t in lazy.graph.initializer if external_data.is_external(t))
-    tensors = {t.name: t for t in lazy.graph.initializer}
-    values = external_data.LazyValues(tensors, external_digits.parent)
-    for t in eager.graph.initializer:
-        got = values[t.name]
+    tensors = {name: v.const_value for name, v in lazy.graph.initializers.items()}
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors.values())
+    values = external_data.LazyValues(tensors)
+    for name, v in eager.graph.initializers.items():
+        got = values[name]
         assert not got.flags.writeable and not got.flags.owndata   # a read-only view of the file
-        np.testing.assert_array_equal(got, onnx.numpy_helper.to_array(t).astype(np.float32))
+        np.testing.assert_array_equal(got, v.const_value.numpy().astype(np.float32))
 
 
 @pytest.mark.parametrize("args", [
@@ -93,17 +94,16 @@ def test_truncated_external_data_is_a_clear_error(external_digits, monkeypatch):
 
 def test_probe_cache_key_covers_external_weight_bytes(external_digits, tmp_path, monkeypatch):
     monkeypatch.setattr(external_data, "LAZY_BYTES", 0)
-    model = load_model(external_digits)
     batches = [{"input": np.zeros((2, 1, 28, 28), np.float32)}]
-    key = cache_key(model, batches, {"a": 1}, None, str(external_digits.parent))
+    key = cache_key(load_model(external_digits), batches, {"a": 1}, None)
     copy = tmp_path / "copy"
     shutil.copytree(external_digits.parent, copy)
-    assert cache_key(model, batches, {"a": 1}, None, str(copy)) == key   # same bytes elsewhere: same key
+    assert cache_key(load_model(copy / "model.onnx"), batches, {"a": 1}, None) == key   # same bytes elsewhere
     data = copy / "model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[-5] ^= 0xFF                                                      # one weight byte changed
     data.write_bytes(bytes(raw))
-    assert cache_key(model, batches, {"a": 1}, None, str(copy)) != key
+    assert cache_key(load_model(copy / "model.onnx"), batches, {"a": 1}, None) != key
 
 
 def test_hessians_in_chunks_give_the_same_model(tmp_path, monkeypatch):

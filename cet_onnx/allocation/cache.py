@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx.io.external_data import data_digest
 
@@ -27,13 +27,12 @@ def default_dir() -> Path:
     return Path(base) / "cet-onnx"
 
 
-def cache_key(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], settings: dict[str, Any],
-              labels: np.ndarray | None = None, data_dir: str | None = None) -> str:
-    """SHA-256 over the serialized model (and its external data in ``data_dir``), every batch array and the settings."""
+def cache_key(model: ir.Model, batches: Sequence[dict[str, np.ndarray]], settings: dict[str, Any],
+              labels: np.ndarray | None = None) -> str:
+    """SHA-256 over the serialized model (and the bytes of weights it keeps on disk), every batch and the settings."""
     h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True))
-    if data_dir is not None:
-        h.update(data_digest(model, data_dir))
+    h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+    h.update(data_digest(model))
     for feed in batches:
         for name in sorted(feed):
             arr = np.ascontiguousarray(feed[name])

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx.errors import InputError
 
@@ -83,39 +83,35 @@ class ModelInput:
     rank_known: bool = True
 
 
-def model_inputs(model: onnx.ModelProto) -> list[ModelInput]:
+def model_inputs(model: ir.Model) -> list[ModelInput]:
     """The model's graph inputs that are not initializers, in graph order.
 
     Older exporters list weights among the graph inputs too; those have an
     initializer and need no calibration data, so they are left out.
     """
-    initializers = {init.name for init in model.graph.initializer}
-    return [_model_input(value) for value in model.graph.input if value.name not in initializers]
+    return [_model_input(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def _model_input(value: onnx.ValueInfoProto) -> ModelInput:
-    """Translate one ``ValueInfoProto`` into a :class:`ModelInput`."""
-    kind = value.type.WhichOneof("value")
-    if kind != "tensor_type":
-        raise InputError(f"model input '{value.name}' is a {kind or 'value of unknown type'}, "
+def _model_input(value: ir.Value) -> ModelInput:
+    """Translate one graph input into a :class:`ModelInput`."""
+    if value.type is not None and not isinstance(value.type, ir.TensorType):
+        raise InputError(f"model input '{value.name}' is a {type(value.type).__name__}, "
                          "not a tensor; only tensor inputs are supported")
-    tensor_type = value.type.tensor_type
+    if value.dtype is None:
+        raise InputError(f"model input '{value.name}' is a value of unknown type, "
+                         "not a tensor; only tensor inputs are supported")
     try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"model input '{value.name}' has unsupported element type "
-                         f"{tensor_type.elem_type}") from exc
-    if not tensor_type.HasField("shape"):
+        dtype = np.dtype(value.dtype.numpy())
+    except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
+        raise InputError(f"model input '{value.name}' has unsupported element type {value.dtype.name}") from exc
+    if value.shape is None:
         return ModelInput(value.name, dtype, (), rank_known=False)
-    shape = tuple(_dim(d) for d in tensor_type.shape.dim)
-    return ModelInput(value.name, dtype, shape)
+    return ModelInput(value.name, dtype, tuple(_dim(d) for d in value.shape))
 
 
-def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+def _dim(dim: int | ir.SymbolicDim) -> Dim:
     """A fixed dimension as int, a dynamic one as its name (or None if unnamed)."""
-    if dim.HasField("dim_value"):
-        return int(dim.dim_value)
-    return dim.dim_param or None
+    return int(dim) if isinstance(dim, int) else dim.value
 
 
 # --------------------------------------------------------------------------- messages

@@ -1,12 +1,18 @@
-"""Weights that stay on disk: large models are never loaded whole into memory.
+"""Weights that stay on disk: what cet-onnx adds to onnx-ir's lazy external tensors.
 
-A model whose external data is large (see :data:`LAZY_BYTES`) is loaded as a graph only;
-its initializers keep their ``external_data`` entries, relative to the model's folder.
-Weights are then read one at a time, memory-mapped (:class:`LazyValues`); onnxruntime
-sessions read the same files themselves (``runner.make_session(..., data_dir=...)``); and
-only the initializers that are written out unchanged are copied into the output model
-(:func:`load_into`). Together this keeps the peak memory of a quantize run near one copy
-of the float weights (measured by ``tools/large_model_memory.py``).
+onnx-ir loads external initializers as memory-mapped :class:`onnx_ir.ExternalTensor` objects and
+writes them back out without holding them in memory. Three things it does not do, kept here:
+
+* **checks at load time** (:func:`check_external`): every external path stays inside the
+  model's folder, names an existing file, and its ``offset``/``length`` lie inside that file and
+  match the tensor's type and shape — a one-line input error naming the tensor, before any
+  work, instead of a failure when the weight is first read (onnx-ir checks containment only
+  then, and never the length);
+* **reads that release their pages** (:class:`LazyValues`): an ``ExternalTensor`` keeps its
+  mapping once read, so a loop over every weight of a large model would keep them all
+  resident; here each read maps a fresh view that goes away with the array;
+* **a digest of the bytes** (:func:`data_digest`) for probe-cache keys: the graph alone only
+  names the files.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper, numpy_helper
+import onnx_ir as ir
+from onnx import external_data_helper
 
 from cet_onnx.errors import InputError
 
@@ -32,39 +39,19 @@ STREAM_BYTES = 2**26
 _CHUNK = 64 * 2**20
 
 
-def is_external(tensor: onnx.TensorProto) -> bool:
-    """True when the tensor's bytes live in an external data file."""
-    return external_data_helper.uses_external_data(tensor)
+# --------------------------------------------------------------------------- checks on the file's protobuf
+
+def proto_external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Tensors of a protobuf model (subgraphs included) whose data is in external files."""
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
 
 
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
-    return external_data_helper._get_all_tensors(model)
-
-
-def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """The tensors whose data is in external files."""
-    return [t for t in all_tensors(model) if is_external(t)]
-
-
-def has_external(model: onnx.ModelProto) -> bool:
-    """True when some tensor of ``model`` still refers to an external data file."""
-    return any(is_external(t) for t in all_tensors(model))
-
-
-_SUB_BYTE_BITS = {getattr(onnx.TensorProto, n): b for n, b in
-                  (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
-                  if hasattr(onnx.TensorProto, n)}
-
-
-def data_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the tensor's type and shape need (packed sub-byte types rounded up; None for strings)."""
-    if tensor.data_type == onnx.TensorProto.STRING:
+def data_nbytes(dtype: ir.DataType, shape: tuple[int, ...]) -> int | None:
+    """Bytes a tensor of this type and shape needs (sub-byte types packed, rounded up; None for strings)."""
+    if dtype == ir.DataType.STRING:
         return None
-    count = int(np.prod([int(d) for d in tensor.dims], dtype=np.int64))
-    if tensor.data_type in _SUB_BYTE_BITS:
-        return -(-count * _SUB_BYTE_BITS[tensor.data_type] // 8)
-    return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize * count
+    count = int(np.prod(shape, dtype=np.int64))
+    return -(-count * dtype.bitwidth // 8)
 
 
 def span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, int, int]:
@@ -80,74 +67,72 @@ def span(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> tuple[Path, i
     if offset < 0 or length < 0 or offset + length > size:
         raise InputError(f"tensor '{tensor.name}': external data [{offset}, {offset + length}) lies outside "
                          f"'{path}' ({size} bytes)")
-    need = data_nbytes(tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    need = data_nbytes(ir.DataType(tensor.data_type), shape)
     if info.length is not None and need is not None and length != need:
         raise InputError(f"tensor '{tensor.name}': external data holds {length} bytes, its type and shape "
-                         f"{[int(d) for d in tensor.dims]} need {need}")
+                         f"{list(shape)} need {need}")
     return path, offset, length
 
 
-def _chunks(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> Iterator[bytes]:
-    """The bytes of an external tensor, in pieces of at most 64 MB."""
-    path, offset, left = span(tensor, data_dir)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while left > 0:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                raise InputError(f"tensor '{tensor.name}': external data file '{path}' ended early")
-            yield chunk
-            left -= len(chunk)
+def check_external(model: onnx.ModelProto, path: Path) -> int:
+    """Check every external tensor of the file at ``path``; returns the bytes they occupy."""
+    base = path.parent.resolve()
+    total = 0
+    for tensor in proto_external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        target = (base / info.location).resolve()
+        if base != target and base not in target.parents:
+            raise InputError(f"{path}: tensor '{tensor.name}' points to external data "
+                             f"'{info.location}' outside the model's folder")
+        if not target.is_file():
+            raise InputError(f"{path}: tensor '{tensor.name}' needs external data file "
+                             f"'{info.location}', which does not exist")
+        try:
+            total += span(tensor, base)[2]
+        except InputError as exc:
+            raise InputError(f"{path}: {exc} (truncated file?)") from None
+    return total
 
 
-def read_bytes(tensor: onnx.TensorProto, data_dir: str | os.PathLike) -> bytes:
-    """The raw little-endian bytes of an external tensor."""
-    path, offset, length = span(tensor, data_dir)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+# --------------------------------------------------------------------------- the in-memory model
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """Initializers of every graph (subgraphs included) whose data is still in a file."""
+    return [v.const_value for g in model.graphs() for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)]
 
 
-def read_array(tensor: onnx.TensorProto, data_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """numpy value of a tensor; external float / integer data is memory-mapped read-only, not copied."""
-    if not is_external(tensor):
-        return numpy_helper.to_array(tensor)
-    if data_dir is None:
-        raise ValueError(f"tensor '{tensor.name}' has external data but no data folder was given")
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    shape = tuple(int(d) for d in tensor.dims)
-    count = int(np.prod(shape, dtype=np.int64))
-    path, offset, length = span(tensor, data_dir)
-    if dtype.kind in "fiub" and dtype.itemsize in (1, 2, 4, 8) and tensor.data_type != onnx.TensorProto.BFLOAT16 \
-            and length == count * dtype.itemsize:
-        if count == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=offset, shape=shape)
-    inline = onnx.TensorProto()
-    inline.CopyFrom(tensor)
-    del inline.external_data[:]
-    inline.data_location = onnx.TensorProto.DEFAULT
-    inline.raw_data = read_bytes(tensor, data_dir)
-    try:
-        return numpy_helper.to_array(inline)
-    except Exception as exc:
-        raise InputError(f"tensor '{tensor.name}': external data does not match its type and shape "
-                         f"{list(shape)} ({exc})") from None
+def external_nbytes(model: ir.Model) -> int:
+    """Bytes the model's external tensors occupy in their files."""
+    return sum(t.length if t.length is not None else t.nbytes for t in external_tensors(model))
+
+
+def data_dir(model: ir.Model) -> str | None:
+    """The folder external data paths are relative to, when ``model`` still refers to external files."""
+    tensors = external_tensors(model)
+    return str(tensors[0].base_dir) if tensors else None
+
+
+def _fresh(t: ir.ExternalTensor) -> ir.ExternalTensor:
+    return ir.ExternalTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                             base_dir=t.base_dir)
 
 
 class LazyValues(Mapping):
-    """Name → float32 value of the weights, read from disk on every access (nothing is cached).
+    """Name → float32 value of the weights; external ones read from disk on every access.
 
-    A float32 weight comes back as a read-only memory map: its pages are read when used and
-    released when the array is dropped, so a loop over the weights holds about one at a time.
+    A float32 weight on disk comes back as a read-only memory map whose pages are released when
+    the array is dropped, so a loop over the weights holds about one at a time.
     """
 
-    def __init__(self, tensors: Mapping[str, onnx.TensorProto], data_dir: str | os.PathLike) -> None:
+    def __init__(self, tensors: Mapping[str, ir.TensorProtocol]) -> None:
         self._tensors = dict(tensors)
-        self._dir = data_dir
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.asarray(read_array(self._tensors[name], self._dir)).astype(np.float32, copy=False)
+        t = self._tensors[name]
+        arr = _fresh(t).numpy() if isinstance(t, ir.ExternalTensor) else t.numpy()
+        return np.asarray(arr).astype(np.float32, copy=False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -156,59 +141,32 @@ class LazyValues(Mapping):
         return len(self._tensors)
 
 
-def load_into(model: onnx.ModelProto, data_dir: str | os.PathLike) -> int:
-    """Copy the data of every external tensor of ``model`` into the proto; returns how many."""
-    n = 0
-    for t in external_tensors(model):
-        data = read_bytes(t, data_dir)
-        del t.external_data[:]
-        t.ClearField("data_location")  # DEFAULT, written the way an in-memory tensor is
-        t.raw_data = data
-        n += 1
-    return n
+def _chunks(t: ir.ExternalTensor) -> Iterator[bytes]:
+    """The bytes of an external tensor, in pieces of at most 64 MB."""
+    left = t.length if t.length is not None else t.nbytes
+    with open(t.path, "rb") as f:
+        f.seek(t.offset or 0)
+        while left > 0:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise InputError(f"tensor '{t.name}': external data file '{t.path}' ended early")
+            yield chunk
+            left -= len(chunk)
 
 
-def data_digest(model: onnx.ModelProto, data_dir: str | os.PathLike) -> bytes:
+def data_digest(model: ir.Model) -> bytes:
     """SHA-256 over the bytes of every external tensor (for cache keys: the graph alone names only files)."""
     h = hashlib.sha256()
     for t in external_tensors(model):
-        h.update(t.name.encode())
-        for chunk in _chunks(t, data_dir):
+        h.update((t.name or "").encode())
+        for chunk in _chunks(t):
             h.update(chunk)
     return h.digest()
 
 
-def external_nbytes(tensors: list[onnx.TensorProto]) -> int:
-    """Bytes the external tensors occupy in their files."""
-    total = 0
-    for t in tensors:
-        info = external_data_helper.ExternalDataInfo(t)
-        total += int(info.length) if info.length is not None else data_nbytes(t) or 0
-    return total
-
-
-def write_data_file(tensors: list[onnx.TensorProto], src_dir: str | os.PathLike | None, dst: Path,
-                    location: str) -> None:
-    """Write the bytes of ``tensors`` into ``dst`` (page-aligned) and point each tensor there as ``location``.
-
-    External tensors are streamed from their files under ``src_dir`` in 64 MB chunks; inline
-    ones (which must hold ``raw_data``) have it moved out. Nothing is held in memory beyond one chunk.
-    """
-    with open(dst, "ab") as out:
-        for t in tensors:
-            out.write(b"\0" * ((-out.tell()) % 4096))
-            start = out.tell()
-            if is_external(t):
-                for chunk in _chunks(t, src_dir):
-                    out.write(chunk)
-                length = out.tell() - start
-            else:
-                length = len(t.raw_data)
-                out.write(t.raw_data)
-                t.ClearField("raw_data")
-            del t.external_data[:]
-            for key, value in (("location", location), ("offset", str(start)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            t.data_location = onnx.TensorProto.EXTERNAL
-
+def load_into(model: ir.Model) -> int:
+    """Read every external initializer of ``model`` into memory; returns how many."""
+    n = len(external_tensors(model))
+    if n:
+        ir.external_data.load_to_model(model)
+    return n

@@ -1,0 +1,69 @@
+"""The graph as the stages need it: Constant weights lifted, simplified by onnxsim, shapes inferred.
+
+onnxsim and onnx's shape inference work on protobufs: the model is serialized for them and read
+back. A model whose weights stay on disk is not simplified (onnxsim would load them all); shape
+inference runs without the weights' data (onnx-ir's ShapeInferencePass strips and restores it).
+A failure of either only warns: the stages can work on the model as loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from cet_onnx.errors import first_line
+from cet_onnx.graph.passes.lift_constants import LiftConstantsPass
+from cet_onnx.io import external_data
+from cet_onnx.io.load import load_model
+from cet_onnx.io.sizes import fits_protobuf
+
+
+def warn(msg: str) -> None:
+    """Print a warning line on stderr."""
+    print(f"WARNING: {msg}", file=sys.stderr)
+
+
+def simplify(model: ir.Model, source: str) -> ir.Model:
+    """Run onnxsim; on any failure warn and return the model unchanged."""
+    try:
+        import onnxsim
+    except ImportError:
+        warn("onnxsim is not installed; continuing without simplification")
+        return model
+    if external_data.external_tensors(model):
+        warn(f"{source}: weights stay on disk (large model), skipping onnxsim simplification")
+        return model
+    if not fits_protobuf(model):
+        warn(f"{source}: larger than 2 GB, skipping onnxsim simplification")
+        return model
+    try:
+        simplified, ok = onnxsim.simplify(ir.serde.serialize_model(model))
+    except Exception as exc:
+        warn(f"{source}: onnxsim failed ({first_line(exc)}); continuing with the unsimplified model")
+        return model
+    if not ok:
+        warn(f"{source}: onnxsim could not validate its result; continuing with the unsimplified model")
+        return model
+    return ir.serde.deserialize_model(simplified)
+
+
+def infer_shapes(model: ir.Model, source: str) -> ir.Model:
+    """onnx shape inference (lenient: no type check, no strict mode, no data propagation)."""
+    try:
+        return ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model).model
+    except Exception as exc:
+        warn(f"{source}: shape inference failed ({first_line(exc)}); continuing")
+        return model
+
+
+def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> ir.Model:
+    """Load → Constant weights to initializers → simplify → shape inference."""
+    model = load_model(path)
+    LiftConstantsPass()(model)
+    if do_simplify:
+        model = simplify(model, str(path))
+        LiftConstantsPass()(model)
+    return infer_shapes(model, str(path))

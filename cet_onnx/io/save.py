@@ -1,0 +1,60 @@
+"""Write a model and its side files atomically, through onnx-ir.
+
+Everything is written into a temporary folder beside the target and renamed into place only
+when every write (and, for a model with external data, ``onnx.checker`` on the written file)
+succeeded; the model file is renamed last, so its presence means the write completed.
+A model with ``external=True`` (over 2 GB, or still referring to large external tensors of the
+input) gets every tensor over 1 KB in ``<name>.data`` beside it; onnx-ir streams tensors that
+are still on disk from file to file without holding them in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from cet_onnx.errors import InputError, RuntimeFailure, first_line
+
+#: Alignment of tensors in ``<name>.data`` (onnxruntime memory-maps page-aligned data).
+DATA_ALIGNMENT = 4096
+
+
+def _write_model(model: ir.Model, target: Path, external: bool) -> list[str]:
+    """Write ``model`` at ``target``; the names of the files written."""
+    if not external:
+        ir.save(model, target)
+        return [target.name]
+    data_name = target.name + ".data"
+    ir.save(model, target, external_data=data_name, size_threshold_bytes=1024, alignment=DATA_ALIGNMENT,
+            align_threshold=0)
+    try:
+        onnx.checker.check_model(str(target), full_check=True)
+    except Exception as exc:
+        raise RuntimeFailure(f"the quantized model fails onnx.checker: {first_line(exc)}") from None
+    return [data_name, target.name]
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None,
+               external: bool = False) -> None:
+    """Write ``model`` at ``path`` and ``extra_files`` (name → bytes) beside it, atomically."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: output folder '{parent}' does not exist")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        names = _write_model(model, tmpdir / path.name, external)
+        for name, data in (extra_files or {}).items():
+            (tmpdir / name).write_bytes(data)
+            names.insert(0, name)
+        for name in names:  # the model last: its presence means the write completed
+            os.replace(tmpdir / name, parent / name)
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
