@@ -25,3 +25,14 @@ class RuntimeFailure(CetError):
     """Valid input, but the work failed or a quality gate was not met (exit code 1)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for one-line error reports.
+
+    An empty message gives ``default``, else the exception's type name.
+    """
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cet_onnx.errors import InputError, RuntimeFailure
+from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.io.model_files import fits_protobuf
 from cet_onnx.progress import track
 from cet_onnx.calibration.ranges import make_observer
@@ -68,7 +68,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence
                 return ort.InferenceSession(str(path), opts, providers=list(providers))
         return ort.InferenceSession(str(model), opts, providers=list(providers))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RuntimeFailure(f"onnxruntime cannot load the model: {first}") from None
 
 
@@ -96,7 +96,7 @@ def run_batches(session: ort.InferenceSession, batches: Sequence[Feed], desc: st
         try:
             results.append(session.run(names, feed))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise RuntimeFailure(f"onnxruntime failed while running a batch: {first}") from None
     return results
 
@@ -127,7 +127,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequ
         try:
             values = session.run(names, feed)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise RuntimeFailure(f"onnxruntime failed during calibration: {first}") from None
         for name, value in zip(names, values):
             try:
