@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,18 @@ def sensitivity_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def sensitivity_ranking(result: dict[str, Any], allocators: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
+    """(the lowest-bit format, the weights that have it, most sensitive first) from cet's table, else the first's."""
+    rows = result.get("cet") or result[allocators[0]]
+    lowest = min(result["formats"], key=lambda f: int(re.match(r"int(\d+)", f).group(1)))
+    ranked = sorted((r for r in rows if lowest in r["formats"]), key=lambda r: r["formats"][lowest]["predicted"],
+                    reverse=True)
+    return lowest, ranked
+
+
 def write_analysis(result: dict[str, Any], prefix: str) -> list[Path]:
     """``PREFIX.json`` and ``PREFIX.csv``."""
-    from cet_onnx.pipeline import strict_json
+    from cet_onnx.report import strict_json
     base = Path(prefix)
     if not base.parent.is_dir():
         raise RuntimeFailure(f"{prefix}: output folder '{base.parent}' does not exist")
