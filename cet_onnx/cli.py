@@ -257,15 +257,18 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
     from cet_onnx.report import report_path
     set_quiet(quiet or as_json)
     opts = QuantizeOptions(
-        data=DataOptions(batch_size, calib_size, verify_size, _image_options(image_size, mean, std, layout), labels),
-        weights=WeightOptions(weight_bits, per_tensor, block_size, weight_clip, weight_grid),
-        activations=ActivationOptions(int(act_bits), weight_only, act_symmetric, calib_method, percentile),
-        weight_rounding=RoundingOptions(rounding, sequential),
+        data=DataOptions(batch_size=batch_size, calib_size=calib_size, verify_size=verify_size,
+                         image=_image_options(image_size, mean, std, layout), labels=labels),
+        weights=WeightOptions(bits=weight_bits, per_tensor=per_tensor, block_size=block_size, clip=weight_clip,
+                              grid=weight_grid),
+        activations=ActivationOptions(bits=int(act_bits), weight_only=weight_only, symmetric=act_symmetric,
+                                      method=calib_method, percentile=percentile),
+        weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
                                        max_loss=max_loss, refine_rounds=refine_rounds),
-        run=RunOptions(device, not no_simplify, seed, reproducible))
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
     if as_json:
         emit_json({"ok": True, **report})
@@ -364,13 +367,14 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     if not names or any(a not in PROBED_ALLOCATORS for a in names):
         raise InputError(f"--allocators: expected a list of {', '.join(PROBED_ALLOCATORS)}, got '{allocators}'")
     opts = QuantizeOptions(
-        data=DataOptions(batch_size, calib_size, image=_image_options(image_size, mean, std, layout), labels=labels),
+        data=DataOptions(batch_size=batch_size, calib_size=calib_size,
+                         image=_image_options(image_size, mean, std, layout), labels=labels),
         weights=WeightOptions(clip=weight_clip, grid=weight_grid),
         activations=ActivationOptions(weight_only=weight_only, symmetric=act_symmetric, method=calib_method),
-        weight_rounding=RoundingOptions(rounding, sequential),
+        weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache),
-        run=RunOptions(device, not no_simplify, seed))
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
     result = run_analyze(model, calib, opts, names)
     prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"
     paths = write_analysis(result, prefix)

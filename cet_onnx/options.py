@@ -169,11 +169,11 @@ class QuantizeOptions:
         return {name: getattr(getattr(self, group), attr) for name, (group, attr) in FLAT.items()}
 
     def __getattr__(self, name: str) -> Any:
-        # only reached when normal lookup fails: the flat names of earlier versions
-        if name in FLAT:
-            group, attr = FLAT[name]
-            return getattr(self.__dict__[group], attr) if group in self.__dict__ else getattr(GROUPS[group](), attr)
-        raise AttributeError(f"'QuantizeOptions' object has no attribute '{name}'")
+        """Read access under the flat names of earlier versions (``opts.avg_bits``)."""
+        group, attr = FLAT.get(name, (None, None))
+        if group is None or group not in self.__dict__:
+            raise AttributeError(f"'QuantizeOptions' object has no attribute '{name}'")
+        return getattr(self.__dict__[group], attr)
 
     @property
     def budget(self) -> Budget | None:
