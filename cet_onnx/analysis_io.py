@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 from cet_onnx.errors import RuntimeFailure
+from cet_onnx.io.atomic import write_atomic
 
 CSV_FIELDS = ("allocator", "name", "op", "params", "format", "bytes", "first_order", "curvature", "predicted", "form")
 
@@ -28,24 +28,22 @@ def sensitivity_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def sensitivity_ranking(result: dict[str, Any], allocators: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
+    """(the lowest-bit format, the weights that have it, most sensitive first) from cet's table, else the first's."""
+    rows = result.get("cet") or result[allocators[0]]
+    lowest = min(result["formats"], key=lambda f: int(re.match(r"int(\d+)", f).group(1)))
+    ranked = sorted((r for r in rows if lowest in r["formats"]), key=lambda r: r["formats"][lowest]["predicted"],
+                    reverse=True)
+    return lowest, ranked
 
 
 def write_analysis(result: dict[str, Any], prefix: str) -> list[Path]:
     """``PREFIX.json`` and ``PREFIX.csv``."""
-    from cet_onnx.pipeline import strict_json
+    from cet_onnx.report import strict_json
     base = Path(prefix)
     if not base.parent.is_dir():
         raise RuntimeFailure(f"{prefix}: output folder '{base.parent}' does not exist")
     paths = [base.with_name(base.name + ".json"), base.with_name(base.name + ".csv")]
-    _atomic_write(paths[0], json.dumps(strict_json(result), indent=2))
-    _atomic_write(paths[1], sensitivity_csv(result))
+    write_atomic(paths[0], json.dumps(strict_json(result), indent=2))
+    write_atomic(paths[1], sensitivity_csv(result))
     return paths

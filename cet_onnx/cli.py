@@ -8,7 +8,6 @@ human-readable text and progress go to stderr / stdout as usual otherwise.
 from __future__ import annotations
 
 import functools
-import re
 import json
 import signal
 import sys
@@ -18,13 +17,23 @@ from typing import Callable
 import click
 
 from cet_onnx import __version__
+from cet_onnx.allocation.allocate import ALLOCATORS, PROBED_ALLOCATORS
+from cet_onnx.allocation.losses import LOSSES
+from cet_onnx.allocation.stage import PROBE_NUMERICS
+from cet_onnx.calibration.data import LAYOUTS, ImageOptions
+from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import CetError, InputError
+from cet_onnx.options import ActivationOptions, AllocationOptions, DataOptions, QuantizeOptions, RoundingOptions, \
+    RunOptions, WeightOptions, candidate_block as candidate_block_for
+from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
+from cet_onnx.report import strict_json
+from cet_onnx.rounding.plan import ROUNDING_METHODS
+from cet_onnx.runner import DEVICES
 
 EXAMPLE_MODEL = "models/digits/model.onnx"
 
 
 def emit_json(obj: dict) -> None:
-    from cet_onnx.pipeline import strict_json
     click.echo(json.dumps(strict_json(obj), indent=2, default=str))
 
 
@@ -63,7 +72,6 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _image_options(image_size, mean, std, layout):
-    from cet_onnx.calibration.data import ImageOptions
     size = None
     if image_size is not None:
         parts = _floats(image_size.replace("x", ","), "--image-size")
@@ -74,6 +82,10 @@ def _image_options(image_size, mean, std, layout):
         size = (int(parts[0]), int(parts[1]))
     return ImageOptions(size=size, mean=_floats(mean, "--mean") or (0.0,), std=_floats(std, "--std") or (1.0,),
                         layout=layout)
+
+
+def labels_option(help: str) -> Callable:
+    return click.option("--labels", type=click.Path(dir_okay=False), default=None, help=help)
 
 
 def calib_options(fn: Callable) -> Callable:
@@ -89,9 +101,9 @@ def calib_options(fn: Callable) -> Callable:
         click.option("--image-size", default=None, metavar="H,W", help="Resize images to H,W (image folders)."),
         click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean after scaling pixels to [0,1]."),
         click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std after scaling pixels to [0,1]."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+        click.option("--layout", type=click.Choice(LAYOUTS), default="NCHW", show_default=True,
                      help="Image tensor layout."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="onnxruntime execution provider (auto: CUDA when available)."),
     ]
     for opt in reversed(options):
@@ -106,24 +118,23 @@ def probe_options(fn: Callable) -> Callable:
                      help="Candidate bit-widths for the allocator (each 2..8)."),
         click.option("--candidate-block", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Block size of the block-wise candidates (default: --block-size, else 32; 0: per-channel only)."),
-        click.option("--loss", type=click.Choice(["kl", "logmse", "mse", "ce"]), default=None,
+        click.option("--loss", type=click.Choice(LOSSES), default=None,
                      help="Loss the probes measure (default: ce with --labels, logmse for classifier-like "
                           "outputs, else mse)."),
         click.option("--loss-output", default=None, metavar="NAME", help="Model output the loss is measured on."),
-        click.option("--labels", type=click.Path(dir_okay=False), default=None,
-                     help=".npy of integer labels aligned with the --calib samples (task loss 'ce')."),
-        click.option("--weight-clip", type=click.Choice(["auto", "mse", "none"]), default="auto", show_default=True,
+        labels_option(".npy of integer labels aligned with the --calib samples (task loss 'ce')."),
+        click.option("--weight-clip", type=click.Choice(CLIP_MODES), default="auto", show_default=True,
                      help="Weight clipping range: per-group MSE search (auto: at 4 bits and below) or max |w|."),
-        click.option("--weight-grid", type=click.Choice(["auto", "symmetric", "asymmetric"]), default="auto",
+        click.option("--weight-grid", type=click.Choice(GRIDS), default="auto",
                      show_default=True,
                      help="Weight grid: asymmetric uses all 2^b codes with a zero point (auto: at 4 bits and below; "
                           "8-bit stays symmetric for onnxruntime's integer kernels)."),
-        click.option("--rounding", type=click.Choice(["auto", "rtn", "major-axis"]), default="auto", show_default=True,
+        click.option("--rounding", type=click.Choice(ROUNDING_METHODS), default="auto", show_default=True,
                      help="Weight rounding: round-to-nearest, or major-axis (GPTQ-style error feedback with the "
                           "layer Hessian of the calibration inputs; auto: major-axis when --calib is given)."),
         click.option("--sequential", is_flag=True,
                      help="Major-axis rounding with each layer's Hessian taken from the already-quantized prefix."),
-        click.option("--probe-numerics", type=click.Choice(["float", "deployed"]), default="float", show_default=True,
+        click.option("--probe-numerics", type=click.Choice(PROBE_NUMERICS), default="float", show_default=True,
                      help="Activations in the probes: float, or quantized as deployed (noisier: see README)."),
         click.option("--probe-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Calibration samples each probe runs on."),
@@ -152,6 +163,23 @@ def _bits_list(text: str) -> tuple[int, ...]:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON result on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+calib_method_option = click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True,
+                                   help="How activation ranges are chosen.")
+no_simplify_option = click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True,
+                           help="Seed for random data and random probes.")
+
+
+def weight_only_option(help: str) -> Callable:
+    return click.option("--weight-only", is_flag=True, help=help)
+
+
+def act_symmetric_option(help: str) -> Callable:
+    return click.option("--act-symmetric", is_flag=True, help=help)
+
+
+def block_size_option(help: str) -> Callable:
+    return click.option("--block-size", type=click.IntRange(min=2), default=None, help=help)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,18 +199,16 @@ def main() -> None:
 @calib_options
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="Bits per weight (stored as INT8, INT4 or INT2).")
-@click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True, help="Bits per activation.")
-@click.option("--weight-only", is_flag=True, help="Leave activations in float (no activation Q/DQ).")
-@click.option("--act-symmetric", is_flag=True, help="Signed symmetric activations instead of unsigned asymmetric.")
+@click.option("--act-bits", type=click.Choice([str(b) for b in ACTIVATION_BITS]), default="8", show_default=True, help="Bits per activation.")
+@weight_only_option("Leave activations in float (no activation Q/DQ).")
+@act_symmetric_option("Signed symmetric activations instead of unsigned asymmetric.")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight instead of one per output channel.")
-@click.option("--block-size", type=click.IntRange(min=2), default=None,
-              help="Block-wise scales: one per output channel and N input channels (opset 21). "
+@block_size_option("Block-wise scales: one per output channel and N input channels (opset 21). "
                    "Weights with fewer than N input channels stay per-channel.")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen.")
+@calib_method_option
 @click.option("--percentile", type=click.FloatRange(50, 100), default=99.999, show_default=True,
               help="Percentile for --calib-method percentile.")
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@no_simplify_option
 @click.option("--verify-size", type=click.IntRange(min=0), default=64, show_default=True,
               help="Held-out samples (taken from the end of the data, never used to calibrate) to verify on.")
 @click.option("--verify-min-sqnr", type=float, default=None, metavar="DB",
@@ -195,7 +221,7 @@ def main() -> None:
               help="Mixed precision: bytes (1 MB = 10^6) of the emitted weights, scales and zero points included.")
 @click.option("--max-loss", type=float, default=None, metavar="E",
               help="Mixed precision: smallest weights whose measured loss stays <= E (closed loop).")
-@click.option("--allocator", type=click.Choice(["cet", "hawq", "sqnr", "uniform"]), default="cet", show_default=True,
+@click.option("--allocator", type=click.Choice(ALLOCATORS), default="cet", show_default=True,
               help="How a budget is spent: CET probes, Hessian-trace proxy, layer SQNR, or one bit-width for all.")
 @click.option("--refine-rounds", type=click.IntRange(min=0), default=3, show_default=True,
               help="cet under a size budget: closed-loop rounds that re-measure each weight's cost in context "
@@ -204,7 +230,7 @@ def main() -> None:
 @click.option("--reproducible", is_flag=True,
               help="Leave wall-clock fields (timings, throughput) out of the report, so identical runs give "
                    "byte-identical models and reports.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
+@seed_option
 @json_option
 @quiet_option
 @handle_errors
@@ -226,20 +252,23 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
       cet-onnx quantize models/digits/model.onnx -o digits.mixed.onnx \\
           --calib models/digits/calib.npz --avg-bits 3
     """
-    from cet_onnx.pipeline import QuantizeOptions, quantize as run_quantize, report_path
+    from cet_onnx.pipeline import quantize as run_quantize
     from cet_onnx.progress import set_quiet
+    from cet_onnx.report import report_path
     set_quiet(quiet or as_json)
-    if per_tensor and block_size:
-        raise InputError("--per-tensor and --block-size cannot be combined")
     opts = QuantizeOptions(
-        weight_bits=weight_bits, per_tensor=per_tensor, block_size=block_size, act_bits=int(act_bits),
-        weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method, percentile=percentile,
-        simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
-        verify_size=verify_size, seed=seed, image=_image_options(image_size, mean, std, layout),
-        **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size,
-                        hutchinson_samples, fidelity_samples, cache_dir, no_cache),
-        allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size, max_loss=max_loss, refine_rounds=refine_rounds,
-        reproducible=reproducible)
+        data=DataOptions(batch_size=batch_size, calib_size=calib_size, verify_size=verify_size,
+                         image=_image_options(image_size, mean, std, layout), labels=labels),
+        weights=WeightOptions(bits=weight_bits, per_tensor=per_tensor, block_size=block_size, clip=weight_clip,
+                              grid=weight_grid),
+        activations=ActivationOptions(bits=int(act_bits), weight_only=weight_only, symmetric=act_symmetric,
+                                      method=calib_method, percentile=percentile),
+        weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
+        allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
+                                       probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
+                                       allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
+                                       max_loss=max_loss, refine_rounds=refine_rounds),
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
     if as_json:
         emit_json({"ok": True, **report})
@@ -247,14 +276,13 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
     _print_quantize_summary(report, report_path(output))
 
 
-def _probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size,
-                  hutchinson_samples, fidelity_samples, cache_dir, no_cache) -> dict:
-    block = candidate_block if candidate_block is not None else (block_size or 32)
-    return dict(bits=_bits_list(bits), candidate_block=block or None, loss=loss, loss_output=loss_output,
-                weight_clip=weight_clip, weight_grid=weight_grid, rounding=rounding, sequential=sequential,
-                probe_numerics=probe_numerics,
-                labels=labels, probe_size=probe_size, hutchinson_samples=hutchinson_samples,
-                fidelity_samples=fidelity_samples, cache_dir=cache_dir, use_cache=not no_cache)
+def _allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics, probe_size,
+                        hutchinson_samples, fidelity_samples, cache_dir, no_cache, **budget) -> AllocationOptions:
+    """The allocation group from the probe options both commands share (``budget``: quantize's own)."""
+    return AllocationOptions(bits=_bits_list(bits), candidate_block=candidate_block_for(candidate_block, block_size),
+                             loss=loss, loss_output=loss_output, probe_size=probe_size,
+                             hutchinson_samples=hutchinson_samples, fidelity_samples=fidelity_samples,
+                             cache_dir=cache_dir, use_cache=not no_cache, probe_numerics=probe_numerics, **budget)
 
 
 def _fmt_sqnr(v) -> str:
@@ -304,18 +332,17 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @click.option("-o", "--output", default=None, metavar="PREFIX",
               help="Write PREFIX.json and PREFIX.csv (default: MODEL's name + .sensitivity).")
 @calib_options
-@click.option("--weight-only", is_flag=True, help="Probe without activation quantization.")
-@click.option("--act-symmetric", is_flag=True, help="Signed symmetric activations.")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen.")
-@click.option("--block-size", type=click.IntRange(min=2), default=None, help="Block size of block-wise candidates.")
+@weight_only_option("Probe without activation quantization.")
+@act_symmetric_option("Signed symmetric activations.")
+@calib_method_option
+@block_size_option("Block size of block-wise candidates.")
 @click.option("--allocators", default="cet", show_default=True, metavar="A[,A]",
               help="Sensitivities to measure: cet, hawq, sqnr.")
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@no_simplify_option
 @probe_options
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many most / least sensitive weights to print.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random data and random probes.")
+@seed_option
 @json_option
 @quiet_option
 @handle_errors
@@ -332,19 +359,22 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     Example:
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
     """
-    from cet_onnx.analysis_io import write_analysis
-    from cet_onnx.pipeline import QuantizeOptions, analyze as run_analyze
+    from cet_onnx.analysis_io import sensitivity_ranking, write_analysis
+    from cet_onnx.pipeline import analyze as run_analyze
     from cet_onnx.progress import set_quiet
     set_quiet(quiet or as_json)
     names = tuple(a.strip() for a in allocators.split(",") if a.strip())
-    bad = [a for a in names if a not in ("cet", "hawq", "sqnr")]
-    if bad or not names:
-        raise InputError(f"--allocators: expected a list of cet, hawq, sqnr, got '{allocators}'")
-    opts = QuantizeOptions(weight_only=weight_only, act_symmetric=act_symmetric, calib_method=calib_method,
-                           simplify=not no_simplify, device=device, batch_size=batch_size, calib_size=calib_size,
-                           seed=seed, image=_image_options(image_size, mean, std, layout),
-                           **_probe_kwargs(bits, candidate_block, block_size, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics,
-                                           probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache))
+    if not names or any(a not in PROBED_ALLOCATORS for a in names):
+        raise InputError(f"--allocators: expected a list of {', '.join(PROBED_ALLOCATORS)}, got '{allocators}'")
+    opts = QuantizeOptions(
+        data=DataOptions(batch_size=batch_size, calib_size=calib_size,
+                         image=_image_options(image_size, mean, std, layout), labels=labels),
+        weights=WeightOptions(clip=weight_clip, grid=weight_grid),
+        activations=ActivationOptions(weight_only=weight_only, symmetric=act_symmetric, method=calib_method),
+        weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
+        allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
+                                       probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache),
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
     result = run_analyze(model, calib, opts, names)
     prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"
     paths = write_analysis(result, prefix)
@@ -354,10 +384,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     click.echo(f"loss {result['loss']} on '{result['loss_output']}' over {result['probe_samples']} samples; "
                f"float-weight loss {result['base_loss']:.4g}; {result['probe_runs']} forward passes in "
                f"{result['probe_seconds']:.1f}s ({result['forward_passes_per_second']}/s)")
-    rows = result.get("cet") or result[names[0]]
-    lowest = min(result["formats"], key=lambda f: int(re.match(r"int(\d+)", f).group(1)))
-    ranked = sorted((r for r in rows if lowest in r["formats"]), key=lambda r: r["formats"][lowest]["predicted"],
-                    reverse=True)
+    lowest, ranked = sensitivity_ranking(result, names)
     click.echo(f"most sensitive at {lowest}:")
     for r in ranked[:top]:
         click.echo(f"  {r['name']} ({r['op']}, {r['params']:,} params): predicted dL {r['formats'][lowest]['predicted']:.4g}")
@@ -405,8 +432,7 @@ def inspect(model, as_json):
 @click.argument("fp32_model", type=click.Path(dir_okay=False))
 @click.argument("quant_model", type=click.Path(dir_okay=False))
 @calib_options
-@click.option("--labels", type=click.Path(dir_okay=False), default=None,
-              help=".npy of integer labels aligned with the data: adds top-1 accuracy of both models.")
+@labels_option(".npy of integer labels aligned with the data: adds top-1 accuracy of both models.")
 @click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
               help="Timed runs for the median latency.")
 @json_option

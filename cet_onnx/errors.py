@@ -28,6 +28,11 @@ class RuntimeFailure(CetError):
 
 
 def first_line(exc: BaseException, default: str | None = None) -> str:
-    """The first non-empty line of an exception's message (else ``default``, else its type name)."""
+    """The first line of an exception's message, for one-line error reports.
+
+    An empty message gives ``default``, else the exception's type name.
+    """
     text = str(exc).strip()
-    return text.splitlines()[0] if text else (default or type(exc).__name__)
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default

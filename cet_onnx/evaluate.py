@@ -6,13 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from cet_onnx.calibration.data import ImageOptions, batched, load_samples, model_inputs
+from cet_onnx.calibration.samples import effective_batch_size, load_labels
 from cet_onnx.errors import InputError
 from cet_onnx.io.model_files import data_dir, load_model, model_file_bytes
-from cet_onnx.pipeline import effective_batch_size, load_labels
-from cet_onnx.runner import concat_outputs, make_session, run_batches, select_providers
-from cet_onnx.verify import accuracy, compare_outputs, median_latency_ms
+from cet_onnx.runner import select_providers
+from cet_onnx.verify import compare_models
 
 
 def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike, data: str | None, *,
@@ -30,20 +29,14 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
     samples = load_samples(data, inputs, limit=calib_size, image=image)
     label_arr = load_labels(labels, len(samples), truncated=calib_size is not None) if labels else None
     batches = batched(samples, effective_batch_size(inputs, batch_size), inputs=inputs)
-    ref_sess = make_session(fp32, providers, data_dir=data_dir(fp32, fp32_path))
-    q_sess = make_session(quant, providers, data_dir=data_dir(quant, quant_path))
-    names = [o.name for o in ref_sess.get_outputs()]
-    ref = concat_outputs(run_batches(ref_sess, batches, "float model"))
-    test = concat_outputs(run_batches(q_sess, batches, "quantized model", names))
+    c = compare_models(fp32, quant, batches, providers, data_dir=data_dir(fp32, fp32_path),
+                       q_data_dir=data_dir(quant, quant_path), latency_repeats=repeats)
     result: dict[str, Any] = {
         "samples": len(samples),
-        "outputs": [m.as_dict() for m in compare_outputs(names, ref, test)],
+        "outputs": [m.as_dict() for m in c.metrics],
         "file_bytes": {"fp32": model_file_bytes(Path(fp32_path)), "quantized": model_file_bytes(Path(quant_path))},
     }
     if label_arr is not None:
-        result["accuracy"] = {"fp32": accuracy(ref[0], label_arr), "quantized": accuracy(test[0], label_arr)}
-    feed = batches[0]
-    result["latency_ms"] = {"batch": int(next(iter(feed.values())).shape[0]),
-                            "fp32": median_latency_ms(ref_sess, feed, repeats),
-                            "quantized": median_latency_ms(q_sess, feed, repeats)}
+        result["accuracy"] = c.accuracy(label_arr)
+    result["latency_ms"] = c.latency_ms
     return result

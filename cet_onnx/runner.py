@@ -1,8 +1,7 @@
-"""onnxruntime sessions for calibration and evaluation.
+"""onnxruntime sessions for calibration, probes and evaluation: providers, loading, running batches.
 
-One long-lived session per model and device. Calibration exposes the planned activation
-tensors as extra graph outputs and streams every batch through observers, so memory holds
-one batch of activations at a time, never the whole calibration set.
+One long-lived session per model and device (calibration itself is in
+:mod:`cet_onnx.calibration.observe`).
 """
 
 from __future__ import annotations
@@ -21,9 +20,11 @@ from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.io import external_data
 from cet_onnx.io.sizes import fits_protobuf
 from cet_onnx.progress import track
-from cet_onnx.calibration.ranges import make_observer
 
 Feed = dict[str, np.ndarray]
+
+#: ``--device`` choices
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def select_providers(device: str) -> list[str]:
@@ -99,7 +100,7 @@ def run_batches(session: ort.InferenceSession, batches: Sequence[Feed], desc: st
         try:
             results.append(session.run(names, feed))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise RuntimeFailure(f"onnxruntime failed while running a batch: {first}") from None
     return results
 
@@ -113,28 +114,3 @@ def concat_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
         parts = [np.asarray(b[k]) for b in per_batch]
         out.append(np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts))
     return out
-
-
-def collect_ranges(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feed], providers: Sequence[str],
-                   method: str = "minmax", symmetric: bool = False, num_bits: int = 8,
-                   percentile: float = 99.999, data_dir: str | None = None) -> dict[str, tuple[float, float]]:
-    """Activation range of every tensor in ``tensors``, streamed over ``batches``."""
-    if not tensors:
-        return {}
-    augmented = with_outputs(model, tensors)
-    session = make_session(augmented, providers, optimize=False, data_dir=data_dir)
-    observers = {t: make_observer(method, symmetric=symmetric, num_bits=num_bits, percentile=percentile)
-                 for t in tensors}
-    names = list(tensors)
-    for feed in track(batches, desc=f"calibrating ({method})", unit="batch"):
-        try:
-            values = session.run(names, feed)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeFailure(f"onnxruntime failed during calibration: {first}") from None
-        for name, value in zip(names, values):
-            try:
-                observers[name].update(np.asarray(value, dtype=np.float32))
-            except ValueError as exc:
-                raise RuntimeFailure(f"activation '{name}': {exc}") from None
-    return {t: observers[t].range() for t in names}

@@ -1,15 +1,20 @@
 """Compare a quantized model's outputs with the float model's: SQNR, max error, agreement.
 
-Pure functions over arrays, plus a latency helper that times real onnxruntime runs.
+Pure functions over arrays; :func:`compare_models` runs both models on the same batches (the
+verify stage of ``quantize`` and ``cet-onnx evaluate`` both use it), and a latency helper
+times real onnxruntime runs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
+import onnx
+
+from cet_onnx.runner import concat_outputs, make_session, run_batches
 
 
 @dataclass
@@ -81,3 +86,64 @@ def median_latency_ms(session, feed: dict, repeats: int = 30, warmup: int = 3) -
         session.run(None, feed)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+@dataclass
+class Comparison:
+    """Both models' outputs on the same batches and how they differ."""
+
+    names: list[str]
+    ref: list[np.ndarray]
+    test: list[np.ndarray]
+    metrics: list[OutputMetrics]
+    latency_ms: dict[str, Any] = field(default_factory=dict)
+
+    def accuracy(self, labels: np.ndarray) -> dict[str, float]:
+        """Top-1 accuracy of the first output of both models."""
+        return {"fp32": accuracy(self.ref[0], labels), "quantized": accuracy(self.test[0], labels)}
+
+
+def compare_models(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers: Sequence[str], *,
+                   data_dir: str | None = None, q_data_dir: str | None = None, desc: str = "",
+                   latency_repeats: int = 0) -> Comparison:
+    """Run both models on ``batches`` and compare every output.
+
+    One session at a time, so a large model's float and quantized weights are never both
+    held by onnxruntime. ``data_dir`` / ``q_data_dir``: where each model's external data is.
+    ``latency_repeats``: also time each model on the first batch (``latency_ms``).
+    """
+    ref_sess = make_session(model, providers, data_dir=data_dir)
+    names = [o.name for o in ref_sess.get_outputs()]
+    ref = concat_outputs(run_batches(ref_sess, batches, f"{desc}float model"))
+    latency: dict[str, Any] = {}
+    if latency_repeats:
+        latency = {"batch": int(next(iter(batches[0].values())).shape[0]),
+                   "fp32": median_latency_ms(ref_sess, batches[0], latency_repeats)}
+    del ref_sess
+    q_sess = make_session(qmodel, providers, data_dir=q_data_dir)
+    test = concat_outputs(run_batches(q_sess, batches, f"{desc}quantized model", names))
+    if latency_repeats:
+        latency["quantized"] = median_latency_ms(q_sess, batches[0], latency_repeats)
+    del q_sess
+    return Comparison(names, ref, test, compare_outputs(names, ref, test), latency)
+
+
+def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers: Sequence[str],
+           labels: np.ndarray | None = None, data_dir: str | None = None,
+           q_data_dir: str | None = None) -> dict[str, Any]:
+    """The verify stage: both models on the held-out batches, worst SQNR and agreement (the gates' inputs)."""
+    if not batches:
+        return {"samples": 0, "outputs": [], "min_sqnr_db": None, "min_top1_agreement": None}
+    c = compare_models(model, qmodel, batches, providers, data_dir=data_dir, q_data_dir=q_data_dir,
+                       desc="verify: ")
+    sqnrs = [m.sqnr_db for m in c.metrics if not np.isnan(m.sqnr_db)]
+    agrees = [m.top1_agreement for m in c.metrics if m.top1_agreement is not None]
+    out: dict[str, Any] = {
+        "samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
+        "outputs": [m.as_dict() for m in c.metrics],
+        "min_sqnr_db": min(sqnrs) if sqnrs else None,
+        "min_top1_agreement": min(agrees) if agrees else None,
+    }
+    if labels is not None and c.ref and c.ref[0].shape[0] == len(labels):
+        out["accuracy"] = c.accuracy(labels)
+    return out

@@ -108,10 +108,10 @@ def test_probe_cache_key_covers_external_weight_bytes(external_digits, tmp_path,
 
 def test_hessians_in_chunks_give_the_same_model(tmp_path, monkeypatch):
     """A Hessian budget smaller than one layer: one pass per layer, same codes as one pass for all."""
-    from cet_onnx import pipeline
+    from cet_onnx.rounding import plan
     outs = []
     for budget in (2**62, 1):
-        monkeypatch.setattr(pipeline, "HESSIAN_BYTES", budget)
+        monkeypatch.setattr(plan, "HESSIAN_BYTES", budget)
         out = tmp_path / f"q{budget}.onnx"
         res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz",
                      "--calib-size", 96, "--weight-bits", 4, "--block-size", 32, "--reproducible", "-q")

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from cet_onnx.io.model_files import constants_to_initializers
 from cet_onnx.quant.quantizer import WeightFormat, activation_params, quantize_weight
 from cet_onnx.graph.rewriter import activation_tensors, removable_relus, rewrite
-from cet_onnx.runner import collect_ranges
+from cet_onnx.calibration.observe import collect_ranges
 from cet_onnx.graph.weights import find_weights
 
 from models import small_cnn, small_mlp

@@ -32,7 +32,10 @@ from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat
 from cet_onnx.allocation.solver import Infeasible, Solution, solve_loss_budget, solve_size_budget
 from cet_onnx.graph.weights import WeightInfo
 
-ALLOCATORS = ("cet", "hawq", "sqnr", "uniform")
+#: allocators that measure a sensitivity (``analyze --allocators``)
+PROBED_ALLOCATORS = ("cet", "hawq", "sqnr")
+#: how ``quantize`` spends a budget (``--allocator``)
+ALLOCATORS = (*PROBED_ALLOCATORS, "uniform")
 
 
 def candidate_formats(bits: Sequence[int], block_size: int | None, grid: str = "auto") -> list[WeightFormat]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from cet_onnx.io.atomic import write_atomic
 from cet_onnx.io.external_data import data_digest
 
 
@@ -57,10 +57,7 @@ def store(cache_dir: Path, key: str, entry: dict[str, Any]) -> None:
     """Write atomically; an unwritable cache only costs a re-probe next time."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=cache_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, sort_keys=True, default=_json_default)
-        os.replace(tmp, cache_dir / f"{key}.json")
+        write_atomic(cache_dir / f"{key}.json", json.dumps(entry, sort_keys=True, default=_json_default))
     except OSError:
         pass
 

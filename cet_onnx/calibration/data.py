@@ -60,6 +60,8 @@ Feed = dict[str, np.ndarray]
 NUMPY_SUFFIXES = (".npy", ".npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_RANDOM_SAMPLES = 8
+#: image tensor layouts (``--layout``)
+LAYOUTS = ("NCHW", "NHWC")
 
 # Exceptions numpy's loaders raise on corrupt, truncated or pickled files.
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, TypeError)
@@ -415,7 +417,7 @@ class _ImagePlan:
 def _image_plan(options: ImageOptions, inp: ModelInput, source: str) -> _ImagePlan:
     """Decide size, channels and normalisation from the options and the model."""
     layout = options.layout.upper()
-    if layout not in ("NCHW", "NHWC"):
+    if layout not in LAYOUTS:
         raise InputError(f"image layout must be NCHW or NHWC, got '{options.layout}'")
     if not inp.rank_known or len(inp.shape) != 4:
         raise InputError(f"{_where(source)}: images need a 4-D model input ({layout}), but input "

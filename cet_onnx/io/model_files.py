@@ -10,16 +10,15 @@ then renamed into place, so an interrupted run never leaves a half-written model
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper, numpy_helper
 
 from cet_onnx.io import external_data
-from cet_onnx.errors import InputError, RuntimeFailure
+from cet_onnx.io.atomic import Staging
+from cet_onnx.errors import InputError, RuntimeFailure, first_line
 
 #: Models larger than this are saved with external data (protobuf's 2 GB limit).
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -69,7 +68,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'decode failed'})") from None
+                         f"{first_line(exc, 'decode failed')})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
     _check_external_paths(model, path)
@@ -86,7 +85,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        first = first_line(exc, "invalid model")
         raise InputError(f"{path}: invalid ONNX model: {first}") from None
     return model
 
@@ -136,7 +135,7 @@ def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     try:
         simplified, ok = onnxsim.simplify(model)
     except Exception as exc:
-        warn(f"{source}: onnxsim failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+        warn(f"{source}: onnxsim failed ({first_line(exc)}); "
              "continuing with the unsimplified model")
         return model
     if not ok:
@@ -151,7 +150,7 @@ def infer_shapes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
         if fits_protobuf(model):
             return onnx.shape_inference.infer_shapes(model)
     except Exception as exc:
-        warn(f"{source}: shape inference failed ({str(exc).strip().splitlines()[0]}); continuing")
+        warn(f"{source}: shape inference failed ({first_line(exc)}); continuing")
     return model
 
 
@@ -191,8 +190,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int, source: str) -> onnx.Mode
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        detail = text[0] if text else type(exc).__name__
+        detail = first_line(exc)
         ops = [n.op_type for n in model.graph.node]
         blocking = next((op for op in dict.fromkeys(ops) if op in detail), None) or _blocking_op(model, target)
         what = f"op '{blocking}' blocked it" if blocking else detail
@@ -225,7 +223,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder '{parent}' does not exist")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    staging = Staging(parent, path.name)
+    tmpdir = staging.folder
     try:
         names = [path.name]
         tmp_model = tmpdir / path.name
@@ -248,16 +247,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, extra_files: dic
                 onnx.checker.check_model(str(tmp_model), full_check=True)
             except Exception as exc:
                 raise RuntimeFailure(f"the quantized model fails onnx.checker: "
-                                     f"{str(exc).strip().splitlines()[0]}") from None
+                                     f"{first_line(exc)}") from None
         for name, data in (extra_files or {}).items():
             (tmpdir / name).write_bytes(data)
             names.append(name)
-        for name in names[1:] + names[:1]:  # the model last: its presence means the write completed
-            os.replace(tmpdir / name, parent / name)
+        staging.commit(names[1:] + names[:1])  # the model last: its presence means the write completed
     except OSError as exc:
         raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        staging.discard()
 
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -150,11 +150,6 @@ def reduce_groups(a: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction
     return _blocked_reduce(a, r, fmt.block_size, op).astype(np.float32), r
 
 
-def absmax(w: np.ndarray, fmt: WeightFormat, channel_axis: int, reduction_axis: int) -> tuple[np.ndarray, int | None]:
-    """Per-group max |w| for the format's granularity, and the DequantizeLinear axis."""
-    return reduce_groups(np.abs(np.asarray(w, dtype=np.float32)), fmt, channel_axis, reduction_axis, np.max)
-
-
 def _positive(scale: np.ndarray) -> np.ndarray:
     tiny = np.finfo(np.float32).tiny
     return np.where(scale > tiny, scale, np.float32(1.0)).astype(np.float32)
@@ -309,12 +304,6 @@ def grid_symmetric(bits: int, grid: str = "auto") -> bool:
     return grid == "symmetric" or (grid == "auto" and bits > 4)
 
 
-def fake_quantize(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
-                  rounding: Rounding = round_to_nearest) -> np.ndarray:
-    """``Q_b(w)``: the float weight the emitted model will compute with."""
-    return quantize_weight(w, fmt, channel_axis, reduction_axis, rounding).dequantize()
-
-
 @dataclass(frozen=True)
 class ActivationParams:
     """QuantizeLinear parameters of one activation tensor."""
@@ -324,13 +313,17 @@ class ActivationParams:
     dtype: np.dtype
 
 
+#: activation bit-widths the emitted QuantizeLinear / DequantizeLinear pairs can carry
+ACTIVATION_BITS = (8, 16)
+
+
 def activation_params(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> ActivationParams:
     """Scale and zero point covering ``[lo, hi]`` (which must contain 0).
 
     Asymmetric uses unsigned codes ``[0, 2^b-1]``; symmetric uses signed codes with zero
     point 0 and range ``[-(2^(b-1)-1), 2^(b-1)-1]`` scaled by ``max(|lo|, |hi|)``.
     """
-    if bits not in (8, 16):
+    if bits not in ACTIVATION_BITS:
         raise ValueError(f"activation bit-width must be 8 or 16, got {bits}")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     tiny = float(np.finfo(np.float32).tiny)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from cet_onnx.errors import RuntimeFailure
+from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.progress import track
 from cet_onnx.runner import Feed, make_session
 from cet_onnx.graph.weights import WeightInfo
@@ -205,7 +205,7 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
         try:
             values = dict(zip(wanted, session.run(wanted, {**feed, **weight_feeds})))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first}") from None
         for layer in layers.values():
             layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)

@@ -1,0 +1,199 @@
+"""The allocation stage: the probe session, sensitivities (through the probe cache), the solve and its report.
+
+``quantize`` with a budget calls :func:`allocate`; ``analyze`` calls :func:`sensitivity_report`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from cet_onnx import __version__
+from cet_onnx.allocation import cache as probe_cache
+from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
+    fidelity, measure_cet, measure_hawq, measure_sqnr, refine_size_budget, solve
+from cet_onnx.allocation.losses import default_loss
+from cet_onnx.allocation.probes import ProbeSession
+from cet_onnx.allocation.solver import pareto_front
+from cet_onnx.calibration.data import batched
+from cet_onnx.errors import InputError
+from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
+from cet_onnx.runner import make_session
+
+if TYPE_CHECKING:
+    from cet_onnx.options import QuantizeOptions
+    from cet_onnx.prepared import Prepared
+
+#: ``--probe-numerics`` choices: activations in the probes float, or quantized as deployed
+PROBE_NUMERICS = ("float", "deployed")
+
+
+def loss_output(model: onnx.ModelProto, requested: str | None) -> str:
+    """The output the probes measure their loss on: the requested one, else the first float output."""
+    outputs = [o.name for o in model.graph.output]
+    if requested is not None:
+        if requested not in outputs:
+            raise InputError(f"--loss-output '{requested}' is not a model output (outputs: {', '.join(outputs)})")
+        return requested
+    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not floats:
+        raise InputError("the model has no float output to measure a loss on; choose one with --loss-output")
+    return floats[0]
+
+
+def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dict[str, Any]]:
+    """The long-lived probe session on the first ``--probe-size`` calibration samples."""
+    a = opts.allocation
+    n = min(a.probe_size, len(p.calib_samples))
+    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
+    n = sum(next(iter(b.values())).shape[0] for b in batches)
+    labels = p.labels[:n] if p.labels is not None else None
+    out = loss_output(p.model, a.loss_output)
+    ref_probe = make_session(p.model, p.providers, data_dir=p.data_dir)
+    sample = ref_probe.run([out], batches[0])[0]
+    del ref_probe
+    loss = a.loss or default_loss(sample, labels is not None)
+    acts = p.act_params if a.probe_numerics == "deployed" else None
+    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,
+                           data_dir=p.data_dir)
+    info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
+            "device": session.device, "probe_numerics": a.probe_numerics}
+    return session, info
+
+
+def candidates(p: Prepared, opts: QuantizeOptions) -> Candidates:
+    """Every weight × candidate format (``--bits`` × per-channel / blocks of ``--candidate-block``)."""
+    a = opts.allocation
+    return Candidates(p.weights, candidate_formats(a.bits, a.candidate_block, opts.weights.grid), p.values,
+                      opts.weights.clip, p.roundings)
+
+
+def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, allocator: str,
+                    probe_info: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the model and the data that the probe results depend on."""
+    acts, r = opts.activations, opts.weight_rounding
+    return {"allocator": allocator, "formats": [f.label for f in cand.formats], "loss": probe_info["loss"],
+            "loss_output": probe_info["loss_output"], "act": None if p.act_params is None else
+            [acts.bits, acts.symmetric, acts.method, acts.percentile],
+            "hutchinson": opts.allocation.hutchinson_samples if allocator == "hawq" else None,
+            "rounding": [p.rounding, p.roundings.max_bits],
+            "hessian_rows": r.hessian_rows if p.rounding == "major-axis" else None,
+            "clip": opts.weights.clip, "grid": opts.weights.grid, "numerics": opts.allocation.probe_numerics,
+            "version": __version__}
+
+
+def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, cand: Candidates,
+                  allocator: str, probe_info: dict[str, Any]) -> Sensitivity:
+    """Probe results for ``allocator``, from the cache when the same model, data and settings were probed."""
+    a = opts.allocation
+    cache_dir = Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()
+    key = probe_cache.cache_key(p.model, session.batches, _cache_settings(p, opts, cand, allocator, probe_info),
+                                session.labels, p.data_dir)
+    if a.use_cache:
+        entry = probe_cache.load(cache_dir, key)
+        if entry is not None:
+            return Sensitivity(allocator, np.array(entry["costs"], dtype=np.float64), entry["details"],
+                               0, 0.0)
+    if allocator == "cet":
+        sens = measure_cet(session, cand)
+    elif allocator == "hawq":
+        sens = measure_hawq(session, cand, a.hutchinson_samples, opts.run.seed)
+    else:
+        sens = measure_sqnr(session, cand)
+    if a.use_cache:
+        probe_cache.store(cache_dir, key, {"costs": sens.costs.tolist(), "details": sens.details})
+    return sens
+
+
+def sensitivity_table(cand: Candidates, sens: Sensitivity) -> list[dict[str, Any]]:
+    """Per weight: every available format's predicted loss change and bytes (plus probe details)."""
+    rows = []
+    for i, w in enumerate(cand.weights):
+        per = {}
+        for j, f in enumerate(cand.formats):
+            if not cand.available[i, j]:
+                continue
+            d = dict(sens.details[i].get(f.label, {})) if sens.allocator == "cet" else {}
+            d["predicted"] = float(sens.costs[i, j])
+            d["bytes"] = int(cand.sizes[i, j])
+            per[f.label] = d
+        row = {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size, "formats": per}
+        if sens.allocator == "hawq":
+            row.update(sens.details[i])
+        rows.append(row)
+    return rows
+
+
+def _throughput(runs: int, seconds: float) -> dict[str, Any]:
+    return {"probe_runs": runs, "probe_seconds": round(seconds, 3),
+            "forward_passes_per_second": round(runs / seconds, 2) if seconds > 0 else None}
+
+
+def sensitivity_report(p: Prepared, opts: QuantizeOptions, allocators: tuple[str, ...],
+                       header: dict[str, Any]) -> dict[str, Any]:
+    """``header``, then per weight and format the probe terms and predicted ΔL of each allocator, and fidelity."""
+    with p.timer.stage("probe"):
+        session, info = probe_session(p, opts)
+        cand = candidates(p, opts)
+        result: dict[str, Any] = {**header, **info, "formats": [f.label for f in cand.formats]}
+        runs0 = session.runs
+        tp = time.perf_counter()
+        for allocator in allocators:
+            sens = sensitivities(p, opts, session, cand, allocator, info)
+            result[allocator] = sensitivity_table(cand, sens)
+            if allocator == "cet":
+                cet_sens = sens
+        result.update(_throughput(session.runs - runs0, time.perf_counter() - tp))
+    samples = opts.allocation.fidelity_samples
+    if "cet" in allocators and samples:
+        with p.timer.stage("fidelity"):
+            result["fidelity"] = fidelity(session, cet_sens, cand, samples, opts.run.seed)
+    return result
+
+
+def allocate(p: Prepared, opts: QuantizeOptions,
+             budget: Budget) -> tuple[dict[str, WeightFormat], dict[str, Any], ProbeSession]:
+    """Mixed-precision stage: probes, exact solve, closed loop, Pareto front and fidelity."""
+    a = opts.allocation
+    session, info = probe_session(p, opts)
+    cand = candidates(p, opts)
+    runs0, t0 = session.runs, time.perf_counter()
+    sens = None if a.allocator == "uniform" else sensitivities(p, opts, session, cand, a.allocator, info)
+    probe_seconds = time.perf_counter() - t0
+    report: dict[str, Any] = {"allocator": a.allocator, "budget": budget.describe(), **info,
+                              "formats": [f.label for f in cand.formats]}
+    history: list = []
+    total_params = sum(w.size for w in p.weights)
+    if budget.max_loss is not None and sens is not None:
+        sol, history = closed_loop_loss_budget(session, sens, cand, budget)
+    elif a.allocator == "cet" and sens is not None and a.refine_rounds > 0:
+        solve(sens, cand, budget, session.base_loss)  # a clear error when the budget is infeasible
+        sol, history = refine_size_budget(session, sens, cand, budget.size_bytes(total_params), a.refine_rounds)
+    else:
+        sol = solve(sens, cand, budget, session.base_loss)
+    report.update({
+        "predicted_loss": None if sens is None else session.base_loss + sol.cost,
+        "predicted_bytes": sol.size,
+        "closed_loop": history,
+        "probe_runs": session.runs - runs0,
+        "probe_seconds": round(probe_seconds, 3),
+        "forward_passes_per_second": round((session.runs - runs0) / (time.perf_counter() - t0), 2),
+    })
+    if sens is not None:
+        report["per_weight_predicted"] = {w.name: float(sens.costs[i, sol.choice[i]]) for i, w in enumerate(p.weights)}
+        front = pareto_front(sens.costs, cand.sizes, a.pareto_points)
+        report["pareto_front"] = [{"bytes": s.size, "predicted_loss": session.base_loss + s.cost,
+                                   "avg_bits": 8 * s.size / total_params} for s in front]
+        if a.fidelity_samples:
+            report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed)
+    formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
+    return formats, report, session
+
+
+def measured_loss(session: ProbeSession, qweights: dict[str, QuantizedWeight]) -> float:
+    """The loss of exactly the weights that are emitted (sequential rounding included)."""
+    return session.loss({n: q.dequantize() for n, q in qweights.items()})

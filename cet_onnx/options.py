@@ -1,0 +1,218 @@
+"""Every knob of ``cet-onnx quantize`` / ``analyze``, grouped by the stage that reads it and checked once.
+
+:class:`QuantizeOptions` composes one small frozen dataclass per concern (data, weights,
+activations, rounding, allocation, run). :func:`validate` checks every choice and combination
+before any work starts, so a bad option never costs a calibration pass.
+
+Scripts may keep using the flat names of earlier versions: ``QuantizeOptions(device="cpu",
+avg_bits=3)``, ``QuantizeOptions.of(...)``, ``opts.replace(allocator="hawq")`` (and
+``dataclasses.replace``) all accept them, and ``opts.avg_bits`` reads one. :meth:`QuantizeOptions.flat`
+is that flat view, in the field order of earlier versions (the report's ``options`` object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from cet_onnx.allocation.allocate import ALLOCATORS, Budget
+from cet_onnx.allocation.losses import LOSSES
+from cet_onnx.allocation.stage import PROBE_NUMERICS
+from cet_onnx.calibration.data import ImageOptions
+from cet_onnx.calibration.ranges import METHODS
+from cet_onnx.errors import InputError
+from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
+from cet_onnx.rounding.plan import ROUNDING_METHODS
+from cet_onnx.runner import DEVICES
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which samples are read and how they are split and batched."""
+
+    batch_size: int = 16
+    calib_size: int | None = None
+    verify_size: int = 64
+    image: ImageOptions | None = None
+    labels: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """The uniform weight format (without a budget) and how every weight is clipped and gridded."""
+
+    bits: int = 8
+    per_tensor: bool = False
+    block_size: int | None = None
+    clip: str = "auto"
+    grid: str = "auto"
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """Activation quantization and how its ranges are calibrated."""
+
+    bits: int = 8
+    weight_only: bool = False
+    symmetric: bool = False
+    method: str = "minmax"
+    percentile: float = 99.999
+
+
+@dataclass(frozen=True)
+class RoundingOptions:
+    """Weight rounding: auto | rtn | major-axis (auto: major-axis when --calib is given)."""
+
+    method: str = "auto"
+    sequential: bool = False
+    hessian_rows: int = 8192
+
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    """Mixed precision (used when a budget is set) and the sensitivity probes."""
+
+    allocator: str = "cet"
+    avg_bits: float | None = None
+    max_size_mb: float | None = None
+    max_loss: float | None = None
+    bits: tuple[int, ...] = (2, 4, 8)
+    candidate_block: int | None = 32
+    loss: str | None = None
+    loss_output: str | None = None
+    probe_size: int = 128
+    hutchinson_samples: int = 4
+    fidelity_samples: int = 12
+    pareto_points: int = 12
+    cache_dir: str | None = None
+    use_cache: bool = True
+    refine_rounds: int = 3
+    probe_numerics: str = "float"   # float | deployed: activations in the probes (see README "Probe numerics")
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget, or None for a uniform run (:func:`validate` ensures at most one is set)."""
+        if self.avg_bits is None and self.max_size_mb is None and self.max_loss is None:
+            return None
+        return Budget(self.avg_bits, None if self.max_size_mb is None else self.max_size_mb * 1e6, self.max_loss)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the run itself behaves: device, model simplification, seed, report reproducibility."""
+
+    device: str = "auto"
+    simplify: bool = True
+    seed: int = 0
+    reproducible: bool = False      # leave wall-clock fields out of the report (byte-identical reruns)
+
+
+GROUPS = {"data": DataOptions, "weights": WeightOptions, "activations": ActivationOptions,
+          "weight_rounding": RoundingOptions, "allocation": AllocationOptions, "run": RunOptions}
+
+#: flat name → (group, field), in the field order of the flat options of earlier versions
+FLAT: dict[str, tuple[str, str]] = {
+    "weight_bits": ("weights", "bits"), "per_tensor": ("weights", "per_tensor"),
+    "block_size": ("weights", "block_size"), "act_bits": ("activations", "bits"),
+    "weight_only": ("activations", "weight_only"), "act_symmetric": ("activations", "symmetric"),
+    "calib_method": ("activations", "method"), "percentile": ("activations", "percentile"),
+    "simplify": ("run", "simplify"), "device": ("run", "device"), "batch_size": ("data", "batch_size"),
+    "calib_size": ("data", "calib_size"), "verify_size": ("data", "verify_size"), "seed": ("run", "seed"),
+    "image": ("data", "image"), "weight_clip": ("weights", "clip"), "weight_grid": ("weights", "grid"),
+    "rounding": ("weight_rounding", "method"), "sequential": ("weight_rounding", "sequential"),
+    "hessian_rows": ("weight_rounding", "hessian_rows"),
+    **{name: ("allocation", name) for name in ("allocator", "avg_bits", "max_size_mb", "max_loss", "bits",
+                                               "candidate_block", "loss", "loss_output")},
+    "labels": ("data", "labels"),
+    **{name: ("allocation", name) for name in ("probe_size", "hutchinson_samples", "fidelity_samples",
+                                               "pareto_points", "cache_dir", "use_cache", "refine_rounds",
+                                               "probe_numerics")},
+    "reproducible": ("run", "reproducible"),
+}
+
+
+@dataclass(init=False)
+class QuantizeOptions:
+    """Every option, one group per stage; built from groups, flat names of earlier versions, or both."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    weights: WeightOptions = field(default_factory=WeightOptions)
+    activations: ActivationOptions = field(default_factory=ActivationOptions)
+    weight_rounding: RoundingOptions = field(default_factory=RoundingOptions)
+    allocation: AllocationOptions = field(default_factory=AllocationOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def __init__(self, data: DataOptions | None = None, weights: WeightOptions | None = None,
+                 activations: ActivationOptions | None = None, weight_rounding: RoundingOptions | None = None,
+                 allocation: AllocationOptions | None = None, run: RunOptions | None = None, **flat: Any) -> None:
+        given = dict(data=data, weights=weights, activations=activations, weight_rounding=weight_rounding,
+                     allocation=allocation, run=run)
+        unknown = sorted(set(flat) - set(FLAT))
+        if unknown:
+            raise TypeError(f"QuantizeOptions got unknown option(s): {', '.join(unknown)}")
+        for group, cls in GROUPS.items():
+            changes = {attr: flat[name] for name, (g, attr) in FLAT.items() if g == group and name in flat}
+            setattr(self, group, dataclasses.replace(given[group] or cls(), **changes))
+
+    @classmethod
+    def of(cls, **flat: Any) -> QuantizeOptions:
+        """Options from the flat names of earlier versions (``QuantizeOptions.of(device="cpu", avg_bits=3)``)."""
+        return cls(**flat)
+
+    def replace(self, **changes: Any) -> QuantizeOptions:
+        """A copy with some options changed; takes flat names and whole groups."""
+        return dataclasses.replace(self, **changes)
+
+    def flat(self) -> dict[str, Any]:
+        """Every option under its flat name, in the order of earlier versions."""
+        return {name: getattr(getattr(self, group), attr) for name, (group, attr) in FLAT.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        """Read access under the flat names of earlier versions (``opts.avg_bits``)."""
+        group, attr = FLAT.get(name, (None, None))
+        if group is None or group not in self.__dict__:
+            raise AttributeError(f"'QuantizeOptions' object has no attribute '{name}'")
+        return getattr(self.__dict__[group], attr)
+
+    @property
+    def budget(self) -> Budget | None:
+        """The mixed-precision budget, or None for a uniform run."""
+        return self.allocation.budget
+
+
+def _choice(flag: str, value: Any, choices: Iterable[Any], listed: bool = True) -> None:
+    """InputError unless ``value`` is one of ``choices`` ("one of a, b, c" or, with ``listed=False``, "a, b or c")."""
+    choices = tuple(choices)
+    if value in choices:
+        return
+    names = [str(c) for c in choices]
+    words = f"one of {', '.join(names)}" if listed else f"{', '.join(names[:-1])} or {names[-1]}"
+    raise InputError(f"{flag} must be {words}, got '{value}'")
+
+
+def validate(opts: QuantizeOptions) -> None:
+    """Check every option and combination of options; raises InputError before any work is done."""
+    a = opts.allocation
+    if sum(v is not None for v in (a.avg_bits, a.max_size_mb, a.max_loss)) > 1:
+        raise InputError("give only one of --avg-bits, --max-size and --max-loss")
+    _choice("--device", opts.run.device, DEVICES, listed=False)
+    if a.loss is not None:
+        _choice("--loss", a.loss, LOSSES)
+    if a.loss == "ce" and not opts.data.labels:
+        raise InputError("--loss ce needs --labels")
+    _choice("--allocator", a.allocator, ALLOCATORS)
+    _choice("--rounding", opts.weight_rounding.method, ROUNDING_METHODS, listed=False)
+    _choice("--probe-numerics", a.probe_numerics, PROBE_NUMERICS, listed=False)
+    _choice("--calib-method", opts.activations.method, METHODS)
+    _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
+    _choice("--weight-clip", opts.weights.clip, CLIP_MODES)
+    _choice("--weight-grid", opts.weights.grid, GRIDS)
+    if opts.weights.per_tensor and opts.weights.block_size:
+        raise InputError("--per-tensor and --block-size cannot be combined")
+
+
+def candidate_block(requested: int | None, block_size: int | None) -> int | None:
+    """Block size of the block-wise candidates: ``--candidate-block``, else ``--block-size``, else 32; 0: none."""
+    block = requested if requested is not None else (block_size or 32)
+    return block or None
