@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from cet_onnx.errors import InputError, RuntimeFailure
 from cet_onnx.io.model_files import fits_protobuf
+from cet_onnx.graph.passes.extra_outputs import with_outputs  # noqa: F401  (re-exported)
 from cet_onnx.progress import track
 from cet_onnx.calibration.ranges import make_observer
 
@@ -70,21 +71,6 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, providers: Sequence
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeFailure(f"onnxruntime cannot load the model: {first}") from None
-
-
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """Copy of ``model`` whose graph also outputs the given intermediate tensors."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    infos = {vi.name: vi for vi in m.graph.value_info}
-    for name in names:
-        if name in existing:
-            continue
-        vi = infos.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        m.graph.output.append(vi)
-        existing.add(name)
-    return m
 
 
 def run_batches(session: ort.InferenceSession, batches: Sequence[Feed], desc: str = "",
