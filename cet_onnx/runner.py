@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -74,21 +74,6 @@ def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, provider
         return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
     except Exception as exc:
         raise RuntimeFailure(f"onnxruntime cannot load the model: {first_line(exc)}") from None
-
-
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """Copy of ``model`` whose graph also outputs the given intermediate tensors."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    infos = {vi.name: vi for vi in m.graph.value_info}
-    for name in names:
-        if name in existing:
-            continue
-        vi = infos.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        m.graph.output.append(vi)
-        existing.add(name)
-    return m
 
 
 def run_batches(session: ort.InferenceSession, batches: Sequence[Feed], desc: str = "",

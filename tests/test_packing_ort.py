@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cet_onnx.quant.packing import make_int_tensor
+from cet_onnx.graph.tensors import make_int_tensor
 from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
 
 RNG = np.random.default_rng(1)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cet_onnx.errors import InputError
-from cet_onnx.quant.packing import format_nbytes
+from cet_onnx.quant.sizes import format_nbytes
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight

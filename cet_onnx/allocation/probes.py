@@ -30,44 +30,26 @@ from cet_onnx.errors import RuntimeFailure
 from cet_onnx.allocation.losses import is_probability, loss_value
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import ActivationParams
+from cet_onnx.graph import boundary
+from cet_onnx.graph.boundary import Model
+from cet_onnx.graph.passes.probe_graph import ProbeGraphPass
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.runner import Feed, concat_outputs, make_session, run_batches
 from cet_onnx.graph.weights import WeightInfo
 
 
-def probe_model(model: onnx.ModelProto, weights: Sequence[WeightInfo],
-                act_params: dict[str, ActivationParams] | None) -> onnx.ModelProto:
+def probe_model(model: Model, weights: Sequence[WeightInfo],
+                act_params: dict[str, ActivationParams] | None) -> Model:
     """The deployed graph (activation Q/DQ in place) with every weight turned into a graph input.
 
     The output of each weight's first consumer is exposed too (as ``layer_output(name)``), for
-    per-layer SQNR.
+    per-layer SQNR. See :class:`cet_onnx.graph.passes.probe_graph.ProbeGraphPass`.
     """
-    m = rewrite(model, list(weights), {}, act_params).model if act_params else _copy(model)
-    names = {w.name for w in weights}
-    layer_outputs = []
-    for node in m.graph.node:
-        if any(i in names for i in node.input) and node.output[0] not in layer_outputs:
-            layer_outputs.append(node.output[0])
-    existing = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
-                          for o in layer_outputs if o not in existing)
-    kept, inputs = [], []
-    for t in m.graph.initializer:
-        if t.name in names:
-            inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            kept.append(t)
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(kept)
-    existing = {i.name for i in m.graph.input}
-    m.graph.input.extend(i for i in inputs if i.name not in existing)
-    return m
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
+    deployed = rewrite(model, list(weights), {}, act_params).model if act_params else model
+    m = boundary.to_ir(deployed) if deployed is not model or isinstance(model, onnx.ModelProto) \
+        else boundary.copy(model)
+    ProbeGraphPass([w.name for w in weights])(m)
+    return boundary.like(m, deployed)
 
 
 @dataclass

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+
+from cet_onnx.graph import boundary
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -43,14 +46,16 @@ class WeightInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+def _attr(node: onnx.NodeProto | ir.Node, name: str, default: int = 0) -> int:
+    if isinstance(node, ir.Node):
+        return int(node.attributes.get_int(name, default))
     for a in node.attribute:
         if a.name == name:
             return int(a.i)
     return default
 
 
-def weight_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[int, int] | None:
+def weight_axes(node: onnx.NodeProto | ir.Node, index: int, rank: int) -> tuple[int, int] | None:
     """(channel_axis, reduction_axis) for input ``index`` of ``node`` as a weight, or None."""
     op = node.op_type
     if op == "Conv" and index == 1 and rank >= 3:
@@ -70,33 +75,34 @@ def weight_axes(node: onnx.NodeProto, index: int, rank: int) -> tuple[int, int] 
     return None
 
 
-def node_label(node: onnx.NodeProto, i: int) -> str:
+def node_label(node: onnx.NodeProto | ir.Node, i: int) -> str:
     """A stable name for a node (its name, or op type and position)."""
     return node.name or f"{node.op_type}_{i}"
 
 
-def find_weights(model: onnx.ModelProto) -> tuple[list[WeightInfo], dict[str, str]]:
+def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], dict[str, str]]:
     """Quantizable weights in graph order, and skipped candidates with the reason."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
+    graph = boundary.to_ir(model).graph
+    inits = graph.initializers
+    graph_inputs = {v.name for v in graph.inputs}
     found: dict[str, WeightInfo] = {}
     skipped: dict[str, str] = {}
     other_uses: set[str] = set()
-    for i, node in enumerate(graph.node):
+    for i, node in enumerate(graph):
+        names = [v.name if v is not None else "" for v in node.inputs]
         if node.domain not in ("", "ai.onnx"):
-            other_uses.update(node.input)
+            other_uses.update(names)
             continue
-        for idx, name in enumerate(node.input):
+        for idx, name in enumerate(names):
             if name not in inits or name in graph_inputs:
                 continue
-            t = inits[name]
-            axes = weight_axes(node, idx, len(t.dims)) if node.op_type in WEIGHT_OPS else None
+            t = inits[name].const_value
+            axes = weight_axes(node, idx, len(t.shape)) if node.op_type in WEIGHT_OPS else None
             if node.op_type in ("Gemm", "MatMul") and idx in (0, 1):
-                other = node.input[1 - idx]
+                other = names[1 - idx] if len(names) > 1 - idx else ""
                 if idx == 0 and other in inits:
                     axes = None  # both operands constant: quantize B only
-            if axes is None or t.data_type not in _FLOAT_TYPES:
+            if axes is None or int(t.dtype) not in _FLOAT_TYPES:
                 other_uses.add(name)
                 continue
             label = node_label(node, i)
@@ -106,7 +112,7 @@ def find_weights(model: onnx.ModelProto) -> tuple[list[WeightInfo], dict[str, st
                     skipped[name] = "used with different axes by several nodes"
                 w.consumers.append(label)
             else:
-                found[name] = WeightInfo(name, tuple(int(d) for d in t.dims), node.op_type, axes[0], axes[1], [label])
+                found[name] = WeightInfo(name, tuple(int(d) for d in t.shape), node.op_type, axes[0], axes[1], [label])
     for name in list(found):
         if name in other_uses:
             skipped[name] = "also used as a non-weight input"
@@ -115,24 +121,25 @@ def find_weights(model: onnx.ModelProto) -> tuple[list[WeightInfo], dict[str, st
     return list(found.values()), skipped
 
 
-def subgraph_weights(model: onnx.ModelProto) -> list[str]:
+def subgraph_weights(model: onnx.ModelProto | ir.Model) -> list[str]:
     """Weights of Conv / ConvTranspose / Gemm / MatMul nodes inside If / Loop / Scan bodies.
 
     They are left in float (the rewriter works on the main graph); the caller warns and reports.
     """
     found: list[str] = []
 
-    def visit(graph: onnx.GraphProto, top: bool) -> None:
-        consts = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
-        for node in graph.node:
+    def visit(graph: ir.Graph, top: bool) -> None:
+        consts = set(graph.initializers) | {n.outputs[0].name for n in graph if n.op_type == "Constant"}
+        for node in graph:
             if not top and node.op_type in WEIGHT_OPS:
-                found.extend(f"{node.name or node.op_type}:{i}" for i in node.input if i in consts)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g, False)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
+                found.extend(f"{node.name or node.op_type}:{v.name}" for v in node.inputs
+                             if v is not None and v.name in consts)
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    visit(attr.as_graph(), False)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for g in attr.as_graphs():
                         visit(g, False)
 
-    visit(model.graph, True)
+    visit(boundary.to_ir(model).graph, True)
     return found

@@ -17,8 +17,10 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from cet_onnx.io import external_data
-from cet_onnx.io.atomic import Staging
-from cet_onnx.errors import InputError, RuntimeFailure, first_line
+from cet_onnx.errors import InputError, RuntimeFailure
+# moved to the graph passes; re-exported for the loader below and older imports
+from cet_onnx.graph.passes.constants_to_initializers import constants_to_initializers  # noqa: F401
+from cet_onnx.graph.passes.upgrade_opset import opset_version, upgrade_opset  # noqa: F401
 
 #: Models larger than this are saved with external data (protobuf's 2 GB limit).
 PROTOBUF_LIMIT = 2**31 - 2**20
@@ -95,30 +97,6 @@ def data_dir(model: onnx.ModelProto, path: str | os.PathLike) -> str | None:
     return str(Path(path).parent) if external_data.has_external(model) else None
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Move tensor-valued ``Constant`` nodes of the main graph into initializers.
-
-    Returns how many were moved. Weights hidden in Constant nodes are then found and
-    quantized exactly like initializers.
-    """
-    graph = model.graph
-    keep, moved = [], 0
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
-                and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-            moved += 1
-        else:
-            keep.append(node)
-    if moved:
-        del graph.node[:]
-        graph.node.extend(keep)
-    return moved
-
-
 def simplify(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """Run onnxsim; on any failure warn and return the model unchanged."""
     try:
@@ -152,51 +130,6 @@ def infer_shapes(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     except Exception as exc:
         warn(f"{source}: shape inference failed ({first_line(exc)}); continuing")
     return model
-
-
-def opset_version(model: onnx.ModelProto) -> int:
-    """The default-domain opset the model imports."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
-
-
-def _blocking_op(model: onnx.ModelProto, target: int) -> str | None:
-    """The first op type whose node alone fails to convert (slow; only used after a failure)."""
-    from onnx import helper, version_converter
-    seen = set()
-    for node in model.graph.node:
-        if node.op_type in seen or node.domain not in ("", "ai.onnx"):
-            continue
-        seen.add(node.op_type)
-        ins = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in dict.fromkeys(node.input) if n]
-        outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.output if n]
-        single = helper.make_model(helper.make_graph([node], "probe", ins, outs),
-                                   opset_imports=[helper.make_opsetid("", opset_version(model))])
-        try:
-            version_converter.convert_version(single, target)
-        except Exception:
-            return node.op_type
-    return None
-
-
-def upgrade_opset(model: onnx.ModelProto, target: int, source: str) -> onnx.ModelProto:
-    """Convert the model to at least opset ``target``; name the op that blocks it on failure."""
-    current = opset_version(model)
-    if current >= target:
-        return model
-    from onnx import version_converter
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as exc:
-        detail = first_line(exc)
-        ops = [n.op_type for n in model.graph.node]
-        blocking = next((op for op in dict.fromkeys(ops) if op in detail), None) or _blocking_op(model, target)
-        what = f"op '{blocking}' blocked it" if blocking else detail
-        raise RuntimeFailure(f"{source}: cannot convert opset {current} to {target} "
-                             f"(needed by the quantized types): {what}") from None
-    return converted
 
 
 def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> onnx.ModelProto:

@@ -11,14 +11,14 @@ are still on disk from file to file without holding them in memory.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from cet_onnx.errors import InputError, RuntimeFailure, first_line
+from cet_onnx.io import external_data
+from cet_onnx.io.atomic import Staging
 
 #: Alignment of tensors in ``<name>.data`` (onnxruntime memory-maps page-aligned data).
 DATA_ALIGNMENT = 4096
@@ -27,6 +27,7 @@ DATA_ALIGNMENT = 4096
 def _write_model(model: ir.Model, target: Path, external: bool) -> list[str]:
     """Write ``model`` at ``target``; the names of the files written."""
     if not external:
+        external_data.load_into(model)  # small leftovers of a model kept on disk go into the file
         ir.save(model, target)
         return [target.name]
     data_name = target.name + ".data"
@@ -46,15 +47,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, extra_files: dict[str, 
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder '{parent}' does not exist")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
-        names = _write_model(model, tmpdir / path.name, external)
-        for name, data in (extra_files or {}).items():
-            (tmpdir / name).write_bytes(data)
-            names.insert(0, name)
-        for name in names:  # the model last: its presence means the write completed
-            os.replace(tmpdir / name, parent / name)
+        with Staging(parent, path.name) as staging:
+            names = _write_model(model, staging.folder / path.name, external)
+            for name, data in (extra_files or {}).items():
+                (staging.folder / name).write_bytes(data)
+            staging.commit([*(extra_files or {}), *names])  # the model last: its presence means the write completed
     except OSError as exc:
         raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Pure-numpy quantizers: weight formats, scales, rounding, dequantization, activation parameters.
 
-No graph code lives here: arrays in, arrays out. The rewriter turns the results into
+No graph code lives here: arrays in, arrays out. The graph passes turn the results into
 ONNX initializers, and later stages (curvature probes, Hessian-aware rounding) call the
 same functions, so the error they measure is exactly the error that is emitted.
 
@@ -27,6 +27,9 @@ from typing import Callable, Literal
 
 import numpy as np
 
+# container_bits and packed_nbytes are re-exported: the size helpers live in sizes.py
+from cet_onnx.quant.sizes import container_bits, packed_nbytes, stored_nbytes  # noqa: F401
+
 Granularity = Literal["tensor", "channel", "block"]
 
 #: ``rounding(w, scale, zero_point, qmin, qmax) -> q``: maps weights to integer codes.
@@ -38,13 +41,6 @@ Rounding = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int], np.ndarray]
 def round_to_nearest(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     """Round ``w / scale + zero_point`` to the nearest integer (ties to even, like QuantizeLinear) and clip."""
     return np.clip(np.rint(w / scale) + zero_point, qmin, qmax).astype(np.int8)
-
-
-def container_bits(bits: int) -> int:
-    """Bits of the smallest packed ONNX integer type holding ``bits``-bit codes (2, 4 or 8)."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"weight bit-width must be between 2 and 8, got {bits}")
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
 def weight_qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
@@ -99,14 +95,7 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         """Stored bytes: packed codes + float32 scales + zero points in the code's container."""
-        from cet_onnx.quant.packing import stored_nbytes
         return stored_nbytes(self)
-
-
-def packed_nbytes(count: int, cbits: int) -> int:
-    """Bytes used by ``count`` values packed ``8 // cbits`` per byte (rounded up)."""
-    per_byte = 8 // cbits
-    return -(-count // per_byte)
 
 
 def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None,

@@ -20,6 +20,7 @@ import onnx
 
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.progress import track
+from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.runner import Feed, make_session
 from cet_onnx.graph.weights import WeightInfo
 
@@ -192,12 +193,8 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
     """
     if not specs:
         return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(probe)
-    existing = {o.name for o in m.graph.output}
     wanted = list(dict.fromkeys(s.input_tensor for s in specs))
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                          for t in wanted if t not in existing)
+    m = with_outputs(probe, wanted, typed=False)
     session = make_session(m, providers, data_dir=data_dir)
     layers = {s.name: LayerHessian(s) for s in specs}
     rng = np.random.default_rng(seed)

@@ -1,0 +1,87 @@
+"""Small helpers the passes share: node placement, value lookup, taking over a value's place."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import onnx_ir as ir
+
+#: ``node.meta`` key of the nodes a pass put in the graph's front block (not serialized)
+FRONT = "cet_onnx.front"
+
+
+def is_onnx(node: ir.Node) -> bool:
+    """Whether ``node`` is an op of the default ONNX domain."""
+    return node.domain in ("", "ai.onnx")
+
+
+def insert_front(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
+    """Insert ``nodes`` before every node of the original graph, after those earlier calls inserted.
+
+    The Q/DQ nodes of weights, biases and graph inputs read only initializers and graph
+    inputs, so they can all come first, in the order the passes create them (the order the
+    rewriter always emitted). The block is remembered in ``node.meta``.
+    """
+    nodes = list(nodes)
+    for node in nodes:
+        node.meta[FRONT] = True
+    last = None
+    for node in graph:
+        if not node.meta.get(FRONT):
+            break
+        last = node
+    if last is not None:
+        graph.insert_after(last, nodes)
+    elif len(graph):
+        graph.insert_before(graph.node(0), nodes)
+    else:
+        graph.extend(nodes)
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the main graph: inputs, initializers and node outputs."""
+    found: dict[str, ir.Value] = {}
+    for v in graph.inputs:
+        found.setdefault(v.name, v)
+    for name, v in graph.initializers.items():
+        found.setdefault(name, v)
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                found.setdefault(v.name, v)
+    return found
+
+
+def uses_in(graph: ir.Graph, value: ir.Value) -> int:
+    """How many inputs of ``graph``'s own nodes read ``value`` (a node reading it twice counts twice)."""
+    return sum(1 for use in value.uses() if use.node.graph is graph)
+
+
+def take_over(old: ir.Value, new: ir.Value, graph: ir.Graph) -> None:
+    """Let ``new`` stand where ``old`` was: every use and graph output, and ``old``'s name.
+
+    ``old`` stops being an initializer or graph input; its name moves to ``new``. ``old`` keeps
+    its name: renaming it would rename its tensor, which may be shared with a caller's proto.
+    """
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if old.is_initializer():
+        graph.initializers.pop(name)
+    while old in graph.inputs:
+        graph.inputs.remove(old)
+    new.name = name
+
+
+def initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` as a new initializer called ``name``."""
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def remove_node(graph: ir.Graph, node: ir.Node) -> None:
+    """Take ``node`` out of ``graph``; it stops being a use of its inputs."""
+    for i in range(len(node.inputs)):
+        node.replace_input_with(i, None)
+    graph.remove(node)

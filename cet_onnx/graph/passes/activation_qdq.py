@@ -1,0 +1,126 @@
+"""Pass: QuantizeLinear → DequantizeLinear on the planned activation tensors.
+
+Rules, for every tensor ``t`` of the plan (in plan order):
+
+* initializers ``t_scale`` (float32) and ``t_zero_point`` (uint8 / int8 / uint16 / int16) and
+  nodes ``t_QuantizeLinear`` (output ``t_QuantizeLinear_Output``) and ``t_DequantizeLinear``
+  (output ``t_DequantizeLinear_Output``) are added; names already taken get a numeric suffix;
+* the consumers in ``activation_ops`` (default domain) read ``t_DequantizeLinear_Output``
+  instead of ``t``; other consumers keep reading the float ``t``, except that the first output
+  of a Conv / ConvTranspose / Gemm / MatMul is read dequantized by every consumer. Graph
+  outputs stay float;
+* the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
+  the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
+  graph input. This is the order the rewriter's stable topological sort always gave.
+
+:func:`activation_tensors` chooses the plan.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from cet_onnx.graph.names import UniqueNames
+from cet_onnx.graph.passes._graph import FRONT, initializer, insert_front, is_onnx, values_by_name
+from cet_onnx.graph.passes.fold_relu import foldable_relus
+from cet_onnx.graph.tensors import array_tensor
+from cet_onnx.quant.quantizer import ActivationParams
+
+#: Ops whose float activation inputs get QuantizeLinear/DequantizeLinear, following
+#: onnxruntime's QDQ conventions (its CPU fusions look for Q/DQ around these).
+ACTIVATION_OPS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Flatten", "Reshape", "Transpose",
+    "Squeeze", "Unsqueeze", "Resize",
+})
+WEIGHT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_FIRST_INPUT_ONLY = ("Reshape", "Resize", "Clip", "Squeeze", "Unsqueeze")
+
+
+def _is_float(value: ir.Value) -> bool:
+    return isinstance(value.type, ir.TensorType) and value.type.dtype == ir.DataType.FLOAT
+
+
+def activation_tensors(graph: ir.Graph, remove_relus: bool,
+                       activation_ops: Collection[str] = ACTIVATION_OPS) -> list[str]:
+    """Float activation tensors that get Q/DQ, in graph order (after optional Relu folding).
+
+    They are the float non-initializer inputs of the ``activation_ops`` (only the data input
+    of Reshape / Resize / Clip / Squeeze / Unsqueeze, input and weight of Conv / ConvTranspose /
+    Gemm), and the first output of every Conv / ConvTranspose / Gemm / MatMul that is not a
+    graph output (so that onnxruntime finds the output Q it needs to fuse them into
+    QLinearConv / QLinearMatMul, whatever op follows). A tensor counts as float when its type
+    (from the graph inputs, outputs or value_info) says so.
+    """
+    skip = set(foldable_relus(graph)) if remove_relus else set()
+    relu_out = {relu.inputs[0]: relu.outputs[0] for relu in skip}
+    seen: dict[str, None] = {}
+    for node in graph:
+        if node in skip or node.op_type not in activation_ops or not is_onnx(node):
+            continue
+        if node.op_type in WEIGHT_OUTPUT_OPS:
+            out = relu_out.get(node.outputs[0], node.outputs[0])
+            if not out.is_graph_output() and _is_float(out):
+                seen.setdefault(out.name)
+        data = node.inputs[:1] if node.op_type in _FIRST_INPUT_ONLY else node.inputs
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            data = node.inputs[:2]
+        for value in data:
+            if value is not None and value.name and not value.is_initializer() and _is_float(value):
+                seen.setdefault(value.name)
+    return list(seen)
+
+
+class ActivationQDQPass(ir.passes.InPlacePass):
+    """Adds the Q/DQ pairs of ``act_params`` and points the consumers at them (module docstring)."""
+
+    def __init__(self, act_params: Mapping[str, ActivationParams],
+                 activation_ops: Collection[str] = ACTIVATION_OPS) -> None:
+        super().__init__()
+        self.act_params = act_params
+        self.activation_ops = activation_ops
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = UniqueNames(graph)
+        values = values_by_name(graph)
+        original = [n for n in graph if not n.meta.get(FRONT)]
+        dequantized: dict[str, ir.Value] = {}
+        after: dict[ir.Node, ir.Node] = {}
+        for t, p in self.act_params.items():
+            value = values.get(t) or ir.Value(name=t)
+            pair = self._pair(graph, names, value, p)
+            producer = value.producer()
+            if producer is None or producer.graph is not graph:
+                insert_front(graph, pair)
+            else:
+                graph.insert_after(after.get(producer, producer), pair)
+                after[producer] = pair[-1]
+            dequantized[t] = pair[-1].outputs[0]
+        self._rewire(original, dequantized)
+        return ir.passes.PassResult(model, modified=bool(self.act_params))
+
+    @staticmethod
+    def _pair(graph: ir.Graph, names: UniqueNames, t: ir.Value, p: ActivationParams) -> list[ir.Node]:
+        scale_name, zp_name = names.value(f"{t.name}_scale"), names.value(f"{t.name}_zero_point")
+        scale = initializer(graph, scale_name, array_tensor(scale_name, np.array(p.scale, np.float32)))
+        zp = initializer(graph, zp_name, array_tensor(zp_name, np.array(p.zero_point, p.dtype)))
+        q = ir.node("QuantizeLinear", [t, scale, zp], outputs=[ir.Value(name=names.value(f"{t.name}_QuantizeLinear_Output"))],
+                    name=names.node(f"{t.name}_QuantizeLinear"))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp],
+                     outputs=[ir.Value(name=names.value(f"{t.name}_DequantizeLinear_Output"))],
+                     name=names.node(f"{t.name}_DequantizeLinear"))
+        return [q, dq]
+
+    def _rewire(self, nodes: list[ir.Node], dequantized: dict[str, ir.Value]) -> None:
+        """Point the consumers at the dequantized tensors, as the rules say."""
+        weight_outputs = {n.outputs[0].name for n in nodes if n.op_type in WEIGHT_OUTPUT_OPS and n.outputs
+                          and n.outputs[0].name in dequantized}
+        for node in nodes:
+            every = node.op_type in self.activation_ops and is_onnx(node)
+            for i, value in enumerate(node.inputs):
+                if value is not None and value.name in dequantized and (every or value.name in weight_outputs):
+                    node.replace_input_with(i, dequantized[value.name])

@@ -1,0 +1,43 @@
+import numpy as np
+from onnx import helper
+
+from cet_onnx.graph.passes._testing import make_model, ops, tensor_info
+from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
+
+W = np.ones((4, 4), np.float32)
+
+
+def _model(producer="MatMul", outputs=("y",), extra=()):
+    nodes = [helper.make_node(producer, ["x", "w"], ["h"], name="p"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Neg", ["r"], ["y"]), *extra]
+    return make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info(o) for o in outputs], {"w": W},
+                      value_info=[tensor_info("r", [1, 4])])
+
+
+def test_relu_after_a_weight_op_or_add_is_folded_into_its_producer():
+    for producer in ("MatMul", "Add", "Gemm"):
+        m = _model(producer)
+        assert len(foldable_relus(m.graph)) == 1
+        p = FoldReluPass()
+        assert p(m).modified and p.folded == 1
+        assert ops(m) == [producer, "Neg"]
+        out = m.graph.node(0).outputs[0]
+        assert out.name == "r" and out.shape == [1, 4] and m.graph.node(1).inputs[0] is out
+
+
+def test_relu_after_another_op_stays():
+    nodes = [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y")])
+    assert not FoldReluPass()(m).modified and ops(m) == ["Sigmoid", "Relu"]
+
+
+def test_relu_stays_when_its_input_has_another_reader_or_is_a_graph_output():
+    assert not foldable_relus(_model(extra=[helper.make_node("Neg", ["h"], ["z"])], outputs=("y", "z")).graph)
+    assert not foldable_relus(_model(outputs=("y", "h")).graph)
+
+
+def test_relu_output_that_is_a_graph_output_keeps_its_place():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y", [1, 4])], {"w": W})
+    FoldReluPass()(m)
+    assert ops(m) == ["MatMul"] and m.graph.outputs[0].name == "y" and m.graph.outputs[0].producer() is m.graph.node(0)

@@ -1,0 +1,73 @@
+"""Pass: store each quantized weight as packed integer codes followed by DequantizeLinear.
+
+Rules, for every weight ``W`` in the plan (in plan order):
+
+* initializers ``W_quantized`` (the codes, packed as INT8 / INT4 / INT2), ``W_scale`` (float32)
+  and ``W_zero_point`` (same integer type as the codes) replace ``W``;
+* a ``DequantizeLinear`` node ``W_DequantizeLinear`` computes the float weight into a tensor
+  that keeps the name ``W``, so the consumers are untouched. Per-channel weights set ``axis``;
+  block-wise ones set ``axis`` and ``block_size`` (opset 21);
+* INT2 weights are always written in the blocked form (:func:`cet_onnx.quant.sizes.stored_form`):
+  a per-channel or per-tensor scale becomes one block spanning the whole reduction axis, and a
+  Conv kernel is dequantized flattened to 2-D into ``W_dequantized_2d`` and reshaped back by
+  ``W_Reshape`` to the shape in initializer ``W_shape``. onnxruntime's QDQ selectors exclude 4-
+  and 16-bit weights but not 2-bit ones, fuse INT2 weights into QLinearConv / QLinearMatMul and
+  then refuse to load the model; they never fuse blocked scales.
+
+The new nodes go to the front of the graph (they read initializers only); a name already
+taken gets a numeric suffix. A weight that was also a graph input stops being one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from cet_onnx.graph.names import UniqueNames
+from cet_onnx.graph.passes._graph import initializer, insert_front, take_over
+from cet_onnx.graph.tensors import array_tensor, int_tensor
+from cet_onnx.quant.quantizer import QuantizedWeight
+from cet_onnx.quant.sizes import stored_form
+
+
+class WeightQDQPass(ir.passes.InPlacePass):
+    """Quantized weights become packed initializers and DequantizeLinear (see the module docstring)."""
+
+    def __init__(self, qweights: Mapping[str, QuantizedWeight]) -> None:
+        super().__init__()
+        self.qweights = qweights
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = UniqueNames(graph)
+        for name, qw in self.qweights.items():
+            insert_front(graph, self._dequantize(graph, names, name, qw))
+        return ir.passes.PassResult(model, modified=bool(self.qweights))
+
+    @staticmethod
+    def _dequantize(graph: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight) -> list[ir.Node]:
+        q, scale, zp, axis, block, reshape = stored_form(qw)
+        inputs = []
+        for suffix, tensor in (("quantized", lambda n: int_tensor(n, q, qw.fmt.bits)),
+                               ("scale", lambda n: array_tensor(n, scale.astype(np.float32))),
+                               ("zero_point", lambda n: int_tensor(n, zp, qw.fmt.bits))):
+            fresh = names.value(f"{name}_{suffix}")
+            inputs.append(initializer(graph, fresh, tensor(fresh)))
+        attrs = {}
+        if axis is not None:
+            attrs["axis"] = int(axis)
+        if block is not None:
+            attrs["block_size"] = int(block)
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=names.node(f"{name}_DequantizeLinear"))
+        nodes = [dq]
+        out = dq.outputs[0]
+        if reshape:
+            out.name = names.value(f"{name}_dequantized_2d")
+            shape_name = names.value(f"{name}_shape")
+            shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(qw.q.shape, np.int64)))
+            nodes.append(ir.node("Reshape", [out, shape], name=names.node(f"{name}_Reshape")))
+            out = nodes[-1].outputs[0]
+        take_over(graph.initializers[name], out, graph)
+        return nodes

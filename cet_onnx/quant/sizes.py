@@ -1,0 +1,99 @@
+"""Stored sizes of quantized weights, and the layout in which they are written.
+
+Shared by the quantizer (:meth:`QuantizedWeight.nbytes`), the allocator (sizes of formats
+before any weight is quantized) and the weight Q/DQ pass (:func:`stored_form` is what it
+writes), so all three agree on every byte. Arrays and shapes only: no graph code, and no
+import of :mod:`cet_onnx.quant.quantizer` (which imports this module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
+
+
+def container_bits(bits: int) -> int:
+    """Bits of the smallest packed ONNX integer type holding ``bits``-bit codes (2, 4 or 8)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"weight bit-width must be between 2 and 8, got {bits}")
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def packed_nbytes(count: int, cbits: int) -> int:
+    """Bytes used by ``count`` values packed ``8 // cbits`` per byte (rounded up)."""
+    per_byte = 8 // cbits
+    return -(-count // per_byte)
+
+
+def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None, bool]:
+    """(codes, scale, zero_point, axis, block_size, needs_reshape) exactly as written to the model.
+
+    INT2 weights always use DequantizeLinear's blocked form: onnxruntime's QDQ selectors
+    exclude 4- and 16-bit weights but not 2-bit ones, fuse INT2 weights into QLinearConv /
+    QLinearMatMul and then refuse to load the model; blocked scales are never fused. A
+    per-channel (or per-tensor) scale becomes one block spanning the whole reduction axis;
+    a Conv kernel ``[O, I, k...]`` is stored as ``[O, I·k...]`` and reshaped back after
+    dequantization so that its scales are not repeated per kernel position.
+    """
+    if container_bits(qw.fmt.bits) != 2 or qw.block_size is not None:
+        return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, False
+    q, c, r = qw.q, qw.channel_axis, qw.reduction_axis
+    nch = q.shape[c]
+    per_channel = [np.broadcast_to(np.asarray(p), (nch,)) if qw.axis is None else np.asarray(p)
+                   for p in (qw.scale, qw.zero_point)]
+    if q.ndim > 2 and c == 0:
+        q2 = q.reshape(nch, -1)
+        scale, zp = (p.reshape(nch, 1) for p in per_channel)
+        return q2, scale.astype(np.float32), zp.astype(np.int8), 1, q2.shape[1], True
+    # blocked over the whole reduction axis; the parameters repeat along any other axes
+    view = [1] * q.ndim
+    view[c] = nch
+    shape = list(q.shape)
+    shape[r] = 1
+    scale, zp = (np.broadcast_to(p.reshape(view), shape) for p in per_channel)
+    return q, scale.astype(np.float32), zp.astype(np.int8), r, q.shape[r], False
+
+
+def stored_nbytes(qw: QuantizedWeight) -> int:
+    """Bytes of codes, float32 scales and zero points as :func:`stored_form` writes them."""
+    cbits = container_bits(qw.fmt.bits)
+    _, scale, _, _, _, reshape = stored_form(qw)
+    nscale = int(np.prod(np.shape(scale), dtype=np.int64))
+    extra = 8 * qw.q.ndim if reshape else 0  # the int64 target shape of the Reshape
+    return packed_nbytes(qw.q.size, cbits) + 4 * nscale + packed_nbytes(nscale, cbits) + extra
+
+
+@dataclass
+class _Layout:
+    """The fields of a ``QuantizedWeight`` that sizes depend on (codes and parameters as zeros)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    block_size: int | None
+    fmt: WeightFormat
+    channel_axis: int
+    reduction_axis: int
+
+
+def format_nbytes(shape: tuple[int, ...], fmt: WeightFormat, channel_axis: int, reduction_axis: int) -> int:
+    """Stored bytes of a weight of ``shape`` in ``fmt``, without quantizing it (sizes depend on shapes only)."""
+    ndim = len(shape)
+    c, r = channel_axis % ndim, reduction_axis % ndim
+    if fmt.granularity == "tensor":
+        scale_shape, axis, block = (), None, None
+    elif fmt.granularity == "channel":
+        scale_shape, axis, block = (shape[c],), c, None
+    else:
+        scale_shape = tuple(-(-d // fmt.block_size) if i == r else d for i, d in enumerate(shape))
+        axis, block = r, fmt.block_size
+    layout = _Layout(q=np.zeros(shape, np.int8), scale=np.ones(scale_shape, np.float32),
+                     zero_point=np.zeros(scale_shape, np.int8), axis=axis, block_size=block, fmt=fmt,
+                     channel_axis=c, reduction_axis=r)
+    return stored_nbytes(layout)  # type: ignore[arg-type]
