@@ -9,7 +9,8 @@ from typing import Any
 from cet_onnx.calibration.data import ImageOptions, batched, load_samples, model_inputs
 from cet_onnx.calibration.samples import effective_batch_size, load_labels
 from cet_onnx.errors import InputError
-from cet_onnx.io.model_files import data_dir, load_model, model_file_bytes
+from cet_onnx.io.load import load_model
+from cet_onnx.io.sizes import model_file_bytes
 from cet_onnx.runner import select_providers
 from cet_onnx.verify import compare_models
 
@@ -29,8 +30,7 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
     samples = load_samples(data, inputs, limit=calib_size, image=image)
     label_arr = load_labels(labels, len(samples), truncated=calib_size is not None) if labels else None
     batches = batched(samples, effective_batch_size(inputs, batch_size), inputs=inputs)
-    c = compare_models(fp32, quant, batches, providers, data_dir=data_dir(fp32, fp32_path),
-                       q_data_dir=data_dir(quant, quant_path), latency_repeats=repeats)
+    c = compare_models(fp32, quant, batches, providers, latency_repeats=repeats)
     result: dict[str, Any] = {
         "samples": len(samples),
         "outputs": [m.as_dict() for m in c.metrics],

@@ -7,7 +7,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from cet_onnx.graph.passes.lift_constants import LiftConstantsPass
+from cet_onnx.graph.passes.constants_to_initializers import ConstantsToInitializersPass
 from cet_onnx.graph.weights import find_weights
 from cet_onnx.io.load import load_model
 
@@ -21,7 +21,7 @@ def _io(v: ir.Value) -> dict[str, Any]:
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     """Describe the model at ``path`` (no simplification, so names match the file)."""
     model = load_model(path)
-    LiftConstantsPass()(model)
+    ConstantsToInitializersPass()(model)
     weights, skipped = find_weights(model)
     return {
         "model": str(path),

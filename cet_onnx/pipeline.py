@@ -42,14 +42,13 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
         model, inputs = load_graph(model_path, opts.run.simplify, opts.activations.weight_only)
     with timer.stage("data"):
         data = read_samples(calib, inputs, opts.data, opts.run.seed)
-    weights, skipped, values, data_dir = load_weights(model, model_path)
+    weights, skipped, values = load_weights(model, model_path)
     act_params = None
     if not opts.activations.weight_only:
         with timer.stage("calibrate"):
-            act_params = calibrate(model, opts.activations, data.calib_batches, providers, data_dir)
+            act_params = calibrate(model, opts.activations, data.calib_batches, providers)
     p = Prepared(model, inputs, weights, skipped, values, data.calib_samples, data.verify_samples, data.batch_size,
-                 data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer,
-                 data_dir=data_dir)
+                 data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer)
     plan_rounding(p, opts, calib, mixed)
     return p
 
@@ -96,8 +95,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     rows = weight_rows(p.weights, qweights, allocation)
     del qweights  # the codes now live in the emitted model; keep one copy while verifying
     with timer.stage("verify"):
-        verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels(),
-                              data_dir=p.data_dir, q_data_dir=emitted.stream_from)
+        verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels())
     report = build_report(model_path, out_path, calib, opts, p, emitted.rewritten, emitted.model, rows,
                           verification, allocation, timer.stages.get("hessians", 0.0))
     check_gates(report, min_sqnr, min_agreement)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx.calibration.data import ModelInput
 from cet_onnx.graph.weights import WeightInfo
@@ -17,7 +17,7 @@ from cet_onnx.timer import Timer
 class Prepared:
     """Everything the stages after calibration need (built by :func:`cet_onnx.pipeline.prepare`)."""
 
-    model: onnx.ModelProto
+    model: ir.Model
     inputs: list[ModelInput]
     weights: list[WeightInfo]
     skipped: dict[str, str]
@@ -35,7 +35,6 @@ class Prepared:
     roundings: RoundingPlan = field(default_factory=RoundingPlan)
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
-    data_dir: str | None = None                          # where the weights stay on disk (large models)
     hessians_deferred: bool = False                      # major-axis Hessians are collected while quantizing
 
     @property

@@ -1,7 +1,7 @@
-"""A dependency-free progress bar on stderr, with rate and ETA.
+"""What a run tells the user on stderr: warnings, and a dependency-free progress bar with rate and ETA.
 
-On a terminal it redraws one line; elsewhere (CI logs) it prints a line at most
-every few seconds so logs stay short. ``quiet=True`` silences it.
+On a terminal the bar redraws one line; elsewhere (CI logs) it prints a line at most
+every few seconds so logs stay short. ``quiet=True`` silences the bars (never the warnings).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ def set_quiet(quiet: bool) -> None:
     """Silence (or re-enable) every progress bar of this process."""
     global _quiet
     _quiet = quiet
+
+
+def warn(msg: str) -> None:
+    """Print a warning line on stderr."""
+    print(f"WARNING: {msg}", file=sys.stderr)
 
 
 def _fmt_seconds(s: float) -> str:

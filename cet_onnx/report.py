@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx import __version__
 from cet_onnx.errors import RuntimeFailure
 from cet_onnx.graph.rewriter import ACTIVATION_OPS
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.io.model_files import model_file_bytes
+from cet_onnx.io.sizes import model_file_bytes
 from cet_onnx.options import QuantizeOptions
 from cet_onnx.plot import pareto_path, pareto_png
 from cet_onnx.prepared import Prepared
@@ -63,7 +63,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_report(model_path: str | os.PathLike, out_path: Path, calib: str | None, opts: QuantizeOptions,
-                 p: Prepared, rewritten: Any, qmodel: onnx.ModelProto, rows: list[dict[str, Any]],
+                 p: Prepared, rewritten: Any, qmodel: ir.Model, rows: list[dict[str, Any]],
                  verification: dict[str, Any], allocation: dict[str, Any] | None,
                  hessian_seconds: float) -> dict[str, Any]:
     """The report of one quantize run (``rewritten``: the rewrite's result, for opset and biases)."""
@@ -144,10 +144,10 @@ def without_wall_clock(o: Any) -> Any:
     return o
 
 
-def float_ops(qmodel: onnx.ModelProto) -> dict[str, int]:
+def float_ops(qmodel: ir.Model) -> dict[str, int]:
     """Op types of the emitted graph that run in float on dequantized data (not quantized by cet-onnx)."""
     counts: dict[str, int] = {}
-    for n in qmodel.graph.node:
+    for n in qmodel.graph:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in ACTIVATION_OPS:
             continue
         counts[n.op_type] = counts.get(n.op_type, 0) + 1

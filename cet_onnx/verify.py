@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx.runner import concat_outputs, make_session, run_batches
 
@@ -103,16 +103,15 @@ class Comparison:
         return {"fp32": accuracy(self.ref[0], labels), "quantized": accuracy(self.test[0], labels)}
 
 
-def compare_models(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers: Sequence[str], *,
-                   data_dir: str | None = None, q_data_dir: str | None = None, desc: str = "",
+def compare_models(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence[str], *, desc: str = "",
                    latency_repeats: int = 0) -> Comparison:
     """Run both models on ``batches`` and compare every output.
 
     One session at a time, so a large model's float and quantized weights are never both
-    held by onnxruntime. ``data_dir`` / ``q_data_dir``: where each model's external data is.
+    held by onnxruntime.
     ``latency_repeats``: also time each model on the first batch (``latency_ms``).
     """
-    ref_sess = make_session(model, providers, data_dir=data_dir)
+    ref_sess = make_session(model, providers)
     names = [o.name for o in ref_sess.get_outputs()]
     ref = concat_outputs(run_batches(ref_sess, batches, f"{desc}float model"))
     latency: dict[str, Any] = {}
@@ -120,7 +119,7 @@ def compare_models(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: lis
         latency = {"batch": int(next(iter(batches[0].values())).shape[0]),
                    "fp32": median_latency_ms(ref_sess, batches[0], latency_repeats)}
     del ref_sess
-    q_sess = make_session(qmodel, providers, data_dir=q_data_dir)
+    q_sess = make_session(qmodel, providers)
     test = concat_outputs(run_batches(q_sess, batches, f"{desc}quantized model", names))
     if latency_repeats:
         latency["quantized"] = median_latency_ms(q_sess, batches[0], latency_repeats)
@@ -128,14 +127,12 @@ def compare_models(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: lis
     return Comparison(names, ref, test, compare_outputs(names, ref, test), latency)
 
 
-def verify(model: onnx.ModelProto, qmodel: onnx.ModelProto, batches: list, providers: Sequence[str],
-           labels: np.ndarray | None = None, data_dir: str | None = None,
-           q_data_dir: str | None = None) -> dict[str, Any]:
+def verify(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence[str],
+           labels: np.ndarray | None = None) -> dict[str, Any]:
     """The verify stage: both models on the held-out batches, worst SQNR and agreement (the gates' inputs)."""
     if not batches:
         return {"samples": 0, "outputs": [], "min_sqnr_db": None, "min_top1_agreement": None}
-    c = compare_models(model, qmodel, batches, providers, data_dir=data_dir, q_data_dir=q_data_dir,
-                       desc="verify: ")
+    c = compare_models(model, qmodel, batches, providers, desc="verify: ")
     sqnrs = [m.sqnr_db for m in c.metrics if not np.isnan(m.sqnr_db)]
     agrees = [m.top1_agreement for m in c.metrics if m.top1_agreement is not None]
     out: dict[str, Any] = {

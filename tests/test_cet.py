@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
@@ -32,7 +33,8 @@ def cnn_session():
     weights, _ = find_weights(model)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
-    session = ProbeSession(model, weights, {w.name: values[w.name] for w in weights}, None, [{"x": x[:8]}, {"x": x[8:]}],
+    session = ProbeSession(ir.from_proto(model), weights, {w.name: values[w.name] for w in weights}, None,
+                           [{"x": x[:8]}, {"x": x[8:]}],
                            ["CPUExecutionProvider"], "kl", "logits")
     return session, weights, values
 

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cet_onnx.cli import main
 from cet_onnx.errors import RuntimeFailure
-from cet_onnx.io.model_files import upgrade_opset
+from cet_onnx.graph.passes.upgrade_opset import upgrade_opset
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"

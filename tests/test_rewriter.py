@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from cet_onnx.io.model_files import constants_to_initializers
+from cet_onnx.graph.passes.constants_to_initializers import constants_to_initializers
 from cet_onnx.quant.quantizer import WeightFormat, activation_params, quantize_weight
 from cet_onnx.graph.rewriter import activation_tensors, removable_relus, rewrite
 from cet_onnx.calibration.observe import collect_ranges

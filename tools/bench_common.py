@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cet_onnx import __version__ as CET_VERSION  # noqa: F401  (re-exported)
-from cet_onnx.io.model_files import model_file_bytes  # noqa: F401  (re-exported)
+from cet_onnx.io.sizes import model_file_bytes  # noqa: F401  (re-exported)
 from cet_onnx.pipeline import QuantizeOptions, analyze, prepare, quantize, report_path  # noqa: F401
 from cet_onnx.progress import set_quiet
 from cet_onnx.runner import concat_outputs, make_session, run_batches, select_providers

@@ -77,26 +77,25 @@ class ProbeSession:
     probe model's output ``loss_output`` against them (or against ``labels`` for ``ce``).
     """
 
-    def __init__(self, model: onnx.ModelProto, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
+    def __init__(self, model: ir.Model, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
                  act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
-                 loss: str, loss_output: str, labels: np.ndarray | None = None,
-                 data_dir: str | None = None) -> None:
+                 loss: str, loss_output: str, labels: np.ndarray | None = None) -> None:
         self.weights = list(weights)
         self.values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
         self.loss_name = loss
         self.loss_output = loss_output
         self.labels = labels
-        float_sess = make_session(model, providers, data_dir=data_dir)
+        float_sess = make_session(model, providers)
         self.reference = concat_outputs(run_batches(float_sess, batches, "reference outputs", [loss_output]))[0]
         del float_sess
         self.probabilities = is_probability(self.reference)
         pm = probe_model(model, self.weights, act_params)
         self.layer_output = {}
-        for node in pm.graph.node:
-            for i in node.input:
-                if i in self.values and i not in self.layer_output:
-                    self.layer_output[i] = node.output[0]
-        self.session = make_session(pm, providers, data_dir=data_dir)
+        for node in pm.graph:
+            for v in node.inputs:
+                if v is not None and v.name in self.values and v.name not in self.layer_output:
+                    self.layer_output[v.name] = node.outputs[0].name
+        self.session = make_session(pm, providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.runs = 0
         self._bindings = []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx import __version__
 from cet_onnx.allocation import cache as probe_cache
@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 PROBE_NUMERICS = ("float", "deployed")
 
 
-def loss_output(model: onnx.ModelProto, requested: str | None) -> str:
+def loss_output(model: ir.Model, requested: str | None) -> str:
     """The output the probes measure their loss on: the requested one, else the first float output."""
-    outputs = [o.name for o in model.graph.output]
+    outputs = [o.name for o in model.graph.outputs]
     if requested is not None:
         if requested not in outputs:
             raise InputError(f"--loss-output '{requested}' is not a model output (outputs: {', '.join(outputs)})")
         return requested
-    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    floats = [o.name for o in model.graph.outputs if o.dtype == ir.DataType.FLOAT]
     if not floats:
         raise InputError("the model has no float output to measure a loss on; choose one with --loss-output")
     return floats[0]
@@ -53,13 +53,12 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     n = sum(next(iter(b.values())).shape[0] for b in batches)
     labels = p.labels[:n] if p.labels is not None else None
     out = loss_output(p.model, a.loss_output)
-    ref_probe = make_session(p.model, p.providers, data_dir=p.data_dir)
+    ref_probe = make_session(p.model, p.providers)
     sample = ref_probe.run([out], batches[0])[0]
     del ref_probe
     loss = a.loss or default_loss(sample, labels is not None)
     acts = p.act_params if a.probe_numerics == "deployed" else None
-    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,
-                           data_dir=p.data_dir)
+    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels)
     info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": a.probe_numerics}
     return session, info
@@ -92,7 +91,7 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
     a = opts.allocation
     cache_dir = Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()
     key = probe_cache.cache_key(p.model, session.batches, _cache_settings(p, opts, cand, allocator, probe_info),
-                                session.labels, p.data_dir)
+                                session.labels)
     if a.use_cache:
         entry = probe_cache.load(cache_dir, key)
         if entry is not None:

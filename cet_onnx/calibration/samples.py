@@ -9,7 +9,7 @@ import numpy as np
 
 from cet_onnx.calibration.data import ModelInput, batched, load_samples
 from cet_onnx.errors import InputError, first_line
-from cet_onnx.io.model_files import warn
+from cet_onnx.progress import warn
 
 if TYPE_CHECKING:
     from cet_onnx.options import DataOptions

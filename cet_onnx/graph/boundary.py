@@ -18,6 +18,8 @@ from typing import Callable, TypeVar
 import onnx
 import onnx_ir as ir
 
+from cet_onnx.io import external_data
+
 Model = TypeVar("Model", onnx.ModelProto, ir.Model)
 
 
@@ -82,6 +84,15 @@ def apply_in_place(model: onnx.ModelProto | ir.Model, run: Callable[[ir.Model], 
     return changed
 
 
+def read_back(proto: onnx.ModelProto, like: ir.Model) -> ir.Model:
+    """``proto`` (made from ``like``) as an ``ir.Model`` whose on-disk weights resolve in ``like``'s folder."""
+    out = ir.serde.deserialize_model(proto)
+    folder = external_data.data_dir(like)
+    if folder is not None:
+        ir.external_data.set_base_dir(out.graph, folder)
+    return out
+
+
 def copy(model: ir.Model) -> ir.Model:
-    """An independent copy of an ``ir.Model`` (through its proto)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """An independent copy of an ``ir.Model`` (through its proto); weights left on disk stay there."""
+    return read_back(ir.serde.serialize_model(model), model)

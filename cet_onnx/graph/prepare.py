@@ -9,21 +9,16 @@ A failure of either only warns: the stages can work on the model as loaded.
 from __future__ import annotations
 
 import os
-import sys
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from cet_onnx.errors import first_line
-from cet_onnx.graph.passes.lift_constants import LiftConstantsPass
+from cet_onnx.graph.passes.constants_to_initializers import ConstantsToInitializersPass
 from cet_onnx.io import external_data
 from cet_onnx.io.load import load_model
 from cet_onnx.io.sizes import fits_protobuf
-
-
-def warn(msg: str) -> None:
-    """Print a warning line on stderr."""
-    print(f"WARNING: {msg}", file=sys.stderr)
+from cet_onnx.progress import warn
 
 
 def simplify(model: ir.Model, source: str) -> ir.Model:
@@ -62,8 +57,8 @@ def infer_shapes(model: ir.Model, source: str) -> ir.Model:
 def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> ir.Model:
     """Load → Constant weights to initializers → simplify → shape inference."""
     model = load_model(path)
-    LiftConstantsPass()(model)
+    ConstantsToInitializersPass()(model)
     if do_simplify:
         model = simplify(model, str(path))
-        LiftConstantsPass()(model)
+        ConstantsToInitializersPass()(model)
     return infer_shapes(model, str(path))

@@ -76,15 +76,13 @@ def required_opset(qweights: dict[str, QuantizedWeight], act_bits: int | None) -
 
 
 def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
-            act_params: dict[str, ActivationParams] | None, source: str = "model",
-            data_dir: str | None = None) -> RewriteResult[Model]:
+            act_params: dict[str, ActivationParams] | None, source: str = "model") -> RewriteResult[Model]:
     """Return a QDQ copy of ``model`` (the input is not modified).
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
-    quantization. Unsigned activation parameters turn on Relu folding. ``data_dir`` is where the
-    model's external data lives, for biases kept on disk; initializers that stay unchanged keep
-    referring to their external data. The result has no value_info.
+    quantization. Unsigned activation parameters turn on Relu folding. Initializers that stay
+    unchanged keep referring to their external data. The result has no value_info.
     """
     act_params = act_params or {}
     known = {w.name for w in weights}
@@ -97,7 +95,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(target, source)]
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()):
         passes.append(FoldReluPass())
-    biases = Int32BiasPass(qweights, weights, act_params, data_dir)
+    biases = Int32BiasPass(qweights, weights, act_params)
     passes += [WeightQDQPass(qweights), Int2FloatBiasPass(qweights, weights), biases,
                ActivationQDQPass(act_params, ACTIVATION_OPS), StableTopologicalSortPass(), DropValueInfoPass()]
     for p in passes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.progress import track
@@ -48,45 +48,37 @@ def hessian_nbytes(w: WeightInfo, spec: LayerSpec) -> int:
     return 8 * (spec.group if spec.kind == "conv2d" else 1) * cols * cols
 
 
-def _ints(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return tuple(a.ints) if a.ints else a.i
-    return default
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
 
 
-def _str(node: onnx.NodeProto, name: str, default: str) -> str:
-    for a in node.attribute:
-        if a.name == name:
-            return a.s.decode()
-    return default
-
-
-def layer_spec(model: onnx.ModelProto, w: WeightInfo) -> tuple[LayerSpec | None, str]:
+def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
     """The spec of ``w``'s first consumer in ``model``, or None and the reason it has none."""
-    for node in model.graph.node:
-        if w.name not in node.input:
+    for node in model.graph:
+        names = [v.name if v is not None else "" for v in node.inputs]
+        if w.name not in names:
             continue
-        idx = list(node.input).index(w.name)
+        idx = names.index(w.name)
         if node.op_type == "Conv":
             if len(w.shape) != 4:
                 return None, f"{len(w.shape) - 2}-D convolution"
-            pads = _ints(node, "pads", (0, 0, 0, 0))
-            return LayerSpec(w.name, "conv2d", node.input[0], group=int(_ints(node, "group", 1)),
-                             kernel=(w.shape[2], w.shape[3]), strides=tuple(_ints(node, "strides", (1, 1))),
+            pads = tuple(_attr(node, "pads", (0, 0, 0, 0)))
+            return LayerSpec(w.name, "conv2d", names[0], group=int(_attr(node, "group", 1)),
+                             kernel=(w.shape[2], w.shape[3]), strides=tuple(_attr(node, "strides", (1, 1))),
                              pads=(pads[0], pads[1], pads[2], pads[3]),
-                             dilations=tuple(_ints(node, "dilations", (1, 1))),
-                             auto_pad=_str(node, "auto_pad", "NOTSET")), ""
+                             dilations=tuple(_attr(node, "dilations", (1, 1))),
+                             auto_pad=_attr(node, "auto_pad", "NOTSET")), ""
         if node.op_type == "Gemm":
             if idx == 1:
-                return LayerSpec(w.name, "linear", node.input[0], transpose_input=bool(_ints(node, "transA", 0))), ""
+                return LayerSpec(w.name, "linear", names[0], transpose_input=bool(_attr(node, "transA", 0))), ""
             return None, "Gemm weight as left operand"
         if node.op_type == "MatMul":
             if len(w.shape) != 2:
                 return None, "batched MatMul weight"
             if idx == 1:
-                return LayerSpec(w.name, "linear", node.input[0]), ""
-            return LayerSpec(w.name, "linear", node.input[1], transpose_input=True, weight_is_a=True), ""
+                return LayerSpec(w.name, "linear", names[0]), ""
+            return LayerSpec(w.name, "linear", names[1], transpose_input=True, weight_is_a=True), ""
         return None, f"{node.op_type} weight"
     return None, "no consumer"
 
@@ -181,10 +173,9 @@ class LayerHessian:
         return out
 
 
-def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches: Sequence[Feed],
+def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Sequence[Feed],
                      weight_feeds: dict[str, np.ndarray], providers: Sequence[str], max_rows: int = 8192,
-                     seed: int = 0, desc: str = "layer Hessians",
-                     data_dir: str | None = None) -> dict[str, list[np.ndarray]]:
+                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, list[np.ndarray]]:
     """Hessians of every spec's layer, one streamed pass over ``batches``.
 
     ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.allocation.probes.probe_model`);
@@ -195,15 +186,14 @@ def collect_hessians(probe: onnx.ModelProto, specs: Sequence[LayerSpec], batches
         return {}
     wanted = list(dict.fromkeys(s.input_tensor for s in specs))
     m = with_outputs(probe, wanted, typed=False)
-    session = make_session(m, providers, data_dir=data_dir)
+    session = make_session(m, providers)
     layers = {s.name: LayerHessian(s) for s in specs}
     rng = np.random.default_rng(seed)
     for feed in track(batches, desc=desc, unit="batch"):
         try:
             values = dict(zip(wanted, session.run(wanted, {**feed, **weight_feeds})))
         except Exception as exc:
-            first = first_line(exc)
-            raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first}") from None
+            raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first_line(exc)}") from None
         for layer in layers.values():
             layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)
     del session  # it holds the model's weights

@@ -107,7 +107,7 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     if only is not None and specs:
         desc = f"layer Hessians ({specs[0].name}{f' + {len(specs) - 1} more' if len(specs) > 1 else ''})"
     hess = collect_hessians(probe, specs, p.calib_batches, feeds, p.providers,
-                            opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc, data_dir=p.data_dir)
+                            opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc)
     for w in only or p.weights:
         if w.name in hess:
             p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])

@@ -15,7 +15,7 @@ tensor ``b`` again — when all of these hold:
 
 The new nodes go to the front of the graph, after the weight DequantizeLinear nodes; names
 already taken get a numeric suffix. ``quantized_biases`` lists the biases converted, in graph
-order. ``data_dir`` is where biases kept as external data live.
+order.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import onnx_ir as ir
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import initializer, insert_front, take_over, uses_in
 from cet_onnx.graph.passes.int2_float_bias import int2_weights
-from cet_onnx.graph.tensors import array_tensor, tensor_proto
+from cet_onnx.graph.tensors import array_tensor
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.io.external_data import read_array
 from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
 
 
@@ -38,12 +37,11 @@ class Int32BiasPass(ir.passes.InPlacePass):
     """Quantizes the biases the module docstring describes."""
 
     def __init__(self, qweights: Mapping[str, QuantizedWeight], weights: Sequence[WeightInfo],
-                 act_params: Mapping[str, ActivationParams], data_dir: str | None = None) -> None:
+                 act_params: Mapping[str, ActivationParams]) -> None:
         super().__init__()
         self.qweights = qweights
         self.weights = {w.name: w for w in weights}
         self.act_params = act_params
-        self.data_dir = data_dir
         self.quantized_biases: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -70,7 +68,7 @@ class Int32BiasPass(ir.passes.InPlacePass):
         qw, px = self.qweights.get(w), self.act_params.get(x)
         if qw is None or px is None or qw.block_size is not None or not b.is_initializer() or uses_in(graph, b) != 1:
             return None, None
-        bias = np.asarray(read_array(tensor_proto(b.const_value), self.data_dir), dtype=np.float64)
+        bias = np.asarray(b.const_value.numpy(), dtype=np.float64)
         info = self.weights[w]
         nch = info.shape[info.channel_axis]
         if bias.ndim != 1 or bias.shape[0] != nch:

@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from cet_onnx.graph import boundary
 from cet_onnx.errors import RuntimeFailure
 
 
@@ -86,7 +87,7 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         modified = opset_version(model) < self.target
         if modified:
             proto = upgrade_opset(ir.serde.serialize_model(model), self.target, self.source)
-            _replace_contents(model, ir.serde.deserialize_model(proto))
+            _replace_contents(model, boundary.read_back(proto, model))
         opsets = [helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
         ir_version = max(model.ir_version, helper.find_min_ir_version_for(opsets))
         modified = modified or ir_version != model.ir_version
