@@ -24,8 +24,17 @@ from cet_onnx.io.atomic import Staging
 DATA_ALIGNMENT = 4096
 
 
+def _drop_initializer_types(model: ir.Model) -> None:
+    """No value_info entry per initializer (onnx-ir writes one; the tensor already carries type and shape)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if not value.is_graph_input() and value.const_value is not None:
+                value.type, value.shape = None, None
+
+
 def _write_model(model: ir.Model, target: Path, external: bool) -> list[str]:
     """Write ``model`` at ``target``; the names of the files written."""
+    _drop_initializer_types(model)
     if not external:
         external_data.load_into(model)  # small leftovers of a model kept on disk go into the file
         ir.save(model, target)
