@@ -133,7 +133,7 @@ def test_shared_weight_is_quantized_once():
 
 def test_hardswish_split_is_exact_and_gets_quantized_mul():
     from onnx import TensorProto, helper
-    from cet_onnx.graph.split_hardswish import decompose_hardswish
+    from cet_onnx.graph.passes.split_hardswish import decompose_hardswish
     w = numpy_helper.from_array(RNG.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("HardSwish", ["c"], ["h"]),
              helper.make_node("Conv", ["h", "w2"], ["y"])]

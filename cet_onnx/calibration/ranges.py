@@ -378,6 +378,15 @@ def _mse_asymmetric(neg: _MagnitudeHistogram, pos: _MagnitudeHistogram, steps: i
 # observers
 
 
+
+def _fold_extremes(observer, a: np.ndarray) -> tuple[float, float]:
+    """Fold the batch's min / max into ``observer.min`` / ``.max``; returns the batch's."""
+    lo, hi = float(a.min()), float(a.max())
+    observer.min = lo if observer.min is None else min(observer.min, lo)
+    observer.max = hi if observer.max is None else max(observer.max, hi)
+    return lo, hi
+
+
 class MinMaxObserver:
     """Running min / max of every value seen.
 
@@ -394,9 +403,7 @@ class MinMaxObserver:
         a = _as_float_array(x)
         if a.size == 0:
             return
-        lo, hi = float(a.min()), float(a.max())
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
+        lo, hi = _fold_extremes(self, a)
 
     def range(self) -> tuple[float, float]:
         if self.min is None or self.max is None:
@@ -431,9 +438,7 @@ class _HistogramObserver:
         a = _as_float_array(x)
         if a.size == 0:
             return
-        lo, hi = float(a.min()), float(a.max())
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
+        lo, hi = _fold_extremes(self, a)
         if self.symmetric:
             self.abs.add(np.abs(a))
         elif lo >= 0.0:
