@@ -30,7 +30,6 @@ from cet_onnx.report import strict_json
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES
 
-EXAMPLE_MODEL = "models/digits/model.onnx"
 
 
 def emit_json(obj: dict) -> None:

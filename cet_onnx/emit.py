@@ -13,10 +13,11 @@ import onnx_ir as ir
 from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.io import external_data
-from cet_onnx.io.save import save_model
-from cet_onnx.io.sizes import fits_protobuf
+from cet_onnx.io.save import save_model, temporary_copy
+from cet_onnx.io.sizes import fits_protobuf, inline_nbytes
 from cet_onnx.prepared import Prepared
 from cet_onnx.quant.quantizer import QuantizedWeight
+from cet_onnx.runner import VIA_FILE_BYTES
 
 
 @dataclass
@@ -37,7 +38,7 @@ def check_output_path(model_path: str | os.PathLike, out_path: Path) -> None:
 
 
 def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os.PathLike) -> Emitted:
-    """Rewrite the graph with Q/DQ and the quantized weights, and check it with ``onnx.checker``.
+    """Rewrite the graph with Q/DQ and the quantized weights.
 
     Unchanged initializers left on disk: small ones are read into the output; large ones
     (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
@@ -47,12 +48,25 @@ def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os
     if external_data.external_nbytes(qmodel) < external_data.STREAM_BYTES:
         external_data.load_into(qmodel)
     large = bool(external_data.external_tensors(qmodel)) or not fits_protobuf(qmodel)
-    if not large:  # larger ones are checked from the written file, before it is renamed into place
-        try:
-            onnx.checker.check_model(ir.to_proto(qmodel), full_check=True)
-        except Exception as exc:
-            raise RuntimeFailure(f"the quantized model fails onnx.checker: {first_line(exc)}") from None
     return Emitted(qmodel, result, large)
+
+
+def check(emitted: Emitted) -> None:
+    """``onnx.checker`` on the emitted model (a large one is checked from the written file instead).
+
+    Run it once the quantized codes are dropped: the checker serializes the whole model (a model of
+    :data:`~cet_onnx.runner.VIA_FILE_BYTES` or more is checked from a temporary copy on disk instead).
+    """
+    if emitted.large:
+        return
+    try:
+        if inline_nbytes(emitted.model) >= VIA_FILE_BYTES:
+            with temporary_copy(emitted.model) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(ir.to_proto(emitted.model), full_check=True)
+    except Exception as exc:
+        raise RuntimeFailure(f"the quantized model fails onnx.checker: {first_line(exc)}") from None
 
 
 def save(emitted: Emitted, out_path: Path, extra_files: dict[str, bytes]) -> None:

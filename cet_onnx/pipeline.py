@@ -16,7 +16,7 @@ from cet_onnx import __version__
 from cet_onnx.allocation.stage import allocate, measured_loss, sensitivity_report
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
-from cet_onnx.emit import check_output_path, emit, save
+from cet_onnx.emit import check, check_output_path, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
 from cet_onnx.prepared import Prepared
@@ -92,8 +92,9 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         del session  # its onnxruntime session holds the float weights
     with timer.stage("rewrite"):
         emitted = emit(p, qweights, model_path)
-    rows = weight_rows(p.weights, qweights, allocation)
-    del qweights  # the codes now live in the emitted model; keep one copy while verifying
+        rows = weight_rows(p.weights, qweights, allocation)
+        del qweights  # the codes now live in the emitted model; keep one copy while checking and verifying
+        check(emitted)
     with timer.stage("verify"):
         verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels())
     report = build_report(model_path, out_path, calib, opts, p, emitted.rewritten, emitted.model, rows,

@@ -7,8 +7,6 @@ One long-lived session per model and device (calibration itself is in
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +16,8 @@ import onnxruntime as ort
 
 from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.io import external_data
-from cet_onnx.io.sizes import fits_protobuf
+from cet_onnx.io.save import temporary_copy
+from cet_onnx.io.sizes import inline_nbytes
 from cet_onnx.progress import track
 
 Feed = dict[str, np.ndarray]
@@ -44,13 +43,18 @@ def select_providers(device: str) -> list[str]:
     raise InputError(f"--device must be auto, cpu or cuda, got '{device}'")
 
 
+#: An in-memory model with more tensor bytes than this reaches onnxruntime through a temporary
+#: file whose tensors onnx-ir writes one by one, instead of as one serialized protobuf (which would
+#: hold a second and a third copy of the weights while onnxruntime reads it).
+VIA_FILE_BYTES = 2**28
+
+
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, providers: Sequence[str],
                  optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     """An inference session for an in-memory model or a file.
 
     Weights an ``ir.Model`` still keeps on disk are read by onnxruntime itself from their
-    folder (``session.model_external_initializers_file_folder_path``); other in-memory
-    models over 2 GB go through a temporary file.
+    folder (``session.model_external_initializers_file_folder_path``).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -61,19 +65,21 @@ def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, provider
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), opts, providers=list(providers))
-        if isinstance(model, ir.Model):
-            folder = external_data.data_dir(model)
-            if folder is not None:
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-            if folder is not None or fits_protobuf(model):
-                return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
-            with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(str(path), opts, providers=list(providers))
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        if isinstance(model, onnx.ModelProto):
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        folder = external_data.data_dir(model)
+        if folder is None and inline_nbytes(model) >= VIA_FILE_BYTES:
+            return _session_via_file(model, opts, providers)
+        if folder is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
     except Exception as exc:
         raise RuntimeFailure(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def _session_via_file(model: ir.Model, opts: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+    with temporary_copy(model) as path:
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def run_batches(session: ort.InferenceSession, batches: Sequence[Feed], desc: str = "",

@@ -20,15 +20,15 @@ for the ellipsoid case, negative where the form is indefinite (hyperbolic parabo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
-from cet_onnx.errors import RuntimeFailure
+from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.allocation.losses import is_probability, loss_value
-from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import ActivationParams
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
@@ -132,8 +132,7 @@ class ProbeSession:
                 try:
                     self.session.run_with_iobinding(b)
                 except Exception as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise RuntimeFailure(f"onnxruntime failed during a probe: {first}") from None
+                    raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
                 parts.append(b.copy_outputs_to_cpu()[0])
                 self.runs += 1
             return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
@@ -179,17 +178,3 @@ class ProbeSession:
             lm = self.loss({name: w - eps * v})
             est.append((lp + lm - 2 * self.base_loss) / (eps * eps))
         return float(np.mean(est))
-
-
-def run_probes(session: ProbeSession, plan: Sequence[tuple[str, str, Callable[[], np.ndarray]]],
-               desc: str = "probing") -> list[ProbeResult]:
-    """Run ``(weight, format label, quantize())`` probes with a progress bar (2 forward passes each)."""
-    bar = Progress(len(plan), desc, "probe")
-    results = []
-    try:
-        for name, label, make in plan:
-            results.append(session.probe(name, make(), label))
-            bar.update()
-    finally:
-        bar.close()
-    return results

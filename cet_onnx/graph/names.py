@@ -49,6 +49,3 @@ class UniqueNames:
         """Like :meth:`value`, for node names."""
         return self._fresh(preferred, self._nodes)
 
-    def release_value(self, name: str) -> None:
-        """Make ``name`` available again (its value was removed from the graph)."""
-        self._values.discard(name)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes import activation_qdq
-from cet_onnx.graph.passes.activation_qdq import WEIGHT_OUTPUT_OPS, ActivationQDQPass  # noqa: F401
+from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass

@@ -39,8 +39,3 @@ def int_tensor(name: str, q: np.ndarray, bits: int) -> ir.TensorProtocol:
 def array_tensor(name: str, array: np.ndarray) -> ir.TensorProtocol:
     """``array`` as an onnx-ir tensor (``numpy_helper.from_array``'s encoding)."""
     return ir.serde.TensorProtoTensor(numpy_helper.from_array(array, name))
-
-
-def tensor_proto(tensor: ir.TensorProtocol) -> TensorProto:
-    """The ``TensorProto`` of an onnx-ir tensor (external data stays a reference)."""
-    return ir.serde.serialize_tensor(tensor)

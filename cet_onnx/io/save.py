@@ -11,6 +11,9 @@ are still on disk from file to file without holding them in memory.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -64,3 +67,13 @@ def save_model(model: ir.Model, path: str | os.PathLike, extra_files: dict[str, 
             staging.commit([*(extra_files or {}), *names])  # the model last: its presence means the write completed
     except OSError as exc:
         raise RuntimeFailure(f"{path}: cannot write output ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def temporary_copy(model: ir.Model) -> Iterator[Path]:
+    """The model written to a temporary folder, tensors in ``model.onnx.data`` (no serialized copy in memory)."""
+    with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024, alignment=DATA_ALIGNMENT,
+                align_threshold=0)
+        yield path

@@ -27,8 +27,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-# container_bits and packed_nbytes are re-exported: the size helpers live in sizes.py
-from cet_onnx.quant.sizes import container_bits, packed_nbytes, stored_nbytes  # noqa: F401
+from cet_onnx.quant.sizes import container_bits, stored_nbytes
 
 Granularity = Literal["tensor", "channel", "block"]
 
