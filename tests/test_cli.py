@@ -133,13 +133,6 @@ def test_conflicting_options(tmp_path):
     _bad(tmp_path, DIGITS / "model.onnx", "--per-tensor", "--block-size", 32, expect="--per-tensor")
 
 
-def test_cuda_requested_without_cuda(tmp_path):
-    import onnxruntime as ort
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("CUDA is available here")
-    _bad(tmp_path, DIGITS / "model.onnx", "--device", "cuda", expect="CUDA")
-
-
 def test_output_folder_missing(tmp_path):
     res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "no" / "q.onnx", "--calib", DIGITS / "calib.npz")
     assert res.exit_code == 2 and "does not exist" in res.stderr
