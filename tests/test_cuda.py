@@ -13,6 +13,7 @@ the level of that rounding noise.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+#: set by tools/gpu_check.sh on a CUDA machine: the CUDA tests run (and fail) rather than skip
+REQUIRE_CUDA = os.environ.get("CET_ONNX_REQUIRE_CUDA") == "1"
 needs_cuda = pytest.mark.skipif(
-    not HAS_CUDA, reason="onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu as README "
+    not HAS_CUDA and not REQUIRE_CUDA, reason="onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu as README "
                          "'GPU (CUDA)' says; tools/gpu_check.sh runs these on a CUDA machine)")
 
 #: CUDA with plain float32 matrix products (no TF32), so that the comparison with CPU tests the binding path,
@@ -144,10 +147,19 @@ def _cpu_agreement(out: Path) -> float:
     return float(np.mean(a == b))
 
 
+def _session_gets_cuda() -> bool:
+    """Whether onnxruntime really runs a session on CUDA here (it falls back to CPU when a CUDA library is missing)."""
+    s = ort.InferenceSession(str(DIGITS / "model.onnx"), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return s.get_providers()[0] == "CUDAExecutionProvider"
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("kind", ["mixed", "int8"])
 def test_quantize_device_cuda_digits(tmp_path, kind):
+    # a uniform run's report names the device asked for, not the provider that ran: so check that
+    # onnxruntime does give a session CUDA here
+    assert _session_gets_cuda(), "CUDAExecutionProvider is listed but a session falls back to CPU"
     out = tmp_path / f"digits.{kind}.onnx"
     extra = ["--avg-bits", 3, "--probe-size", 32, "--fidelity-samples", 4, "--no-cache"] if kind == "mixed" else []
     res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz",
