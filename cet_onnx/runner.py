@@ -6,6 +6,7 @@ One long-lived session per model and device (calibration itself is in
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -18,7 +19,7 @@ from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.io import external_data
 from cet_onnx.io.save import temporary_copy
 from cet_onnx.io.sizes import inline_nbytes
-from cet_onnx.progress import track
+from cet_onnx.progress import track, warn
 
 Feed = dict[str, np.ndarray]
 
@@ -27,20 +28,44 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def select_providers(device: str) -> list[str]:
-    """Execution providers for ``auto``, ``cpu`` or ``cuda``."""
-    available = ort.get_available_providers()
+    """Execution providers for ``auto``, ``cpu`` or ``cuda``.
+
+    A listed CUDA provider is not enough: with a CUDA or cuDNN library missing, onnxruntime
+    falls back to the CPU without an error. ``cuda`` then fails (exit 2); ``auto`` warns and uses the CPU.
+    """
+    if device not in DEVICES:
+        raise InputError(f"--device must be auto, cpu or cuda, got '{device}'")
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise InputError("--device cuda: onnxruntime has no CUDA execution provider here "
-                             "(install onnxruntime-gpu instead of onnxruntime; see README)")
+    listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not listed:
+        raise InputError("--device cuda: onnxruntime has no CUDA execution provider here "
+                         "(install onnxruntime-gpu instead of onnxruntime; see README)")
+    if listed and _cuda_starts():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-    raise InputError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda":
+        raise InputError("--device cuda: onnxruntime lists the CUDA execution provider but cannot start it "
+                         "(CUDA or cuDNN libraries missing or not found?); see README 'GPU (CUDA)'")
+    if listed:
+        warn("onnxruntime lists CUDA but cannot start it (CUDA or cuDNN libraries missing?); using the CPU")
+    return ["CPUExecutionProvider"]
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_starts() -> bool:
+    """True when a session really gets the CUDA execution provider (checked once per process)."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "cuda_check", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return sess.get_providers()[0] == "CUDAExecutionProvider"
 
 
 #: An in-memory model with more tensor bytes than this reaches onnxruntime through a temporary

@@ -28,6 +28,7 @@ import cet_onnx.runner
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.calibration.data import batched
 from cet_onnx.cli import main
+from cet_onnx.errors import InputError
 from cet_onnx.graph.weights import find_weights
 from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
 
@@ -191,3 +192,15 @@ def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, monkeypatch):
     assert res.exit_code == 2
     err = json.loads(res.stdout)
     assert err["ok"] is False and err["exit_code"] == 2 and "CUDA" in err["error"]
+
+
+def test_listed_but_unusable_cuda_is_detected(monkeypatch, capsys):
+    """onnxruntime can list CUDA and still run on the CPU (a CUDA library missing): never silently."""
+    import cet_onnx.runner as runner
+    if runner._cuda_starts():
+        pytest.skip("CUDA really starts here")
+    monkeypatch.setattr(runner.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *CPU])
+    with pytest.raises(InputError, match="cannot start it"):
+        runner.select_providers("cuda")
+    assert runner.select_providers("auto") == list(CPU)
+    assert "using the CPU" in capsys.readouterr().err
