@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -61,8 +62,10 @@ def _cuda_starts() -> bool:
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        with warnings.catch_warnings():  # onnxruntime's own warning about the fallback; the caller says it
+            warnings.simplefilter("ignore")
+            sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception:
         return False
     return sess.get_providers()[0] == "CUDAExecutionProvider"
