@@ -192,6 +192,7 @@ def allocate(p: Prepared, opts: QuantizeOptions,
         "predicted_bytes": sol.size,
         "closed_loop": history,
         "probe_runs": session.runs - runs0,
+        "sensitivity_runs": None if sens is None else sens.runs,   # of probe_runs: the sensitivities alone
         "probe_seconds": round(probe_seconds, 3),
         "forward_passes_per_second": round((session.runs - runs0) / (time.perf_counter() - t0), 2),
     })
