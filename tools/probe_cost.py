@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import bench_data  # noqa: E402
 
 ROOT = bench_data.ROOT
 RESULTS = bench_data.RESULTS
-WORK = RESULTS / "probe_cost"
+WORK = Path(tempfile.mkdtemp(prefix="probe_cost_"))   # models, reports and calibration files of the runs
 #: model → (calib samples, avg bits, runs: (label, extra cet-onnx arguments))
 PLAN = {
     "digits": (256, 3.0, [("full", ["--probes", "full"]), ("fast", ["--probes", "fast"])]),
