@@ -19,7 +19,7 @@ import click
 from cet_onnx import __version__
 from cet_onnx.allocation.allocate import ALLOCATORS, PROBED_ALLOCATORS
 from cet_onnx.allocation.losses import LOSSES
-from cet_onnx.allocation.stage import PROBE_NUMERICS
+from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import LAYOUTS, ImageOptions
 from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import CetError, InputError
@@ -135,6 +135,10 @@ def probe_options(fn: Callable) -> Callable:
                      help="Major-axis rounding with each layer's Hessian taken from the already-quantized prefix."),
         click.option("--probe-numerics", type=click.Choice(PROBE_NUMERICS), default="float", show_default=True,
                      help="Activations in the probes: float, or quantized as deployed (noisier: see README)."),
+        click.option("--probes", type=click.Choice(PROBE_MODES), default=None,
+                     help="CET probes: fast (one-sided; costs of 4+ bit formats scaled from one probe with the "
+                          "layer's quadratic form) or full (both finite differences of every format). "
+                          "Default: fast for quantize, full for analyze (which reports both terms)."),
         click.option("--probe-size", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Calibration samples each probe runs on."),
         click.option("--hutchinson-samples", type=click.IntRange(min=1), default=4, show_default=True,
@@ -236,7 +240,7 @@ def main() -> None:
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
-             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size, hutchinson_samples, fidelity_samples,
+             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
@@ -265,7 +269,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
-                                       allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
+                                       probes=probes or "fast", allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
                                        max_loss=max_loss, refine_rounds=refine_rounds),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
@@ -319,7 +323,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         if f:
             say(f"  fidelity over {len(f['assignments'])} random assignments: Spearman {f['spearman']:.3f}, "
                        f"median measured/predicted {f['median_measured_over_predicted']:.2f}")
-        say(f"  probes: {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
+        say(f"  probes ({a.get('probes', 'full')}): {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
             f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
         if a.get("pareto_png"):
             say(f"  Pareto front: {a['pareto_png']}")
@@ -347,7 +351,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
+            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
@@ -372,7 +376,8 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
         activations=ActivationOptions(weight_only=weight_only, symmetric=act_symmetric, method=calib_method),
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
-                                       probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache),
+                                       probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
+                                       probes=probes or "full"),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
     result = run_analyze(model, calib, opts, names)
     prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from cet_onnx.allocation.allocate import ALLOCATORS, Budget
 from cet_onnx.allocation.losses import LOSSES
-from cet_onnx.allocation.stage import PROBE_NUMERICS
+from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import ImageOptions
 from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import InputError
@@ -89,6 +89,7 @@ class AllocationOptions:
     use_cache: bool = True
     refine_rounds: int = 3
     probe_numerics: str = "float"   # float | deployed: activations in the probes (see README "Probe numerics")
+    probes: str = "fast"            # fast | full: how the CET costs are measured (see README "Mixed precision")
 
     @property
     def budget(self) -> Budget | None:
@@ -129,6 +130,7 @@ FLAT: dict[str, tuple[str, str]] = {
                                                "pareto_points", "cache_dir", "use_cache", "refine_rounds",
                                                "probe_numerics")},
     "reproducible": ("run", "reproducible"),
+    "probes": ("allocation", "probes"),   # newer options follow the earlier order
 }
 
 
@@ -204,6 +206,7 @@ def validate(opts: QuantizeOptions) -> None:
     _choice("--allocator", a.allocator, ALLOCATORS)
     _choice("--rounding", opts.weight_rounding.method, ROUNDING_METHODS, listed=False)
     _choice("--probe-numerics", a.probe_numerics, PROBE_NUMERICS, listed=False)
+    _choice("--probes", a.probes, PROBE_MODES, listed=False)
     _choice("--calib-method", opts.activations.method, METHODS)
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)

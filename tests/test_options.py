@@ -42,7 +42,7 @@ def test_flat_view_has_the_earlier_field_order():
     flat = QuantizeOptions().flat()
     assert list(flat) == list(FLAT)
     assert list(flat)[:4] == ["weight_bits", "per_tensor", "block_size", "act_bits"]
-    assert list(flat)[-3:] == ["refine_rounds", "probe_numerics", "reproducible"]
+    assert list(flat)[-4:] == ["refine_rounds", "probe_numerics", "reproducible", "probes"]
     assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == 32
 
 

@@ -157,6 +157,10 @@ class ProbeSession:
         return ProbeResult(name, fmt_label, lp, lm, first, curv, first + curv,
                            "ellipsoid" if curv > 0 else "hyperbolic", float(np.sum(delta.astype(np.float64) ** 2)))
 
+    def probe_one_sided(self, name: str, quantized: np.ndarray) -> float:
+        """``L(w+δ) − L(w)`` with ``δ = quantized − w``: the predicted loss change, in one pass over the probe set."""
+        return self.loss({name: np.asarray(quantized, dtype=np.float32)}) - self.base_loss
+
     def layer_nsr(self, name: str, quantized: np.ndarray) -> float:
         """Noise-to-signal ratio of weight ``name``'s layer output (first batch) when it is quantized."""
         out = self.layer_output[name]

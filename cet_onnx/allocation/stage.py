@@ -15,7 +15,7 @@ import onnx_ir as ir
 from cet_onnx import __version__
 from cet_onnx.allocation import cache as probe_cache
 from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
-    fidelity, measure_cet, measure_hawq, measure_sqnr, refine_size_budget, solve
+    fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.allocation.solver import pareto_front
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 #: ``--probe-numerics`` choices: activations in the probes float, or quantized as deployed
 PROBE_NUMERICS = ("float", "deployed")
+#: ``--probes`` choices: ``fast`` (one probe per weight and the layer's quadratic form where that is
+#: exact to second order, one-sided probes elsewhere) or ``full`` (both finite differences of every format)
+PROBE_MODES = ("fast", "full")
 
 
 def loss_output(model: ir.Model, requested: str | None) -> str:
@@ -60,8 +63,15 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     acts = p.act_params if a.probe_numerics == "deployed" else None
     session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels)
     info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
-            "device": session.device, "probe_numerics": a.probe_numerics}
+            "device": session.device, "probe_numerics": a.probe_numerics, "probes": a.probes,
+            "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics)}
     return session, info
+
+
+def extrapolates(probes: str, loss: str, numerics: str) -> bool:
+    """Whether fast probes may scale costs with the layer's quadratic form: only where the gradient at
+    the float weights is zero (a loss against the float model's outputs, with float probe numerics)."""
+    return probes == "fast" and loss != "ce" and numerics == "float"
 
 
 def candidates(p: Prepared, opts: QuantizeOptions) -> Candidates:
@@ -82,6 +92,7 @@ def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, alloca
             "rounding": [p.rounding, p.roundings.max_bits],
             "hessian_rows": r.hessian_rows if p.rounding == "major-axis" else None,
             "clip": opts.weights.clip, "grid": opts.weights.grid, "numerics": opts.allocation.probe_numerics,
+            "probes": opts.allocation.probes if allocator == "cet" else None,
             "version": __version__}
 
 
@@ -97,7 +108,9 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
         if entry is not None:
             return Sensitivity(allocator, np.array(entry["costs"], dtype=np.float64), entry["details"],
                                0, 0.0)
-    if allocator == "cet":
+    if allocator == "cet" and a.probes == "fast":
+        sens = measure_cet_fast(session, cand, probe_info["probes_extrapolated"])
+    elif allocator == "cet":
         sens = measure_cet(session, cand)
     elif allocator == "hawq":
         sens = measure_hawq(session, cand, a.hutchinson_samples, opts.run.seed)
@@ -179,6 +192,7 @@ def allocate(p: Prepared, opts: QuantizeOptions,
         "predicted_bytes": sol.size,
         "closed_loop": history,
         "probe_runs": session.runs - runs0,
+        "sensitivity_runs": None if sens is None else sens.runs,   # of probe_runs: the sensitivities alone
         "probe_seconds": round(probe_seconds, 3),
         "forward_passes_per_second": round((session.runs - runs0) / (time.perf_counter() - t0), 2),
     })

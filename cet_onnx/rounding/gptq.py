@@ -105,19 +105,22 @@ def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], sca
 
 
 def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128, damp: float = 0.01,
-                        act_order: bool = True):
+                        act_order: bool = True, keep_hessians: bool = False):
     """A :data:`cet_onnx.quant.quantizer.Rounding` that applies :func:`gptq_round` to one layer's weight.
 
     ``info`` / ``spec`` describe the weight's layout (:mod:`cet_onnx.rounding.hessian`), ``hessians`` holds
-    one Hessian per convolution group (one for Gemm / MatMul).
+    one Hessian per convolution group (one for Gemm / MatMul). With ``keep_hessians`` the Hessians
+    stay after factoring, and ``rounding.quadratic(delta)`` gives the layer's exact quadratic form
+    ``Σ tr(δ H δᵀ)`` of a weight error (``None`` without them); fast probes extrapolate with it.
     """
-    from cet_onnx.rounding.hessian import from_rows, groups_rows, to_rows
+    from cet_onnx.rounding.hessian import from_rows, groups_rows, quadratic_error, to_rows
 
     factors: list = []
+    kept = list(hessians) if keep_hessians else []
 
     def rounding(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
         if not factors:
-            while hessians:  # each Hessian is dropped once factored: one n × n array per group is kept
+            while hessians:  # each Hessian is dropped once factored (unless kept): one n × n array per group
                 factors.append(hessian_factor(hessians.pop(0), damp, act_order))
         w2, s2, z2 = (to_rows(a, info) for a in (w, scale, zero_point))
         q2 = np.empty(w2.shape, dtype=np.int8)
@@ -125,4 +128,8 @@ def major_axis_rounding(info, spec, hessians: list[np.ndarray], block: int = 128
             q2[rows] = gptq_round(w2[rows], f, s2[rows], z2[rows], qmin, qmax, block)
         return from_rows(q2, w.shape, info)
 
+    def quadratic(delta: np.ndarray) -> float | None:
+        return quadratic_error(delta, info, spec, kept) if kept else None
+
+    rounding.quadratic = quadratic
     return rounding

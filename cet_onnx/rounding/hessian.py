@@ -205,3 +205,17 @@ def groups_rows(info: WeightInfo, spec: LayerSpec, ngroups: int) -> list[slice]:
     rows = info.shape[info.channel_axis] if len(info.shape) != 4 else info.shape[0]
     per = rows // ngroups
     return [slice(k * per, (k + 1) * per) for k in range(ngroups)]
+
+
+def quadratic_error(delta: np.ndarray, info: WeightInfo, spec: LayerSpec, hessians: Sequence[np.ndarray]) -> float:
+    """``Σ_groups tr(δ_g H_g δ_gᵀ)``: the layer-output error ``‖δ X‖²`` (times ``2/rows``) of a weight error ``δ``.
+
+    ``delta`` has the weight's shape; ``hessians`` are the layer's (one per convolution group),
+    as :meth:`LayerHessian.hessians` returns them. Float64 throughout.
+    """
+    d2 = to_rows(np.asarray(delta, dtype=np.float64), info)
+    total = 0.0
+    for rows, h in zip(groups_rows(info, spec, len(hessians)), hessians):
+        d = d2[rows]
+        total += float(np.einsum("ij,ij->", d @ h, d))
+    return total

@@ -62,15 +62,21 @@ def plan_rounding(p: Prepared, opts: QuantizeOptions, calib: str | None, mixed: 
         p.hessians_deferred = not mixed and (opts.weight_rounding.sequential or sum(
             hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs) > hessian_budget(p.weights))
         if not p.hessians_deferred:
-            prepare_major_axis(p, opts)
+            prepare_major_axis(p, opts, keep_hessians=mixed and keeps_hessians(opts))
 
 
 def ensure_hessians(p: Prepared, opts: QuantizeOptions, timer: Timer) -> None:
     """Collect deferred Hessians now (a run that allocates, given a ``Prepared`` made for a uniform run)."""
     if p.hessians_deferred:
         with timer.stage("hessians"):
-            prepare_major_axis(p, opts)
+            prepare_major_axis(p, opts, keep_hessians=keeps_hessians(opts))
         p.hessians_deferred = False
+
+
+def keeps_hessians(opts: QuantizeOptions) -> bool:
+    """Whether a run that allocates keeps the layer Hessians after factoring them: fast probes
+    (``--probes fast``) extrapolate each format's cost with the layer's quadratic form."""
+    return opts.allocation.probes == "fast"
 
 
 def hessian_budget(weights: list[WeightInfo]) -> int:
@@ -93,8 +99,10 @@ def layer_specs(p: Prepared) -> None:
 
 
 def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | None = None,
-                       only: list[WeightInfo] | None = None) -> None:
+                       only: list[WeightInfo] | None = None, keep_hessians: bool = False) -> None:
     """Collect layer Hessians (deployed activation numerics) and build each weight's GPTQ rounding.
+
+    ``keep_hessians``: the roundings keep their Hessians (see :func:`keeps_hessians`).
 
     ``weight_feeds`` replaces some weights (already quantized ones, for a sequential pass); the
     others stay initializers, which onnxruntime holds once (fed as inputs, they would be copied).
@@ -110,7 +118,8 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
                             opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc)
     for w in only or p.weights:
         if w.name in hess:
-            p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name])
+            p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name],
+                                                                 keep_hessians=keep_hessians)
 
 
 def choose_format(w: WeightInfo, opts: WeightOptions) -> WeightFormat:
