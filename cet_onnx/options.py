@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from cet_onnx.allocation.allocate import ALLOCATORS, Budget
 from cet_onnx.allocation.losses import LOSSES
+from cet_onnx.allocation.parallel import require_ray
 from cet_onnx.allocation.stage import PROBE_NUMERICS
 from cet_onnx.calibration.data import ImageOptions
 from cet_onnx.calibration.ranges import METHODS
@@ -89,6 +90,8 @@ class AllocationOptions:
     use_cache: bool = True
     refine_rounds: int = 3
     probe_numerics: str = "float"   # float | deployed: activations in the probes (see README "Probe numerics")
+    workers: int | None = None      # probe processes (None: 1, or with --ray the cluster's CPU count)
+    ray: str | None = None          # auto | a Ray cluster address: probes in Ray actors
 
     @property
     def budget(self) -> Budget | None:
@@ -127,7 +130,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "labels": ("data", "labels"),
     **{name: ("allocation", name) for name in ("probe_size", "hutchinson_samples", "fidelity_samples",
                                                "pareto_points", "cache_dir", "use_cache", "refine_rounds",
-                                               "probe_numerics")},
+                                               "probe_numerics", "workers", "ray")},
     "reproducible": ("run", "reproducible"),
 }
 
@@ -204,6 +207,12 @@ def validate(opts: QuantizeOptions) -> None:
     _choice("--allocator", a.allocator, ALLOCATORS)
     _choice("--rounding", opts.weight_rounding.method, ROUNDING_METHODS, listed=False)
     _choice("--probe-numerics", a.probe_numerics, PROBE_NUMERICS, listed=False)
+    if a.workers is not None and (isinstance(a.workers, bool) or not isinstance(a.workers, int) or a.workers < 1):
+        raise InputError(f"--workers must be a whole number of at least 1, got '{a.workers}'")
+    if a.ray is not None:
+        if not isinstance(a.ray, str) or not a.ray.strip():
+            raise InputError(f"--ray must be auto or a Ray cluster address, got '{a.ray}'")
+        require_ray()
     _choice("--calib-method", opts.activations.method, METHODS)
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)

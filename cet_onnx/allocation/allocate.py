@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cet_onnx.allocation import parallel
 from cet_onnx.errors import InputError
 from cet_onnx.quant.sizes import format_nbytes
 from cet_onnx.allocation.probes import ProbeSession
@@ -102,22 +103,22 @@ class Sensitivity:
     seconds: float
 
 
-def measure_cet(session: ProbeSession, cand: Candidates) -> Sensitivity:
-    """Finite-difference probes of every available weight × format (2 forward passes each)."""
+def measure_cet(session: ProbeSession, cand: Candidates, pool: parallel.ProbePool | None = None) -> Sensitivity:
+    """Finite-difference probes of every available weight × format (2 forward passes each).
+
+    ``pool``: worker processes or Ray actors that run the probes (``--workers``, ``--ray``), same results.
+    """
     t0, runs0 = time.perf_counter(), session.runs
     costs = np.full(cand.sizes.shape, np.inf)
     details: list[dict[str, Any]] = [dict() for _ in cand.weights]
-    n = int(cand.available.sum())
-    bar = Progress(n, "CET probes", "probe")
+    pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(cand.available))]   # weight by weight, format by format
+    jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize(), cand.formats[j].label) for i, j in pairs)
+    bar = Progress(len(pairs), "CET probes", "probe")
     try:
-        for i, w in enumerate(cand.weights):
-            for j, f in enumerate(cand.formats):
-                if not cand.available[i, j]:
-                    continue
-                r = session.probe(w.name, cand.quantize(i, j).dequantize(), f.label)
-                costs[i, j] = r.predicted
-                details[i][f.label] = {k: v for k, v in r.as_dict().items() if k not in ("weight", "format")}
-                bar.update()
+        for (i, j), r in zip(pairs, parallel.run(session, "probe", jobs, pool)):
+            costs[i, j] = r.predicted
+            details[i][cand.formats[j].label] = {k: v for k, v in r.as_dict().items() if k not in ("weight", "format")}
+            bar.update()
     finally:
         bar.close()
     return Sensitivity("cet", costs, details, session.runs - runs0, time.perf_counter() - t0)
@@ -149,17 +150,17 @@ def measure_hawq(session: ProbeSession, cand: Candidates, samples: int = 4, seed
     return Sensitivity("hawq", costs, details, session.runs - runs0, time.perf_counter() - t0)
 
 
-def measure_sqnr(session: ProbeSession, cand: Candidates) -> Sensitivity:
-    """Layer-output noise-to-signal ratio of every weight × format."""
+def measure_sqnr(session: ProbeSession, cand: Candidates, pool: parallel.ProbePool | None = None) -> Sensitivity:
+    """Layer-output noise-to-signal ratio of every weight × format (``pool``: as in :func:`measure_cet`)."""
     t0, runs0 = time.perf_counter(), session.runs
     costs = np.full(cand.sizes.shape, np.inf)
-    bar = Progress(int(cand.available.sum()), "layer SQNR", "probe")
+    pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(cand.available))]
+    jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize()) for i, j in pairs)
+    bar = Progress(len(pairs), "layer SQNR", "probe")
     try:
-        for i, w in enumerate(cand.weights):
-            for j in range(len(cand.formats)):
-                if cand.available[i, j]:
-                    costs[i, j] = session.layer_nsr(w.name, cand.quantize(i, j).dequantize())
-                    bar.update()
+        for (i, j), nsr in zip(pairs, parallel.run(session, "layer_nsr", jobs, pool)):
+            costs[i, j] = nsr
+            bar.update()
     finally:
         bar.close()
     return Sensitivity("sqnr", costs, [{} for _ in cand.weights], session.runs - runs0, time.perf_counter() - t0)
