@@ -148,6 +148,12 @@ def probe_options(fn: Callable) -> Callable:
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Probe cache folder (default: $CET_ONNX_CACHE or ~/.cache/cet-onnx)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the probe cache."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Run the probes in N worker processes, each with its own onnxruntime session; same "
+                          "results as serial (default: 1, or with --ray the cluster's CPU count)."),
+        click.option("--ray", "ray", default=None, metavar="auto|ADDRESS",
+                     help="Run the probes in Ray actors: auto starts a local cluster unless one is running, "
+                          "ADDRESS joins one (pip install 'cet-onnx[ray]')."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -241,7 +247,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
              act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
-             cache_dir, no_cache, reproducible, seed, as_json, quiet):
+             cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
     Without a budget every weight gets --weight-bits. With --avg-bits, --max-size or
@@ -269,7 +275,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
-                                       probes=probes or "fast", allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
+                                       probes=probes or "fast", workers=workers, ray=ray, allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
                                        max_loss=max_loss, refine_rounds=refine_rounds),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
@@ -281,7 +287,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
 
 def _allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics, probe_size,
                         hutchinson_samples, fidelity_samples, cache_dir, no_cache, **budget) -> AllocationOptions:
-    """The allocation group from the probe options both commands share (``budget``: quantize's own)."""
+    """The allocation group from the probe options both commands share (``budget``: quantize's own, and workers)."""
     return AllocationOptions(bits=_bits_list(bits), candidate_block=candidate_block_for(candidate_block, block_size),
                              loss=loss, loss_output=loss_output, probe_size=probe_size,
                              hutchinson_samples=hutchinson_samples, fidelity_samples=fidelity_samples,
@@ -351,7 +357,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, top, seed,
+            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
@@ -377,7 +383,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
-                                       probes=probes or "full"),
+                                       probes=probes or "full", workers=workers, ray=ray),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
     result = run_analyze(model, calib, opts, names)
     prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from cet_onnx.allocation.allocate import ALLOCATORS, Budget
 from cet_onnx.allocation.losses import LOSSES
+from cet_onnx.allocation.parallel import require_ray
 from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import ImageOptions
 from cet_onnx.calibration.ranges import METHODS
@@ -90,6 +91,8 @@ class AllocationOptions:
     refine_rounds: int = 3
     probe_numerics: str = "float"   # float | deployed: activations in the probes (see README "Probe numerics")
     probes: str = "fast"            # fast | full: how the CET costs are measured (see README "Mixed precision")
+    workers: int | None = None      # probe processes (None: 1, or with --ray the cluster's CPU count)
+    ray: str | None = None          # auto | a Ray cluster address: probes in Ray actors
 
     @property
     def budget(self) -> Budget | None:
@@ -128,7 +131,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "labels": ("data", "labels"),
     **{name: ("allocation", name) for name in ("probe_size", "hutchinson_samples", "fidelity_samples",
                                                "pareto_points", "cache_dir", "use_cache", "refine_rounds",
-                                               "probe_numerics")},
+                                               "probe_numerics", "workers", "ray")},
     "reproducible": ("run", "reproducible"),
     "probes": ("allocation", "probes"),   # newer options follow the earlier order
 }
@@ -206,7 +209,8 @@ def validate(opts: QuantizeOptions) -> None:
     _choice("--allocator", a.allocator, ALLOCATORS)
     _choice("--rounding", opts.weight_rounding.method, ROUNDING_METHODS, listed=False)
     _choice("--probe-numerics", a.probe_numerics, PROBE_NUMERICS, listed=False)
-    _choice("--probes", a.probes, PROBE_MODES, listed=False)
+from cet_onnx.allocation.parallel import require_ray
+from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
     _choice("--calib-method", opts.activations.method, METHODS)
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)

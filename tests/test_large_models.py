@@ -60,7 +60,8 @@ def test_large_model_keeps_its_weights_on_disk(external_digits, monkeypatch):
     ("--weight-bits", 4, "--block-size", 32),                       # major-axis rounding: Hessians in chunks
     ("--weight-bits", 4, "--block-size", 32, "--sequential"),
     ("--avg-bits", 3, "--probe-size", 32, "--fidelity-samples", 3, "--refine-rounds", 1),
-], ids=["int8", "int4-major-axis", "int4-sequential", "mixed"])
+    ("--avg-bits", 3, "--probe-size", 32, "--fidelity-samples", 2, "--refine-rounds", 1, "--workers", 2),
+], ids=["int8", "int4-major-axis", "int4-sequential", "mixed", "mixed-workers"])
 def test_on_disk_run_is_byte_identical_to_in_memory_run(external_digits, tmp_path, monkeypatch, args):
     outs = []
     for lazy in (False, True):

@@ -42,7 +42,7 @@ def test_flat_view_has_the_earlier_field_order():
     flat = QuantizeOptions().flat()
     assert list(flat) == list(FLAT)
     assert list(flat)[:4] == ["weight_bits", "per_tensor", "block_size", "act_bits"]
-    assert list(flat)[-4:] == ["refine_rounds", "probe_numerics", "reproducible", "probes"]
+    assert list(flat)[-6:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes"]
     assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == 32
 
 
@@ -59,6 +59,10 @@ def test_flat_view_has_the_earlier_field_order():
     (dict(weight_grid="log"), "--weight-grid must be one of"),
     (dict(act_bits=4), "--act-bits must be one of 8, 16"),
     (dict(per_tensor=True, block_size=32), "--per-tensor and --block-size cannot be combined"),
+    (dict(workers=0), "--workers must be a whole number of at least 1, got '0'"),
+    (dict(workers=2.5), "--workers must be a whole number of at least 1, got '2.5'"),
+    (dict(ray=""), "--ray must be auto or a Ray cluster address, got ''"),
+    (dict(ray=3), "--ray must be auto or a Ray cluster address, got '3'"),
 ])
 def test_every_option_is_checked_before_any_work(tmp_path, flat, message):
     opts = QuantizeOptions(**flat)

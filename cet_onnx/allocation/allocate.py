@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cet_onnx.allocation import parallel
 from cet_onnx.errors import InputError
 from cet_onnx.quant.sizes import format_nbytes
 from cet_onnx.allocation.probes import ProbeSession
@@ -102,22 +103,22 @@ class Sensitivity:
     seconds: float
 
 
-def measure_cet(session: ProbeSession, cand: Candidates) -> Sensitivity:
-    """Finite-difference probes of every available weight × format (2 forward passes each)."""
+def measure_cet(session: ProbeSession, cand: Candidates, pool: parallel.ProbePool | None = None) -> Sensitivity:
+    """Finite-difference probes of every available weight × format (2 forward passes each).
+
+    ``pool``: worker processes or Ray actors that run the probes (``--workers``, ``--ray``), same results.
+    """
     t0, runs0 = time.perf_counter(), session.runs
     costs = np.full(cand.sizes.shape, np.inf)
     details: list[dict[str, Any]] = [dict() for _ in cand.weights]
-    n = int(cand.available.sum())
-    bar = Progress(n, "CET probes", "probe")
+    pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(cand.available))]   # weight by weight, format by format
+    jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize(), cand.formats[j].label) for i, j in pairs)
+    bar = Progress(len(pairs), "CET probes", "probe")
     try:
-        for i, w in enumerate(cand.weights):
-            for j, f in enumerate(cand.formats):
-                if not cand.available[i, j]:
-                    continue
-                r = session.probe(w.name, cand.quantize(i, j).dequantize(), f.label)
-                costs[i, j] = r.predicted
-                details[i][f.label] = {k: v for k, v in r.as_dict().items() if k not in ("weight", "format")}
-                bar.update()
+        for (i, j), r in zip(pairs, parallel.run(session, "probe", jobs, pool)):
+            costs[i, j] = r.predicted
+            details[i][cand.formats[j].label] = {k: v for k, v in r.as_dict().items() if k not in ("weight", "format")}
+            bar.update()
     finally:
         bar.close()
     return Sensitivity("cet", costs, details, session.runs - runs0, time.perf_counter() - t0)
@@ -163,7 +164,8 @@ def probed_formats(cand: Candidates, i: int, q: np.ndarray | None) -> tuple[list
     return [j for j in avail if j == ref or cand.formats[j].bits < QUADRATIC_MIN_BITS], ref
 
 
-def measure_cet_fast(session: ProbeSession, cand: Candidates, extrapolate: bool = True) -> Sensitivity:
+def measure_cet_fast(session: ProbeSession, cand: Candidates, extrapolate: bool = True,
+                     pool: parallel.ProbePool | None = None) -> Sensitivity:
     """CET costs at a fraction of the passes of :func:`measure_cet` (``--probes fast``).
 
     The predicted cost ``L(w+δ) − L(w)`` needs only the plus probe (the minus probe only splits it
@@ -172,31 +174,42 @@ def measure_cet_fast(session: ProbeSession, cand: Candidates, extrapolate: bool 
     weight whose layer Hessian ``H`` is known is probed at the formats :func:`probed_formats`
     names, and each other format's cost is ``c_i · q_i(f)`` with ``q_i(f) = Σ tr(δ_f H δ_fᵀ)`` and
     ``c_i`` fitted on the reference probe. Other weights get one one-sided probe per format.
+    ``pool``: worker processes or Ray actors that run the probes, same results.
     """
     t0, runs0 = time.perf_counter(), session.runs
     costs = np.full(cand.sizes.shape, np.inf)
     details: list[dict[str, Any]] = [dict() for _ in cand.weights]
-    bar = Progress(len(cand.weights), "CET probes (fast)", "weight")
+    plans = []
+    for i in range(len(cand.weights)):
+        q = quadratic_forms(cand, i) if extrapolate else None
+        plans.append((q, *probed_formats(cand, i, q)))
+    pairs = [(i, j) for i, (_, probed, _) in enumerate(plans) for j in probed]
+    jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize()) for i, j in pairs)
+    bar = Progress(len(pairs), "CET probes (fast)", "probe")
     try:
-        for i, w in enumerate(cand.weights):
-            q = quadratic_forms(cand, i) if extrapolate else None
-            probed, ref = probed_formats(cand, i, q)
-            for j in probed:
-                costs[i, j] = session.probe_one_sided(w.name, cand.quantize(i, j).dequantize())
-                details[i][cand.formats[j].label] = {"predicted": float(costs[i, j]), "probed": True}
-            scale = costs[i, ref] / q[ref] if ref >= 0 else float("nan")
-            for j, f in enumerate(cand.formats):
-                if not cand.available[i, j]:
-                    continue
-                if j not in probed:
-                    costs[i, j] = scale * q[j]
-                    details[i][f.label] = {"predicted": float(costs[i, j]), "probed": False}
-                if q is not None:
-                    details[i][f.label].update(quadratic_form=float(q[j]), scale=float(scale))
+        for (i, j), cost in zip(pairs, parallel.run(session, "probe_one_sided", jobs, pool)):
+            costs[i, j] = cost
+            details[i][cand.formats[j].label] = {"predicted": float(cost), "probed": True}
             bar.update()
     finally:
         bar.close()
+    for i, (q, probed, ref) in enumerate(plans):
+        _extrapolate(cand, i, q, probed, ref, costs, details[i])
     return Sensitivity("cet", costs, details, session.runs - runs0, time.perf_counter() - t0)
+
+
+def _extrapolate(cand: Candidates, i: int, q: np.ndarray | None, probed: Sequence[int], ref: int,
+                 costs: np.ndarray, details: dict[str, Any]) -> None:
+    """Fill weight ``i``'s unprobed formats with ``c_i · q_i(f)`` (``c_i`` from the reference probe)."""
+    scale = costs[i, ref] / q[ref] if ref >= 0 else float("nan")
+    for j, f in enumerate(cand.formats):
+        if not cand.available[i, j]:
+            continue
+        if j not in probed:
+            costs[i, j] = scale * q[j]
+            details[f.label] = {"predicted": float(costs[i, j]), "probed": False}
+        if q is not None:
+            details[f.label].update(quadratic_form=float(q[j]), scale=float(scale))
 
 
 def measure_hawq(session: ProbeSession, cand: Candidates, samples: int = 4, seed: int = 0) -> Sensitivity:
@@ -225,17 +238,17 @@ def measure_hawq(session: ProbeSession, cand: Candidates, samples: int = 4, seed
     return Sensitivity("hawq", costs, details, session.runs - runs0, time.perf_counter() - t0)
 
 
-def measure_sqnr(session: ProbeSession, cand: Candidates) -> Sensitivity:
-    """Layer-output noise-to-signal ratio of every weight × format."""
+def measure_sqnr(session: ProbeSession, cand: Candidates, pool: parallel.ProbePool | None = None) -> Sensitivity:
+    """Layer-output noise-to-signal ratio of every weight × format (``pool``: as in :func:`measure_cet`)."""
     t0, runs0 = time.perf_counter(), session.runs
     costs = np.full(cand.sizes.shape, np.inf)
-    bar = Progress(int(cand.available.sum()), "layer SQNR", "probe")
+    pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(cand.available))]
+    jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize()) for i, j in pairs)
+    bar = Progress(len(pairs), "layer SQNR", "probe")
     try:
-        for i, w in enumerate(cand.weights):
-            for j in range(len(cand.formats)):
-                if cand.available[i, j]:
-                    costs[i, j] = session.layer_nsr(w.name, cand.quantize(i, j).dequantize())
-                    bar.update()
+        for (i, j), nsr in zip(pairs, parallel.run(session, "layer_nsr", jobs, pool)):
+            costs[i, j] = nsr
+            bar.update()
     finally:
         bar.close()
     return Sensitivity("sqnr", costs, [{} for _ in cand.weights], session.runs - runs0, time.perf_counter() - t0)

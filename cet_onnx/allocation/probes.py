@@ -79,13 +79,15 @@ class ProbeSession:
 
     def __init__(self, model: ir.Model, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
                  act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
-                 loss: str, loss_output: str, labels: np.ndarray | None = None) -> None:
+                 loss: str, loss_output: str, labels: np.ndarray | None = None, threads: int = 0) -> None:
         self.weights = list(weights)
         self.values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
         self.loss_name = loss
         self.loss_output = loss_output
         self.labels = labels
-        float_sess = make_session(model, providers)
+        self.act_params = act_params
+        self.providers = list(providers)
+        float_sess = make_session(model, providers, threads=threads)
         self.reference = concat_outputs(run_batches(float_sess, batches, "reference outputs", [loss_output]))[0]
         del float_sess
         self.probabilities = is_probability(self.reference)
@@ -95,7 +97,7 @@ class ProbeSession:
             for v in node.inputs:
                 if v is not None and v.name in self.values and v.name not in self.layer_output:
                     self.layer_output[v.name] = node.outputs[0].name
-        self.session = make_session(pm, providers)
+        self.session = make_session(pm, providers, threads=threads)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.runs = 0
         self._bindings = []

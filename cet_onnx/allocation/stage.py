@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx import __version__
-from cet_onnx.allocation import cache as probe_cache
+from cet_onnx.allocation import cache as probe_cache, parallel
 from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
@@ -108,14 +108,14 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
         if entry is not None:
             return Sensitivity(allocator, np.array(entry["costs"], dtype=np.float64), entry["details"],
                                0, 0.0)
-    if allocator == "cet" and a.probes == "fast":
-        sens = measure_cet_fast(session, cand, probe_info["probes_extrapolated"])
-    elif allocator == "cet":
-        sens = measure_cet(session, cand)
-    elif allocator == "hawq":
+    if allocator == "hawq":   # one Hutchinson estimate per weight from one random stream: serial
         sens = measure_hawq(session, cand, a.hutchinson_samples, opts.run.seed)
     else:
-        sens = measure_sqnr(session, cand)
+        with parallel.probe_pool(p, a, session) as pool:   # None: serial (--workers 1, no --ray)
+            if allocator == "cet" and a.probes == "fast":
+                sens = measure_cet_fast(session, cand, probe_info["probes_extrapolated"], pool)
+            else:
+                sens = (measure_cet if allocator == "cet" else measure_sqnr)(session, cand, pool)
     if a.use_cache:
         probe_cache.store(cache_dir, key, {"costs": sens.costs.tolist(), "details": sens.details})
     return sens
