@@ -209,8 +209,13 @@ def validate(opts: QuantizeOptions) -> None:
     _choice("--allocator", a.allocator, ALLOCATORS)
     _choice("--rounding", opts.weight_rounding.method, ROUNDING_METHODS, listed=False)
     _choice("--probe-numerics", a.probe_numerics, PROBE_NUMERICS, listed=False)
-from cet_onnx.allocation.parallel import require_ray
-from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
+    _choice("--probes", a.probes, PROBE_MODES, listed=False)
+    if a.workers is not None and (isinstance(a.workers, bool) or not isinstance(a.workers, int) or a.workers < 1):
+        raise InputError(f"--workers must be a whole number of at least 1, got '{a.workers}'")
+    if a.ray is not None:
+        if not isinstance(a.ray, str) or not a.ray.strip():
+            raise InputError(f"--ray must be auto or a Ray cluster address, got '{a.ray}'")
+        require_ray()
     _choice("--calib-method", opts.activations.method, METHODS)
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)
