@@ -137,3 +137,14 @@ def test_ray_gives_the_serial_allocation(serial, tmp_path):
     options = report.pop("options")
     assert options.pop("ray") == "auto" and options == {k: v for k, v in serial[1]["options"].items() if k != "ray"}
     assert report == {k: v for k, v in serial[1].items() if k != "options"}
+
+
+@pytest.mark.ray
+def test_ray_address_nobody_listens_on_fails_fast(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "q.onnx"
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz", *FAST,
+                 "--ray", "127.0.0.1:1")
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --ray 127.0.0.1:1: no Ray cluster reachable there")
+    assert not out.exists()

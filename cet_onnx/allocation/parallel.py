@@ -28,6 +28,7 @@ import importlib.util
 import multiprocessing
 import os
 import signal
+import socket
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -240,6 +241,8 @@ class RayProbePool(ProbePool):
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
+            if address != "auto":
+                _check_reachable(address)
             try:
                 ray.init(address=None if address == "auto" else address, log_to_driver=False,
                          include_dashboard=False, logging_level="ERROR")
@@ -267,6 +270,18 @@ class RayProbePool(ProbePool):
             self._ray.kill(actor)
         if self._started:
             self._ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A quick one-line failure for a Ray address nothing listens on (ray.init would retry for minutes)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: let Ray interpret it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RuntimeFailure(f"--ray {address}: no Ray cluster reachable there ({first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------- the hook
