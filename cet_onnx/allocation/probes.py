@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -46,8 +45,8 @@ def probe_model(model: Model, weights: Sequence[WeightInfo],
     per-layer SQNR. See :class:`cet_onnx.graph.passes.probe_graph.ProbeGraphPass`.
     """
     deployed = rewrite(model, list(weights), {}, act_params).model if act_params else model
-    m = boundary.to_ir(deployed) if deployed is not model or isinstance(model, onnx.ModelProto) \
-        else boundary.copy(model)
+    fresh = deployed is not model and isinstance(deployed, ir.Model)   # the rewrite's own result
+    m = deployed if fresh else boundary.working_copy(deployed)
     ProbeGraphPass([w.name for w in weights])(m)
     return boundary.like(m, deployed)
 

@@ -1,7 +1,7 @@
 """The ``onnx.ModelProto`` ↔ ``ir.Model`` boundary of the graph passes.
 
-The passes work on :class:`onnx_ir.Model`; until the whole pipeline holds one, each public
-graph function also takes an ``onnx.ModelProto`` and returns the kind it was given. A proto is
+The passes work on :class:`onnx_ir.Model`, and so does the pipeline; each public graph function
+also takes an ``onnx.ModelProto`` (tests, tools) and returns the kind it was given. A proto is
 converted with ``ir.serde`` on the way in and out, and :func:`to_proto` keeps the proto's
 ``value_info`` as it was: onnx-ir stores shapes on the values themselves and would write them
 back in its own order, with an entry for every initializer. Entries are kept (unchanged, in
@@ -91,6 +91,11 @@ def read_back(proto: onnx.ModelProto, like: ir.Model) -> ir.Model:
     if folder is not None:
         ir.external_data.set_base_dir(out.graph, folder)
     return out
+
+
+def working_copy(model: onnx.ModelProto | ir.Model) -> ir.Model:
+    """An ``ir.Model`` the caller may edit without touching ``model``: a proto converted, an ``ir.Model`` copied."""
+    return to_ir(model) if isinstance(model, onnx.ModelProto) else copy(model)
 
 
 def copy(model: ir.Model) -> ir.Model:

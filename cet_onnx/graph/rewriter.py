@@ -91,7 +91,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         raise ValueError(f"unknown weight {unknown}")
     act_bits = 8 * next(iter(act_params.values())).dtype.itemsize if act_params else None
     target = max(opset_version(model), required_opset(qweights, act_bits))
-    m = boundary.to_ir(model) if isinstance(model, onnx.ModelProto) else boundary.copy(model)
+    m = boundary.working_copy(model)
     passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(target, source)]
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()):
         passes.append(FoldReluPass())

@@ -35,6 +35,12 @@ def _drop_initializer_types(model: ir.Model) -> None:
                 value.type, value.shape = None, None
 
 
+def _save_with_data(model: ir.Model, target: Path) -> None:
+    """``target`` plus ``<name>.data`` holding every tensor over 1 KB, page-aligned."""
+    ir.save(model, target, external_data=target.name + ".data", size_threshold_bytes=1024,
+            alignment=DATA_ALIGNMENT, align_threshold=0)
+
+
 def _write_model(model: ir.Model, target: Path, external: bool) -> list[str]:
     """Write ``model`` at ``target``; the names of the files written."""
     _drop_initializer_types(model)
@@ -43,8 +49,7 @@ def _write_model(model: ir.Model, target: Path, external: bool) -> list[str]:
         ir.save(model, target)
         return [target.name]
     data_name = target.name + ".data"
-    ir.save(model, target, external_data=data_name, size_threshold_bytes=1024, alignment=DATA_ALIGNMENT,
-            align_threshold=0)
+    _save_with_data(model, target)
     try:
         onnx.checker.check_model(str(target), full_check=True)
     except Exception as exc:
@@ -74,6 +79,5 @@ def temporary_copy(model: ir.Model) -> Iterator[Path]:
     """The model written to a temporary folder, tensors in ``model.onnx.data`` (no serialized copy in memory)."""
     with tempfile.TemporaryDirectory(prefix="cet-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024, alignment=DATA_ALIGNMENT,
-                align_threshold=0)
+        _save_with_data(model, path)
         yield path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import onnx
 import onnx_ir as ir
 
 from cet_onnx.graph import boundary
@@ -45,6 +44,6 @@ class ExposeOutputsPass(ir.passes.InPlacePass):
 
 def with_outputs(model: Model, names: Iterable[str], typed: bool = True) -> Model:
     """Copy of ``model`` whose graph also outputs the given intermediate tensors."""
-    m = boundary.to_ir(model) if isinstance(model, onnx.ModelProto) else boundary.copy(model)
+    m = boundary.working_copy(model)
     ExposeOutputsPass(names, typed)(m)
     return boundary.like(m, model)
