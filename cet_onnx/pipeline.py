@@ -78,14 +78,14 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     budget = opts.budget
     p = prepared or prepare(model_path, calib, opts, mixed=budget is not None)
     timer = p.timer if prepared is None else Timer()
-    allocation = None
+    allocation = qweights = None
     if budget is not None:
         ensure_hessians(p, opts, timer)  # a ``prepared`` made for a uniform run defers them
-        with timer.stage("allocate"):
-            formats, allocation, session = allocate(p, opts, budget)
+        formats, qweights, allocation, session = allocate(p, opts, budget, timer)
     else:
         formats = {w.name: choose_format(w, opts.weights) for w in p.weights}
-    qweights = quantize_all(p, opts, formats, timer)
+    if qweights is None:
+        qweights = quantize_all(p, opts, formats, timer)
     if allocation is not None:
         with timer.stage("measure"):
             allocation["measured_loss"] = measured_loss(session, qweights)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from cet_onnx import pipeline
-from cet_onnx.allocation.allocate import measure_cet, measure_cet_fast, probed_formats, quadratic_forms
+from cet_onnx.allocation.allocate import measure_cet, measure_cet_fast, probed_formats
 from cet_onnx.allocation.stage import candidates, probe_session, sensitivities
 from cet_onnx.cli import main
 from cet_onnx.graph.weights import find_weights
@@ -34,12 +34,12 @@ def _linear_model(path: Path, k: int = 64, n: int = 12) -> Path:
     return path
 
 
-def _linear_session(tmp_path, **opts):
+def _linear_session(tmp_path, samples: int = 96, **opts):
     model = _linear_model(tmp_path / "linear.onnx")
-    x = np.random.default_rng(1).normal(size=(48, 64)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(samples, 64)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     options = QuantizeOptions(avg_bits=4, device="cpu", weight_only=True, loss="mse", verify_size=0,
-                              probe_size=48, rounding="major-axis", **opts)
+                              probe_size=samples, rounding="major-axis", **opts)
     p = pipeline.prepare(str(model), str(tmp_path / "calib.npz"), options, mixed=True)
     session, info = probe_session(p, options)
     return p, options, session, info, candidates(p, options)
@@ -68,7 +68,7 @@ def test_extrapolation_is_exact_for_a_linear_layer_with_mse(tmp_path):
     assert info["probes_extrapolated"]
     full = measure_cet(session, cand)
     fast = measure_cet_fast(session, cand)
-    q = quadratic_forms(cand, 0)
+    q = cand.quadratic_forms(0)
     probed, ref = probed_formats(cand, 0, q)
     assert ref >= 0 and len(probed) < int(cand.available[0].sum())   # some formats were not probed
     assert fast.runs < full.runs / 2
@@ -76,6 +76,14 @@ def test_extrapolation_is_exact_for_a_linear_layer_with_mse(tmp_path):
     np.testing.assert_allclose(fast.costs[ok], full.costs[ok], rtol=2e-3)
     extrapolated = [j for j in range(len(cand.formats)) if ok[0, j] and j not in probed]
     assert extrapolated and all(not fast.details[0][cand.formats[j].label]["probed"] for j in extrapolated)
+
+
+def test_a_hessian_of_fewer_rows_than_columns_is_not_kept_for_extrapolation(tmp_path):
+    # 48 samples, 64 inputs: the quadratic form (64³ per format) would cost more than probing
+    _, _, session, info, cand = _linear_session(tmp_path, samples=48)
+    assert info["probes_extrapolated"] and cand.quadratic_forms(0) is None
+    fast = measure_cet_fast(session, cand)
+    assert all(d["probed"] for d in fast.details[0].values())
 
 
 def test_without_extrapolation_every_format_is_probed_once(tmp_path):
@@ -88,7 +96,7 @@ def test_without_extrapolation_every_format_is_probed_once(tmp_path):
 
 def test_full_mode_is_todays_probes_and_keeps_no_hessians(tmp_path):
     p, opts, session, info, cand = _linear_session(tmp_path, probes="full", use_cache=False)
-    assert not info["probes_extrapolated"] and quadratic_forms(cand, 0) is None
+    assert not info["probes_extrapolated"] and cand.quadratic_forms(0) is None
     sens = sensitivities(p, opts, session, cand, "cet", info)
     ref = measure_cet(session, cand)
     np.testing.assert_array_equal(sens.costs, ref.costs)

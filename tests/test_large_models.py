@@ -180,3 +180,27 @@ def test_external_data_shorter_than_the_tensor_is_a_clear_error(tmp_path, monkey
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "w" in lines[0] and "Traceback" not in res.output
     assert not out.exists() and not out.with_name("q.report.json").exists()
+
+
+def test_mixed_run_with_hessians_in_chunks_gives_the_same_model(tmp_path, monkeypatch):
+    """Mixed precision whose layer Hessians do not fit at once: collected, used for every candidate
+    format and dropped chunk by chunk (one layer per chunk here), same model as holding them all."""
+    from cet_onnx.allocation import stage
+    from cet_onnx.rounding import plan
+    chunks = []
+    monkeypatch.setattr(stage, "prepare_major_axis",
+                        lambda p, opts, only, **kw: (chunks.append(only), plan.prepare_major_axis(p, opts, only=only, **kw)))
+    outs = []
+    for chunked in (False, True):
+        monkeypatch.setattr(plan, "HESSIAN_MIN_BYTES", 0 if chunked else 2**62)
+        monkeypatch.setattr(plan, "HESSIAN_BYTES", 1 if chunked else 2**62)
+        out = tmp_path / f"q{int(chunked)}.onnx"
+        res = invoke("quantize", DIGITS / "model.onnx", "-o", out, "--calib", DIGITS / "calib.npz",
+                     "--calib-size", 96, "--avg-bits", 3, "--probe-size", 32, "--fidelity-samples", 2,
+                     "--refine-rounds", 1, "--reproducible", "--no-cache", "-q")
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+        assert report["rounding"]["method"] == "major-axis"
+        assert len(chunks) == (len(report["weights"]) if chunked else 0)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

@@ -46,7 +46,7 @@ print(s.run(None, {"input": x})[0].shape)
 CONFIGS = {
     "int8": [],
     "int4": ["--weight-bits", "4", "--block-size", "32"],
-    "mixed": ["--avg-bits", "4", "--probe-size", "32"],
+    "mixed": ["--avg-bits", "3"],
 }
 
 

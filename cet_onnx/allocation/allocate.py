@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from cet_onnx.allocation import parallel
+from cet_onnx.allocation.codes import CodeStore
 from cet_onnx.errors import InputError
 from cet_onnx.quant.sizes import format_nbytes
 from cet_onnx.allocation.probes import ProbeSession
@@ -57,17 +58,24 @@ def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
 
 @dataclass
 class Candidates:
-    """Sizes of every weight × format, and a way to (re)quantize any of them."""
+    """Sizes of every weight × format, and each one quantized (once, kept in a :class:`CodeStore`).
+
+    ``on_disk``: the codes go to a temporary folder (a model whose weights stay on disk).
+    :meth:`prepare` quantizes one weight in every format while its rounding (and layer Hessian)
+    is at hand, so that a large model's Hessians can be collected and dropped layer by layer.
+    """
 
     weights: list[WeightInfo]
     formats: list[WeightFormat]
-    values: dict[str, np.ndarray]
+    values: Mapping[str, np.ndarray]
     clip: str = "auto"
     roundings: RoundingPlan = field(default_factory=RoundingPlan)
+    on_disk: bool = False
     sizes: np.ndarray = field(init=False)   # bytes, inf where unavailable
 
     def __post_init__(self) -> None:
-        self._cache: dict[tuple[int, int], QuantizedWeight] = {}
+        self._store = CodeStore(self.on_disk)
+        self._quadratic: dict[int, np.ndarray | None] = {}
         self.sizes = np.full((len(self.weights), len(self.formats)), np.inf)
         for i, w in enumerate(self.weights):
             for j, f in enumerate(self.formats):
@@ -75,13 +83,43 @@ class Candidates:
                     self.sizes[i, j] = format_nbytes(w.shape, f, w.channel_axis, w.reduction_axis)
 
     def quantize(self, i: int, j: int) -> QuantizedWeight:
-        if (i, j) not in self._cache:
+        if (i, j) not in self._store:
             w = self.weights[i]
             f = self.formats[j]
-            self._cache[(i, j)] = quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
-                                                  rounding=self.roundings.get(w.name, f),
-                                                  clip_ratio=clip_for(f, self.clip))
-        return self._cache[(i, j)]
+            self._store.put((i, j), quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
+                                                    rounding=self.roundings.get(w.name, f),
+                                                    clip_ratio=clip_for(f, self.clip)))
+        return self._store.get((i, j))
+
+    def prepare(self, i: int, quadratic: bool = False) -> None:
+        """Quantize weight ``i`` in every available format (and, with ``quadratic``, keep its quadratic forms)."""
+        for j in range(len(self.formats)):
+            if self.available[i, j]:
+                self.quantize(i, j)
+        if quadratic:
+            self.quadratic_forms(i)
+
+    def quadratic_forms(self, i: int) -> np.ndarray | None:
+        """``q_i(f) = Σ tr(δ_f H δ_fᵀ)`` of every available format of weight ``i`` (nan where unavailable),
+        or None when the weight's rounding holds no layer Hessian (round-to-nearest fallback, or full probes).
+        Computed once: afterwards the Hessian may be dropped."""
+        if i not in self._quadratic:
+            self._quadratic[i] = self._quadratic_forms(i)
+        return self._quadratic[i]
+
+    def _quadratic_forms(self, i: int) -> np.ndarray | None:
+        w = self.weights[i]
+        quadratic = getattr(self.roundings.roundings.get(w.name), "quadratic", None)
+        if quadratic is None:
+            return None
+        q = np.full(len(self.formats), np.nan)
+        for j in range(len(self.formats)):
+            if self.available[i, j]:
+                qij = quadratic(self.quantize(i, j).dequantize() - self.values[w.name])
+                if qij is None:
+                    return None
+                q[j] = qij
+        return q
 
     @property
     def available(self) -> np.ndarray:
@@ -90,6 +128,14 @@ class Candidates:
     def assignment(self, choice: Sequence[int]) -> dict[str, np.ndarray]:
         """Fake-quantized float weights for a choice of format per weight."""
         return {w.name: self.quantize(i, int(j)).dequantize() for i, (w, j) in enumerate(zip(self.weights, choice))}
+
+    def chosen(self, choice: Sequence[int]) -> dict[str, QuantizedWeight]:
+        """The quantized weights of a choice of format per weight (what is emitted)."""
+        return {w.name: self.quantize(i, int(j)) for i, (w, j) in enumerate(zip(self.weights, choice))}
+
+    def close(self) -> None:
+        """Drop the stored codes (and their temporary folder)."""
+        self._store.close()
 
 
 @dataclass
@@ -122,23 +168,6 @@ def measure_cet(session: ProbeSession, cand: Candidates, pool: parallel.ProbePoo
     finally:
         bar.close()
     return Sensitivity("cet", costs, details, session.runs - runs0, time.perf_counter() - t0)
-
-
-def quadratic_forms(cand: Candidates, i: int) -> np.ndarray | None:
-    """``q_i(f) = Σ tr(δ_f H δ_fᵀ)`` of every available format of weight ``i`` (nan where unavailable),
-    or None when the weight's rounding holds no layer Hessian (round-to-nearest fallback, or full probes)."""
-    w = cand.weights[i]
-    quadratic = getattr(cand.roundings.roundings.get(w.name), "quadratic", None)
-    if quadratic is None:
-        return None
-    q = np.full(len(cand.formats), np.nan)
-    for j in range(len(cand.formats)):
-        if cand.available[i, j]:
-            qij = quadratic(cand.quantize(i, j).dequantize() - cand.values[w.name])
-            if qij is None:
-                return None
-            q[j] = qij
-    return q
 
 
 #: fast probes extrapolate with the layer's quadratic form only for formats of at least this many bits:
@@ -181,7 +210,7 @@ def measure_cet_fast(session: ProbeSession, cand: Candidates, extrapolate: bool 
     details: list[dict[str, Any]] = [dict() for _ in cand.weights]
     plans = []
     for i in range(len(cand.weights)):
-        q = quadratic_forms(cand, i) if extrapolate else None
+        q = cand.quadratic_forms(i) if extrapolate else None
         plans.append((q, *probed_formats(cand, i, q)))
     pairs = [(i, j) for i, (_, probed, _) in enumerate(plans) for j in probed]
     jobs = ((cand.weights[i].name, cand.quantize(i, j).dequantize()) for i, j in pairs)

@@ -103,6 +103,8 @@ class SessionSpec:
         if self.data_dir is not None:
             ir.external_data.set_base_dir(model.graph, self.data_dir)
         values = LazyValues({w.name: model.graph.initializers[w.name].const_value for w in self.weights})
+        if self.data_dir is None:   # weights in memory: bound once, as in the main process
+            values = dict(values)
         return ProbeSession(model, self.weights, values, self.act_params, self.batches, self.providers, self.loss,
                             self.loss_output, self.labels, threads=self.threads)
 

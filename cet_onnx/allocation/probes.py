@@ -20,7 +20,7 @@ for the ellipsoid case, negative where the form is indefinite (hyperbolic parabo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -33,6 +33,7 @@ from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes.probe_graph import ProbeGraphPass
 from cet_onnx.graph.rewriter import rewrite
+from cet_onnx.io.external_data import LazyValues
 from cet_onnx.runner import Feed, concat_outputs, make_session, run_batches
 from cet_onnx.graph.weights import WeightInfo
 
@@ -69,32 +70,47 @@ class ProbeResult:
         return dict(self.__dict__)
 
 
+def float_outputs(model: ir.Model, batches: Sequence[Feed], output: str, providers: Sequence[str],
+                  threads: int = 0) -> np.ndarray:
+    """The float model's ``output`` over all ``batches`` (the probes' reference), from a session dropped after."""
+    session = make_session(model, providers, threads=threads)
+    return concat_outputs(run_batches(session, batches, "reference outputs", [output]))[0]
+
+
 class ProbeSession:
     """Measures the loss of the model for any set of replaced weights.
 
-    ``reference`` are the float model's outputs on the same batches; the loss compares the
-    probe model's output ``loss_output`` against them (or against ``labels`` for ``ce``).
+    ``reference`` are the float model's outputs on the same batches (computed here when not
+    given); the loss compares the probe model's output ``loss_output`` against them (or against
+    ``labels`` for ``ce``).
+
+    Weights read lazily from disk (a :class:`~cet_onnx.io.external_data.LazyValues`) are bound
+    afresh for every evaluation and released after it, so the session never holds more than one
+    copy of the weights; other weights are bound once and a probe rebinds only the one it perturbs.
     """
 
-    def __init__(self, model: ir.Model, weights: Sequence[WeightInfo], values: dict[str, np.ndarray],
+    def __init__(self, model: ir.Model, weights: Sequence[WeightInfo], values: Mapping[str, np.ndarray],
                  act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
-                 loss: str, loss_output: str, labels: np.ndarray | None = None, threads: int = 0) -> None:
+                 loss: str, loss_output: str, labels: np.ndarray | None = None, threads: int = 0,
+                 reference: np.ndarray | None = None) -> None:
         self.weights = list(weights)
-        self.values = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
+        self.resident = not isinstance(values, LazyValues)
+        self.values = ({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
+                       if self.resident else values)
         self.loss_name = loss
         self.loss_output = loss_output
         self.labels = labels
         self.act_params = act_params
         self.providers = list(providers)
-        float_sess = make_session(model, providers, threads=threads)
-        self.reference = concat_outputs(run_batches(float_sess, batches, "reference outputs", [loss_output]))[0]
-        del float_sess
+        self.reference = (float_outputs(model, batches, loss_output, providers, threads)
+                          if reference is None else reference)
         self.probabilities = is_probability(self.reference)
         pm = probe_model(model, self.weights, act_params)
         self.layer_output = {}
+        names = {w.name for w in self.weights}
         for node in pm.graph:
             for v in node.inputs:
-                if v is not None and v.name in self.values and v.name not in self.layer_output:
+                if v is not None and v.name in names and v.name not in self.layer_output:
                     self.layer_output[v.name] = node.outputs[0].name
         self.session = make_session(pm, providers, threads=threads)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
@@ -106,7 +122,7 @@ class ProbeSession:
                 b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0))
             b.bind_output(loss_output, "cpu")
             self._bindings.append(b)
-        self._float_values = {name: self._to_device(arr) for name, arr in self.values.items()}
+        self._float_values = {name: self._to_device(arr) for name, arr in self.values.items()} if self.resident else {}
         for name, value in self._float_values.items():
             self._bind(name, value)
         self.base_loss = self.loss()
@@ -124,7 +140,9 @@ class ProbeSession:
     def outputs(self, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The loss output over all batches with ``overrides`` in place of the float weights."""
         overrides = overrides or {}
-        keep = {name: self._to_device(arr) for name, arr in overrides.items()}  # alive until the runs end
+        bound = overrides if self.resident else {
+            w.name: overrides[w.name] if w.name in overrides else self.values[w.name] for w in self.weights}
+        keep = {name: self._to_device(arr) for name, arr in bound.items()}  # alive until the runs end
         for name, value in keep.items():
             self._bind(name, value)
         try:
@@ -138,7 +156,7 @@ class ProbeSession:
                 self.runs += 1
             return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
         finally:
-            for name in overrides:
+            for name in overrides if self.resident else ():
                 self._bind(name, self._float_values[name])
 
     def loss(self, overrides: dict[str, np.ndarray] | None = None) -> float:

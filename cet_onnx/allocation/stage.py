@@ -17,12 +17,15 @@ from cet_onnx.allocation import cache as probe_cache, parallel
 from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
-from cet_onnx.allocation.probes import ProbeSession
+from cet_onnx.allocation.probes import ProbeSession, float_outputs
 from cet_onnx.allocation.solver import pareto_front
 from cet_onnx.calibration.data import batched
 from cet_onnx.errors import InputError
+from cet_onnx.io import external_data
+from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
-from cet_onnx.runner import make_session
+from cet_onnx.rounding.plan import hessian_budget, hessian_chunks, keeps_hessians, prepare_major_axis
+from cet_onnx.timer import Timer
 
 if TYPE_CHECKING:
     from cet_onnx.options import QuantizeOptions
@@ -56,12 +59,11 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     n = sum(next(iter(b.values())).shape[0] for b in batches)
     labels = p.labels[:n] if p.labels is not None else None
     out = loss_output(p.model, a.loss_output)
-    ref_probe = make_session(p.model, p.providers)
-    sample = ref_probe.run([out], batches[0])[0]
-    del ref_probe
-    loss = a.loss or default_loss(sample, labels is not None)
+    reference = float_outputs(p.model, batches, out, p.providers)
+    loss = a.loss or default_loss(reference, labels is not None)
     acts = p.act_params if a.probe_numerics == "deployed" else None
-    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels)
+    session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,
+                           reference=reference)
     info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": a.probe_numerics, "probes": a.probes,
             "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics)}
@@ -74,11 +76,36 @@ def extrapolates(probes: str, loss: str, numerics: str) -> bool:
     return probes == "fast" and loss != "ce" and numerics == "float"
 
 
-def candidates(p: Prepared, opts: QuantizeOptions) -> Candidates:
-    """Every weight × candidate format (``--bits`` × per-channel / blocks of ``--candidate-block``)."""
+def candidates(p: Prepared, opts: QuantizeOptions, quadratic: bool = False, prepare: bool = True) -> Candidates:
+    """Every weight × candidate format (``--bits`` × per-channel / blocks of ``--candidate-block``).
+
+    With ``prepare`` each is quantized now (every probed allocator reads them all), and with
+    ``quadratic`` each weight's quadratic forms are kept for fast probes. Layer Hessians too
+    large to hold at once (:func:`~cet_onnx.rounding.plan.hessians_fit`) are collected here chunk
+    by chunk, used for every format of the chunk's weights and dropped. A model whose weights
+    stay on disk keeps the codes on disk too.
+    """
     a = opts.allocation
-    return Candidates(p.weights, candidate_formats(a.bits, a.candidate_block, opts.weights.grid), p.values,
-                      opts.weights.clip, p.roundings)
+    cand = Candidates(p.weights, candidate_formats(a.bits, a.candidate_block, opts.weights.grid), p.values,
+                      opts.weights.clip, p.roundings, on_disk=external_data.data_dir(p.model) is not None)
+    if not prepare:
+        return cand
+    index = {w.name: i for i, w in enumerate(p.weights)}
+    chunked = p.rounding == "major-axis" and p.hessians_deferred
+    chunks = hessian_chunks(p, hessian_budget(p.weights)) if chunked else [p.weights]
+    bar = Progress(len(p.weights), "candidate formats", "weight")
+    try:
+        for chunk in chunks:
+            if chunked:
+                prepare_major_axis(p, opts, only=chunk, keep_hessians=keeps_hessians(opts))
+            for w in chunk:
+                cand.prepare(index[w.name], quadratic)
+                if chunked:
+                    p.roundings.roundings.pop(w.name, None)   # its Hessian and factor
+                bar.update()
+    finally:
+        bar.close()
+    return cand
 
 
 def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, allocator: str,
@@ -150,29 +177,55 @@ def sensitivity_report(p: Prepared, opts: QuantizeOptions, allocators: tuple[str
     """``header``, then per weight and format the probe terms and predicted ΔL of each allocator, and fidelity."""
     with p.timer.stage("probe"):
         session, info = probe_session(p, opts)
-        cand = candidates(p, opts)
-        result: dict[str, Any] = {**header, **info, "formats": [f.label for f in cand.formats]}
-        runs0 = session.runs
-        tp = time.perf_counter()
-        for allocator in allocators:
-            sens = sensitivities(p, opts, session, cand, allocator, info)
-            result[allocator] = sensitivity_table(cand, sens)
-            if allocator == "cet":
-                cet_sens = sens
-        result.update(_throughput(session.runs - runs0, time.perf_counter() - tp))
-    samples = opts.allocation.fidelity_samples
-    if "cet" in allocators and samples:
-        with p.timer.stage("fidelity"):
-            result["fidelity"] = fidelity(session, cet_sens, cand, samples, opts.run.seed)
+    with p.timer.stage("candidates"):
+        cand = candidates(p, opts, quadratic=info["probes_extrapolated"] and "cet" in allocators)
+    try:
+        with p.timer.stage("probe"):
+            result: dict[str, Any] = {**header, **info, "formats": [f.label for f in cand.formats]}
+            runs0 = session.runs
+            tp = time.perf_counter()
+            for allocator in allocators:
+                sens = sensitivities(p, opts, session, cand, allocator, info)
+                result[allocator] = sensitivity_table(cand, sens)
+                if allocator == "cet":
+                    cet_sens = sens
+            result.update(_throughput(session.runs - runs0, time.perf_counter() - tp))
+        samples = opts.allocation.fidelity_samples
+        if "cet" in allocators and samples:
+            with p.timer.stage("fidelity"):
+                result["fidelity"] = fidelity(session, cet_sens, cand, samples, opts.run.seed)
+    finally:
+        cand.close()
     return result
 
 
-def allocate(p: Prepared, opts: QuantizeOptions,
-             budget: Budget) -> tuple[dict[str, WeightFormat], dict[str, Any], ProbeSession]:
-    """Mixed-precision stage: probes, exact solve, closed loop, Pareto front and fidelity."""
+def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer
+             ) -> tuple[dict[str, WeightFormat], dict[str, QuantizedWeight] | None, dict[str, Any], ProbeSession]:
+    """Mixed-precision stages: candidate formats, then probes, exact solve, closed loop, Pareto front, fidelity.
+
+    Returns (format per weight, the quantized weights to emit, the report, the probe session).
+    The weights are the candidates' own codes; None where the emitted ones must be quantized
+    afresh (``--sequential`` rounding, or the ``uniform`` allocator, which quantizes no candidates).
+    """
     a = opts.allocation
-    session, info = probe_session(p, opts)
-    cand = candidates(p, opts)
+    with timer.stage("allocate"):
+        session, info = probe_session(p, opts)
+    probed = a.allocator != "uniform"
+    with timer.stage("candidates"):
+        cand = candidates(p, opts, quadratic=probed and info["probes_extrapolated"], prepare=probed)
+    try:
+        with timer.stage("allocate"):
+            formats, report = _allocate(p, opts, budget, session, info, cand)
+        choice = [cand.formats.index(formats[w.name]) for w in p.weights]
+        reuse = probed and not opts.weight_rounding.sequential
+        return formats, cand.chosen(choice) if reuse else None, report, session
+    finally:
+        cand.close()
+
+
+def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: ProbeSession, info: dict[str, Any],
+              cand: Candidates) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
+    a = opts.allocation
     runs0, t0 = session.runs, time.perf_counter()
     sens = None if a.allocator == "uniform" else sensitivities(p, opts, session, cand, a.allocator, info)
     probe_seconds = time.perf_counter() - t0
@@ -204,7 +257,7 @@ def allocate(p: Prepared, opts: QuantizeOptions,
         if a.fidelity_samples:
             report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed)
     formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
-    return formats, report, session
+    return formats, report
 
 
 def measured_loss(session: ProbeSession, qweights: dict[str, QuantizedWeight]) -> float:

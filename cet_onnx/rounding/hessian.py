@@ -161,6 +161,11 @@ class LayerHessian:
                 self.h[k][:, j:j + step] += pt @ p[:, j:j + step]  # float32 product, float64 running sum
         self.rows += parts[0].shape[0]
 
+    @property
+    def columns(self) -> int:
+        """Columns of each group's Hessian (the layer's inputs per output, times the kernel size)."""
+        return self.h[0].shape[0] if self.h else 0
+
     def hessians(self) -> list[np.ndarray]:
         """``2/rows · X Xᵀ`` per group (the scale does not change the rounding).
 
@@ -175,8 +180,8 @@ class LayerHessian:
 
 def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Sequence[Feed],
                      weight_feeds: dict[str, np.ndarray], providers: Sequence[str], max_rows: int = 8192,
-                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, list[np.ndarray]]:
-    """Hessians of every spec's layer, one streamed pass over ``batches``.
+                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, LayerHessian]:
+    """Hessians of every spec's layer, one streamed pass over ``batches`` (take them with ``.hessians()``).
 
     ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.allocation.probes.probe_model`);
     ``weight_feeds`` gives the value of each weight that ``probe`` takes as a graph input (already
@@ -197,7 +202,7 @@ def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Seque
         for layer in layers.values():
             layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)
     del session  # it holds the model's weights
-    return {name: layer.hessians() for name, layer in layers.items()}
+    return layers
 
 
 def groups_rows(info: WeightInfo, spec: LayerSpec, ngroups: int) -> list[slice]:

@@ -57,17 +57,31 @@ def plan_rounding(p: Prepared, opts: QuantizeOptions, calib: str | None, mixed: 
         return
     with p.timer.stage("hessians"):
         layer_specs(p)
-        # Probes need every layer's rounding at once; a uniform run can take the layers
-        # chunk by chunk when their Hessians are large (quantize_all() then collects them).
-        p.hessians_deferred = not mixed and (opts.weight_rounding.sequential or sum(
-            hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs) > hessian_budget(p.weights))
+        # Large Hessians are collected chunk by chunk where they are used: by quantize_all()
+        # in a uniform run, by the candidate stage (every format of a chunk's weights) in a mixed one.
+        p.hessians_deferred = not hessians_fit(p, opts, mixed) or (not mixed and opts.weight_rounding.sequential)
         if not p.hessians_deferred:
             prepare_major_axis(p, opts, keep_hessians=mixed and keeps_hessians(opts))
 
 
+def hessians_fit(p: Prepared, opts: QuantizeOptions, mixed: bool) -> bool:
+    """Whether every layer's Hessians may be held at once.
+
+    A uniform run holds them within :func:`hessian_budget`. A mixed run holds them (twice over with
+    fast probes, which keep each Hessian beside its factor) while every candidate format is
+    quantized, up to half the float32 weight bytes or :data:`HESSIAN_MIN_BYTES`, whichever is larger.
+    """
+    total = sum(hessian_nbytes(w, p.specs[w.name]) for w in p.weights if w.name in p.specs)
+    if not mixed:
+        return total <= hessian_budget(p.weights)
+    copies = 2 if keeps_hessians(opts) else 1
+    return total * copies <= max(HESSIAN_MIN_BYTES, 2 * sum(w.size for w in p.weights))
+
+
 def ensure_hessians(p: Prepared, opts: QuantizeOptions, timer: Timer) -> None:
-    """Collect deferred Hessians now (a run that allocates, given a ``Prepared`` made for a uniform run)."""
-    if p.hessians_deferred:
+    """Collect deferred Hessians now when they fit (a run that allocates, given a ``Prepared`` made for a
+    uniform run); large ones stay deferred for the candidate stage."""
+    if p.hessians_deferred and hessians_fit(p, opts, mixed=True):
         with timer.stage("hessians"):
             prepare_major_axis(p, opts, keep_hessians=keeps_hessians(opts))
         p.hessians_deferred = False
@@ -117,9 +131,12 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     hess = collect_hessians(probe, specs, p.calib_batches, feeds, p.providers,
                             opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc)
     for w in only or p.weights:
-        if w.name in hess:
-            p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], hess[w.name],
-                                                                 keep_hessians=keep_hessians)
+        layer = hess.get(w.name)
+        if layer is not None:
+            # with fewer rows than columns the quadratic form (a columns³ product) costs more than probes
+            keep = keep_hessians and layer.rows >= layer.columns
+            p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], layer.hessians(),
+                                                                 keep_hessians=keep)
 
 
 def choose_format(w: WeightInfo, opts: WeightOptions) -> WeightFormat:
