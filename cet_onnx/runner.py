@@ -77,6 +77,17 @@ def _cuda_starts() -> bool:
 VIA_FILE_BYTES = 2**28
 
 
+def session_options(optimize: bool = True, threads: int = 0) -> ort.SessionOptions:
+    """Every graph optimisation (or none), warnings off, ``threads`` intra-op threads (0: onnxruntime's default)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, providers: Sequence[str],
                  optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     """An inference session for an in-memory model or a file.
@@ -84,12 +95,7 @@ def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, provider
     Weights an ``ir.Model`` still keeps on disk are read by onnxruntime itself from their
     folder (``session.model_external_initializers_file_folder_path``).
     """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(optimize, threads)
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), opts, providers=list(providers))

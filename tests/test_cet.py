@@ -58,6 +58,26 @@ def test_probe_terms_and_weight_restoration(cnn_session):
     assert session.probe(w.name, q8, "int8/ch").predicted < 0.05 * r.predicted
 
 
+def test_rebuilt_and_bound_evaluations_measure_the_same_losses(cnn_session, monkeypatch):
+    """Constant weights (a session per evaluation) and weights bound as graph inputs (one session)
+    differ only in onnxruntime's kernels: the same losses to float rounding."""
+    from cet_onnx.allocation import probes
+    rebuilt, weights, values = cnn_session
+    monkeypatch.setattr(probes, "REBUILD_MAX_BYTES", 0)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(small_cnn()))
+    bound = ProbeSession(model, weights, {w.name: values[w.name] for w in weights}, None,
+                         rebuilt.batches, ["CPUExecutionProvider"], "kl", "logits")
+    assert rebuilt.rebuilt and not bound.rebuilt and rebuilt.session is None
+    for w in weights:
+        for bits in (2, 4, 8):
+            q = quantize_weight(values[w.name], WeightFormat(bits), w.channel_axis, w.reduction_axis).dequantize()
+            assert rebuilt.probe_one_sided(w.name, q) == pytest.approx(bound.probe_one_sided(w.name, q), rel=1e-4)
+    everything = {w.name: values[w.name] * 1.01 for w in weights}
+    assert rebuilt.loss(everything) == pytest.approx(bound.loss(everything), rel=1e-4)
+    q = quantize_weight(values[weights[0].name], WeightFormat(2), 0, 1).dequantize()
+    assert rebuilt.layer_nsr(weights[0].name, q) == bound.layer_nsr(weights[0].name, q)   # the bound session serves both
+
+
 def test_candidate_sizes_are_real_bytes(cnn_session):
     _, weights, values = cnn_session
     cand = Candidates(weights, candidate_formats((2, 4, 8), 4), {w.name: values[w.name] for w in weights})

@@ -82,6 +82,8 @@ class SessionSpec:
     loss_output: str
     labels: np.ndarray | None
     threads: int = 0                               # intra-op threads of the worker's sessions (0: default)
+    rebuilt: bool = False                          # evaluations as in the main process (ProbeSession.rebuilt)
+    reference: np.ndarray | None = None            # the float model's outputs on the batches
 
     @classmethod
     def of(cls, model: Any, session: ProbeSession, threads: int = 0) -> SessionSpec:
@@ -91,7 +93,7 @@ class SessionSpec:
         from cet_onnx.io import external_data
         return cls(ir.to_proto(model).SerializeToString(), external_data.data_dir(model), list(session.weights),
                    session.act_params, list(session.batches), list(session.providers), session.loss_name,
-                   session.loss_output, session.labels, threads)
+                   session.loss_output, session.labels, threads, session.rebuilt, session.reference)
 
     def build(self) -> ProbeSession:
         import onnx
@@ -103,10 +105,11 @@ class SessionSpec:
         if self.data_dir is not None:
             ir.external_data.set_base_dir(model.graph, self.data_dir)
         values = LazyValues({w.name: model.graph.initializers[w.name].const_value for w in self.weights})
-        if self.data_dir is None:   # weights in memory: bound once, as in the main process
+        if self.data_dir is None:   # weights in memory, as in the main process
             values = dict(values)
         return ProbeSession(model, self.weights, values, self.act_params, self.batches, self.providers, self.loss,
-                            self.loss_output, self.labels, threads=self.threads)
+                            self.loss_output, self.labels, threads=self.threads, rebuilt=self.rebuilt,
+                            reference=self.reference)
 
 
 @dataclass

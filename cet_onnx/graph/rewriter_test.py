@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
