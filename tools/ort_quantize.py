@@ -8,7 +8,7 @@ retried with ``skip_symbolic_shape=True`` and the JSON says so), then ``quantize
 ``QuantFormat.QDQ``, ``per_channel=True``, activations ``QUInt8``, weights ``QInt8``, the chosen
 ``CalibrationMethod`` (MinMax or Entropy, onnxruntime's defaults for each: Entropy uses 128
 histogram bins and 128 quantized bins), calibration on the CPU provider, fed by
-``ArrayReader`` over the samples of one ``.npz`` (keyed by the input name) in
+``ArrayReader`` over the samples of one ``.npz`` (one array per model input, keyed by its name) in
 batches of ``--batch-size``. It runs inside the output's folder: onnxruntime's symbolic shape
 inference dumps ``sym_shape_infer_temp.onnx`` into the current folder when it fails.
 ``--max-intermediate-outputs N`` sets ``CalibMaxIntermediateOutputs`` (onnxruntime keeps every
@@ -38,10 +38,11 @@ METHODS = ("minmax", "entropy")
 
 
 class ArrayReader(CalibrationDataReader):
-    """onnxruntime CalibrationDataReader over in-memory arrays, in fixed-size batches."""
+    """onnxruntime CalibrationDataReader over in-memory arrays (one per model input), in fixed-size batches."""
 
-    def __init__(self, name: str, x: np.ndarray, batch_size: int):
-        self.batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int):
+        n = len(next(iter(arrays.values())))
+        self.batches = [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
         self.i = 0
 
     def get_next(self):
@@ -78,10 +79,7 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     data = np.load(calib, allow_pickle=False)
-    if len(data.files) != 1:
-        raise SystemExit(f"{calib}: expected one array keyed by the model input name, got {data.files}")
-    name = data.files[0]
-    x = data[name]
+    arrays = {k: data[k] for k in data.files}
     pre = out.with_name(out.stem + ".preprocessed.onnx")
     t_up = time.perf_counter()
     m = onnx.load(str(model))
@@ -113,7 +111,7 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
         quant_pre_process(str(model), str(pre), **pre_args)
     t1 = time.perf_counter()
     extra = {} if max_intermediate_outputs is None else {"CalibMaxIntermediateOutputs": max_intermediate_outputs}
-    quantize_static(str(pre), str(out), ArrayReader(name, x, batch_size), quant_format=QuantFormat.QDQ,
+    quantize_static(str(pre), str(out), ArrayReader(arrays, batch_size), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[method],
                     calibration_providers=["CPUExecutionProvider"], extra_options=extra)
@@ -121,7 +119,7 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
     pre.unlink(missing_ok=True)
     if upgraded_from is not None:
         Path(model).unlink(missing_ok=True)
-    return {"method": method, "calib_samples": int(len(x)), "batch_size": batch_size,
+    return {"method": method, "calib_samples": int(len(next(iter(arrays.values())))), "batch_size": batch_size,
             "quant_pre_process_s": round(t1 - t0, 3), "quantize_static_s": round(t2 - t1, 3),
             "total_s": round(t2 - t0 + t_up, 3), "opset_upgraded_from": upgraded_from,
             "opset_upgrade_s": round(t_up, 3), "preprocess_args": pre_args,
@@ -132,7 +130,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("-o", "--output", type=Path, required=True)
-    ap.add_argument("--calib", type=Path, required=True, help=".npz with one array keyed by the input name")
+    ap.add_argument("--calib", type=Path, required=True, help=".npz with one array per model input, keyed by its name")
     ap.add_argument("--method", default="minmax", choices=METHODS)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-intermediate-outputs", type=int, default=None)

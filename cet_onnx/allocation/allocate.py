@@ -397,19 +397,27 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     best_loss, assign = record(sol.choice, "solve")
     best = sol.choice.copy()
     for r in range(rounds):
-        for i, w in enumerate(cand.weights):
-            rest = {k: v for k, v in assign.items() if k != w.name}
-            in_context = history[-1]["measured"] - session.loss(rest)
-            isolated = costs[i, sol.choice[i]]
-            if isolated > 0 and in_context > 0:
-                costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0), costs[i])
+        bar = Progress(len(cand.weights), f"closed loop {r + 1}/{rounds}: in-context costs", "weight")
+        try:
+            for i, w in enumerate(cand.weights):
+                rest = {k: v for k, v in assign.items() if k != w.name}
+                in_context = history[-1]["measured"] - session.loss(rest)
+                isolated = costs[i, sol.choice[i]]
+                if isolated > 0 and in_context > 0:
+                    costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0),
+                                        costs[i])
+                bar.update()
+        finally:
+            bar.close()
         new = solve_size_budget(costs, sizes, budget_bytes)
         if np.array_equal(new.choice, sol.choice):
             break
         sol = new
+        assign = None   # one assignment in memory at a time (a large model's weights are as large)
         loss, assign = record(sol.choice, f"rescale {r + 1}")
         if loss < best_loss:
             best_loss, best = loss, sol.choice.copy()
+    assign = None
     current = best.copy()
     for k in range(swaps):
         moves = _exchanges(current, costs, sizes, budget_bytes)[:5]

@@ -161,10 +161,12 @@ class ProbeSession:
         return make_session(self._bound_model, self.providers, threads=self.threads)
 
     def _bind_batches(self) -> None:
-        for feed in self.batches:
+        self._batch_values = [{name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0)
+                               for name, arr in feed.items()} for feed in self.batches]
+        for values in self._batch_values:
             b = self.session.io_binding()
-            for name, arr in feed.items():
-                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0))
+            for name, value in values.items():
+                b.bind_ortvalue_input(name, value)
             b.bind_output(self.loss_output, "cpu")
             self._bindings.append(b)
         if self.resident:
@@ -203,6 +205,10 @@ class ProbeSession:
     def _bound_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         bound = overrides if self.resident else {
             w.name: overrides[w.name] if w.name in overrides else self.values[w.name] for w in self.weights}
+        if not self.resident:   # a binding keeps its arrays alive: bind them afresh, clear them after the runs
+            for b, values in zip(self._bindings, self._batch_values):
+                for name, value in values.items():
+                    b.bind_ortvalue_input(name, value)
         keep = {name: self._to_device(arr) for name, arr in bound.items()}  # alive until the runs end
         for name, value in keep.items():
             self._bind(name, value)
@@ -219,6 +225,8 @@ class ProbeSession:
         finally:
             for name in overrides if self.resident else ():
                 self._bind(name, self._float_values[name])
+            for b in self._bindings if not self.resident else ():
+                b.clear_binding_inputs()
 
     def loss(self, overrides: dict[str, np.ndarray] | None = None) -> float:
         """Loss of the model with ``overrides`` (name → float array) replacing the float weights."""
