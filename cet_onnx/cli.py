@@ -327,8 +327,10 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         say(f"  loss: float weights {a['base_loss']:.4g}, predicted {pred}, measured {a['measured_loss']:.4g}")
         f = a.get("fidelity")
         if f:
+            corrected = (f" (closed-loop corrected costs: Spearman {f['spearman_corrected']:.3f})"
+                         if "spearman_corrected" in f else "")
             say(f"  fidelity over {len(f['assignments'])} random assignments: Spearman {f['spearman']:.3f}, "
-                       f"median measured/predicted {f['median_measured_over_predicted']:.2f}")
+                f"median measured/predicted {f['median_measured_over_predicted']:.2f}{corrected}")
         say(f"  probes ({a.get('probes', 'full')}): {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
             f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
         if a.get("pareto_png"):

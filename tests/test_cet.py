@@ -123,6 +123,8 @@ def test_budget_allocation_accounts_bytes_exactly_and_meets_budget(tmp_path):
     assert rep["totals"]["avg_bits"] <= 3.0
     assert len({w["format"] for w in rep["weights"]}) > 1            # really mixed
     assert a["fidelity"]["spearman"] is not None and len(a["pareto_front"]) >= 3
+    f = a["fidelity"]   # the closed loop's corrected costs, judged on the same random assignments
+    assert -1 <= f["spearman_corrected"] <= 1 and all("corrected" in r for r in f["assignments"])
     assert all("predicted_delta_loss" in w for w in rep["weights"])
     assert rep["verification"]["min_top1_agreement"] >= 0.95
     png = tmp_path / "avg3.pareto.png"

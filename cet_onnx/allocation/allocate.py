@@ -365,7 +365,7 @@ def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Cand
 
 
 def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidates, budget_bytes: float,
-                       rounds: int = 3, swaps: int = 4) -> tuple[Solution, list[dict[str, float]]]:
+                       rounds: int = 3, swaps: int = 4) -> tuple[Solution, list[dict[str, float]], np.ndarray]:
     """Closed loop under a size budget: correct the additive model with measured, in-context costs.
 
     Single-weight probes are taken with every other weight in float; in a mixed assignment the
@@ -379,7 +379,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
        one format narrower, within the budget) ranked by the corrected costs, measure the best
        five, and keep the best one that lowers the measured loss.
 
-    The best measured assignment is returned.
+    Returns the best measured assignment, the history and the corrected costs.
     """
     costs = sens.costs.copy()
     sizes = cand.sizes
@@ -432,7 +432,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         if loss >= best_loss:
             break
         best_loss, best, current = loss, choice.copy(), choice
-    return Solution(best, float(sizes[idx, best].sum()), float(sens.costs[idx, best].sum())), history
+    return Solution(best, float(sizes[idx, best].sum()), float(sens.costs[idx, best].sum())), history, costs
 
 
 def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget: float) -> list[tuple]:
@@ -460,11 +460,12 @@ def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget:
 
 
 def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: int = 12,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, corrected: np.ndarray | None = None) -> dict[str, Any]:
     """Predicted (sum of probes) vs measured loss of random assignments.
 
     Each assignment draws its own format preferences from a Dirichlet distribution, so that
-    the assignments span small and large sizes.
+    the assignments span small and large sizes. ``corrected``: the closed loop's rescaled costs,
+    judged on the same assignments (which it never saw) as ``spearman_corrected``.
     """
     rng = np.random.default_rng(seed)
     avail = cand.available
@@ -482,12 +483,25 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
             predicted = session.base_loss + float(sens.costs[idx, choice].sum())
             measured = session.loss(cand.assignment(choice))
             rows.append({"bytes": float(cand.sizes[idx, choice].sum()), "predicted": predicted, "measured": measured})
+            if corrected is not None:
+                rows[-1]["corrected"] = session.base_loss + float(corrected[idx, choice].sum())
             bar.update()
     finally:
         bar.close()
-    pred = np.array([r["predicted"] for r in rows]) - session.base_loss
     meas = np.array([r["measured"] for r in rows]) - session.base_loss
+    pred = np.array([r["predicted"] for r in rows]) - session.base_loss
+    rho, ratio = _rank_agreement(pred, meas)
+    out = {"assignments": rows, "spearman": rho, "median_measured_over_predicted": ratio}
+    if corrected is not None:
+        out["spearman_corrected"], out["median_measured_over_corrected"] = _rank_agreement(
+            np.array([r["corrected"] for r in rows]) - session.base_loss, meas)
+    return out
+
+
+def _rank_agreement(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
+    """(Spearman rank correlation, median measured / predicted); nan where undefined."""
     from scipy.stats import spearmanr  # slow to import; only needed here
-    rho = float(spearmanr(pred, meas).statistic) if count >= 3 and np.ptp(pred) > 0 and np.ptp(meas) > 0 else float("nan")
-    ratio = float(np.median(meas / np.where(pred == 0, np.nan, pred))) if count else float("nan")
-    return {"assignments": rows, "spearman": rho, "median_measured_over_predicted": ratio}
+    ok = len(pred) >= 3 and np.ptp(pred) > 0 and np.ptp(meas) > 0
+    rho = float(spearmanr(pred, meas).statistic) if ok else float("nan")
+    ratio = float(np.median(meas / np.where(pred == 0, np.nan, pred))) if len(pred) else float("nan")
+    return rho, ratio

@@ -232,12 +232,14 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
     report: dict[str, Any] = {"allocator": a.allocator, "budget": budget.describe(), **info,
                               "formats": [f.label for f in cand.formats]}
     history: list = []
+    corrected = None
     total_params = sum(w.size for w in p.weights)
     if budget.max_loss is not None and sens is not None:
         sol, history = closed_loop_loss_budget(session, sens, cand, budget)
     elif a.allocator == "cet" and sens is not None and a.refine_rounds > 0:
         solve(sens, cand, budget, session.base_loss)  # a clear error when the budget is infeasible
-        sol, history = refine_size_budget(session, sens, cand, budget.size_bytes(total_params), a.refine_rounds)
+        sol, history, corrected = refine_size_budget(session, sens, cand, budget.size_bytes(total_params),
+                                                     a.refine_rounds)
     else:
         sol = solve(sens, cand, budget, session.base_loss)
     report.update({
@@ -255,7 +257,7 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
         report["pareto_front"] = [{"bytes": s.size, "predicted_loss": session.base_loss + s.cost,
                                    "avg_bits": 8 * s.size / total_params} for s in front]
         if a.fidelity_samples:
-            report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed)
+            report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed, corrected)
     formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
     return formats, report
 
