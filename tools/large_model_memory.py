@@ -10,13 +10,15 @@ process's peak RSS (``ru_maxrss`` from ``os.wait4``):
   channel, 8-bit activations, round-to-nearest, verification on held-out samples);
 * ``int4``: ``--weight-bits 4 --block-size 32`` (major-axis rounding: layer Hessians are
   collected in chunks of at most 1 GiB);
-* ``mixed``: ``--avg-bits 4`` (probes of every weight at 2/4/8 bits, exact solve, closed loop).
+* ``mixed``: ``--avg-bits 3`` with default probe settings (every weight quantized in the six
+  candidate formats, codes kept on disk; layer Hessians collected and dropped one chunk at a
+  time; probes, exact solve, closed loop, fidelity check).
 
-    python tools/large_model_memory.py [--gb 2.5] [--configs ort-run,int8,int4] [--dir DIR]
+    python tools/large_model_memory.py [--gb 2.5] [--configs ort-run,int8,int4,mixed] [--dir DIR]
                                        [--out tools/results/large_model] [--max-ratio 2.0]
 
 ``--max-ratio R`` exits with status 1 when a cet-onnx run's peak RSS exceeds R × the weight
-bytes (CI runs the int8 configuration with R = 2).
+bytes (CI runs the int8, int4 and mixed configurations with R = 2).
 
 Writes ``OUT.md`` and ``OUT.json``. The model (and outputs) go to ``--dir`` or a temporary
 folder removed at the end; the disk needs about 2 × the model size.

@@ -44,8 +44,8 @@ PLAN = {
                       ("fast @ probe-size 8", ["--probes", "fast", "--probe-size", "8"]),
                       ("fast", ["--probes", "fast"])]),
     # weight-only until transformer exports work with activations (the transformer issue)
-    "minilm": (128, 4.0, [("full", ["--probes", "full", "--weight-only"]),
-                          ("fast", ["--probes", "fast", "--weight-only"])]),
+    # (full probes: 432 two-sided evaluations, about 7 minutes here; not run)
+    "minilm": (128, 4.0, [("fast", ["--probes", "fast", "--weight-only"])]),
 }
 
 
