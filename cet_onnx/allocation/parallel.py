@@ -1,6 +1,7 @@
 """Probes in parallel: ``--workers N`` worker processes, or ``--ray auto|ADDRESS`` Ray actors.
 
-Every worker builds its own :class:`~cet_onnx.allocation.probes.ProbeSession` **once**, from a
+Every worker builds its own :class:`~cet_onnx.allocation.probes.ProbeSession` **once** (in the
+main process's evaluation mode: rebuilt or bound, see :mod:`cet_onnx.allocation.probes`), from a
 :class:`SessionSpec`: the serialized model (a model whose weights stay on disk serializes as
 references, read from :attr:`SessionSpec.data_dir`), the weights, the probe batches, the loss and
 the activation parameters. The weights' float values are read back from the model in the
