@@ -400,8 +400,8 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         bar = Progress(len(cand.weights), f"closed loop {r + 1}/{rounds}: in-context costs", "weight")
         try:
             for i, w in enumerate(cand.weights):
-                rest = {k: v for k, v in assign.items() if k != w.name}
-                in_context = history[-1]["measured"] - session.loss(rest)
+                # no name for the dict: it would keep this assignment's arrays alive past the next one
+                in_context = history[-1]["measured"] - session.loss({k: v for k, v in assign.items() if k != w.name})
                 isolated = costs[i, sol.choice[i]]
                 if isolated > 0 and in_context > 0:
                     costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0),
