@@ -83,13 +83,13 @@ class Candidates:
                     self.sizes[i, j] = format_nbytes(w.shape, f, w.channel_axis, w.reduction_axis)
 
     def quantize(self, i: int, j: int) -> QuantizedWeight:
-        if (i, j) not in self._store:
-            w = self.weights[i]
-            f = self.formats[j]
-            self._store.put((i, j), quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
-                                                    rounding=self.roundings.get(w.name, f),
-                                                    clip_ratio=clip_for(f, self.clip)))
-        return self._store.get((i, j))
+        if (i, j) in self._store:
+            return self._store.get((i, j))
+        w, f = self.weights[i], self.formats[j]
+        qw = quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
+                             rounding=self.roundings.get(w.name, f), clip_ratio=clip_for(f, self.clip))
+        self._store.put((i, j), qw)
+        return qw   # not read back from an on-disk store
 
     def prepare(self, i: int, quadratic: bool = False) -> None:
         """Quantize weight ``i`` in every available format (and, with ``quadratic``, keep its quadratic forms)."""
@@ -126,7 +126,7 @@ class Candidates:
         return np.isfinite(self.sizes)
 
     def assignment(self, choice: Sequence[int]) -> dict[str, np.ndarray]:
-        """Fake-quantized float weights for a choice of format per weight."""
+        """Fake-quantized float weights for a choice of format per weight (codes read one weight at a time)."""
         return {w.name: self.quantize(i, int(j)).dequantize() for i, (w, j) in enumerate(zip(self.weights, choice))}
 
     def chosen(self, choice: Sequence[int]) -> dict[str, QuantizedWeight]:

@@ -55,18 +55,22 @@ def probe_model(model: Model, weights: Sequence[WeightInfo],
     The output of each weight's first consumer is exposed too (as ``layer_output(name)``), for
     per-layer SQNR. See :class:`cet_onnx.graph.passes.probe_graph.ProbeGraphPass`.
     """
-    deployed = rewrite(model, list(weights), {}, act_params).model if act_params else model
+    deployed = deployed_model(model, weights, act_params)
     fresh = deployed is not model and isinstance(deployed, ir.Model)   # the rewrite's own result
     m = deployed if fresh else boundary.working_copy(deployed)
     ProbeGraphPass([w.name for w in weights])(m)
     return boundary.like(m, deployed)
 
 
-def constant_weights_model(model: Model, weights: Sequence[WeightInfo],
-                           act_params: dict[str, ActivationParams] | None) -> bytes:
-    """The deployed graph with every weight a constant whose data the session's creator supplies
-    (``SessionOptions.add_external_initializers``), serialized once for the rebuilt evaluations."""
-    deployed = rewrite(model, list(weights), {}, act_params).model if act_params else model
+def deployed_model(model: Model, weights: Sequence[WeightInfo],
+                   act_params: dict[str, ActivationParams] | None) -> Model:
+    """The graph as deployed before weight quantization: activation Q/DQ in place (``model`` itself without)."""
+    return rewrite(model, list(weights), {}, act_params).model if act_params else model
+
+
+def constant_weights_model(deployed: Model, weights: Sequence[WeightInfo]) -> bytes:
+    """``deployed`` (see :func:`deployed_model`) with every weight a constant whose data the session's
+    creator supplies (``SessionOptions.add_external_initializers``), serialized once for the rebuilt evaluations."""
     m = boundary.working_copy(deployed)
     WeightPlaceholdersPass([w.name for w in weights])(m)
     return ir.to_proto(m).SerializeToString()
@@ -137,7 +141,8 @@ class ProbeSession:
         self.threads = threads
         self.batches = list(batches)
         self.runs = 0
-        pm = probe_model(model, self.weights, act_params)
+        deployed = deployed_model(model, self.weights, act_params)
+        pm = probe_model(deployed, self.weights, None)   # the activation Q/DQ are in ``deployed`` already
         self.layer_output = {}
         names = {w.name for w in self.weights}
         for node in pm.graph:
@@ -149,7 +154,7 @@ class ProbeSession:
             rebuilt = (self.resident and "CUDAExecutionProvider" not in self.providers
                        and weight_bytes <= REBUILD_MAX_BYTES and any(w.op_type in REBUILD_OPS for w in self.weights))
         self.rebuilt = rebuilt and self.resident
-        self._template = constant_weights_model(model, self.weights, act_params) if self.rebuilt else None
+        self._template = constant_weights_model(deployed, self.weights) if self.rebuilt else None
         self._bound_model = pm
         self.session = None if self.rebuilt else self._bound_session()
         self.device = "cuda" if self.session is not None and \
