@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cet_onnx.rounding.gptq import gptq_round, major_axis_rounding
-from cet_onnx.rounding.hessian import LayerSpec, conv_patches, from_rows, linear_rows, to_rows
+from cet_onnx.rounding.hessian import LayerSpec, conv_patches, from_rows, linear_rows, patch_count, to_rows
 from cet_onnx.quant.quantizer import WeightFormat, quantize_weight
 from cet_onnx.graph.weights import WeightInfo
 
@@ -70,6 +70,15 @@ def test_conv_patches_reproduce_onnxruntime_conv(group, stride, pad, dilation):
         out = p @ w2[gi * per:(gi + 1) * per].T            # [N·oh·ow, O/g]
         ref = y[:, gi * per:(gi + 1) * per].transpose(0, 2, 3, 1).reshape(-1, per)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_patches_of_sampled_rows_are_those_rows_of_all_patches():
+    x = RNG.normal(size=(3, 8, 9, 7)).astype(np.float32)
+    spec = LayerSpec("w", "conv2d", "x", group=4, kernel=(3, 3), strides=(2, 1), pads=(1,) * 4, dilations=(1, 2))
+    full = conv_patches(x, spec)
+    assert full.shape[1] == patch_count(x, spec)
+    rows = np.sort(RNG.choice(full.shape[1], 17, replace=False))
+    np.testing.assert_array_equal(conv_patches(x, spec, rows), full[:, rows])
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((5, 7), 0), ((5, 7), 1), ((6, 3, 3, 3), 0)])

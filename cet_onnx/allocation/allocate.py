@@ -379,6 +379,9 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
        one format narrower, within the budget) ranked by the corrected costs, measure the best
        five, and keep the best one that lowers the measured loss.
 
+    No assignment is measured twice: an exchange that leads back to one measured before reuses its
+    loss, and a rescaled solve that does ends the rounds.
+
     Returns the best measured assignment, the history and the corrected costs.
     """
     costs = sens.costs.copy()
@@ -387,21 +390,26 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     history: list[dict[str, float]] = []
     idx = np.arange(len(cand.weights))
 
-    def record(choice: np.ndarray, step: str) -> tuple[float, dict[str, np.ndarray]]:
+    measured_at: dict[bytes, float] = {}   # an exchange often leads back to an assignment already measured
+
+    def record(choice: np.ndarray, step: str) -> tuple[float, dict[str, np.ndarray] | None]:
+        key = choice.tobytes()
+        if key in measured_at:
+            return measured_at[key], None
         assign = cand.assignment(choice)
-        measured = session.loss(assign)
+        measured_at[key] = measured = session.loss(assign)
         history.append({"step": step, "predicted": session.base_loss + float(sens.costs[idx, choice].sum()),
                         "measured": measured, "bytes": float(sizes[idx, choice].sum())})
         return measured, assign
 
-    best_loss, assign = record(sol.choice, "solve")
-    best = sol.choice.copy()
+    loss, assign = record(sol.choice, "solve")
+    best_loss, best = loss, sol.choice.copy()
     for r in range(rounds):
         bar = Progress(len(cand.weights), f"closed loop {r + 1}/{rounds}: in-context costs", "weight")
         try:
             for i, w in enumerate(cand.weights):
                 # no name for the dict: it would keep this assignment's arrays alive past the next one
-                in_context = history[-1]["measured"] - session.loss({k: v for k, v in assign.items() if k != w.name})
+                in_context = loss - session.loss({k: v for k, v in assign.items() if k != w.name})
                 isolated = costs[i, sol.choice[i]]
                 if isolated > 0 and in_context > 0:
                     costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0),
@@ -417,6 +425,8 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         loss, assign = record(sol.choice, f"rescale {r + 1}")
         if loss < best_loss:
             best_loss, best = loss, sol.choice.copy()
+        if assign is None:   # back at an assignment measured before: the corrections go round in a circle
+            break
     assign = None
     current = best.copy()
     for k in range(swaps):

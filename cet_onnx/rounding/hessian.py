@@ -114,20 +114,35 @@ def _conv_pads(spec: LayerSpec, h: int, w: int) -> tuple[int, int, int, int]:
     return (pads[0][0], pads[1][0], pads[0][1], pads[1][1])
 
 
-def conv_patches(x: np.ndarray, spec: LayerSpec) -> list[np.ndarray]:
-    """im2col of ``x`` ``[N, C, H, W]``: per group an array ``[N·oh·ow, (C/g)·kh·kw]``."""
+def conv_patches(x: np.ndarray, spec: LayerSpec, rows: np.ndarray | None = None) -> np.ndarray:
+    """im2col of ``x`` ``[N, C, H, W]`` as ``[groups, N·oh·ow, (C/g)·kh·kw]``.
+
+    ``rows``: indices into the ``N·oh·ow`` output positions to keep (see :func:`patch_count`);
+    only those patches are copied out of the strided window view.
+    """
+    win = _windows(x, spec)                                         # [N, oh, ow, C, kh, kw], a view
+    n, oh, ow, c, kh, kw = win.shape
+    if rows is not None:
+        win = win[np.unravel_index(rows, (n, oh, ow))]              # [M, C, kh, kw]
+    g = spec.group
+    win = win.reshape(-1, g, (c // g) * kh * kw)
+    return np.ascontiguousarray(win.transpose(1, 0, 2))
+
+
+def patch_count(x: np.ndarray, spec: LayerSpec) -> int:
+    """Rows of :func:`conv_patches` for ``x`` (``N·oh·ow``)."""
+    return int(np.prod(_windows(x, spec).shape[:3]))
+
+
+def _windows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Sliding windows of the padded ``x``: ``[N, oh, ow, C, kh, kw]`` (a view of one padded copy)."""
     n, c, h, wd = x.shape
     top, left, bottom, right = _conv_pads(spec, h, wd)
     xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]                      # [N, C, oh, ow, kh, kw]
-    oh, ow = win.shape[2], win.shape[3]
-    g = spec.group
-    cg = c // g
-    win = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-    return [win[i].reshape(n * oh * ow, cg * kh * kw) for i in range(g)]
+    return win[:, :, ::sh, ::sw, ::dh, ::dw].transpose(0, 2, 3, 1, 4, 5)
 
 
 def linear_rows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
@@ -146,20 +161,23 @@ class LayerHessian:
     rows: int = 0
 
     def update(self, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
-        parts = conv_patches(x, self.spec) if self.spec.kind == "conv2d" else [linear_rows(x, self.spec)]
-        count = parts[0].shape[0]
-        if count > max_rows:
-            pick = np.sort(rng.choice(count, max_rows, replace=False))
-            parts = [p[pick] for p in parts]
+        conv = self.spec.kind == "conv2d"
+        count = patch_count(x, self.spec) if conv else linear_rows(x, self.spec).shape[0]
+        pick = np.sort(rng.choice(count, max_rows, replace=False)) if count > max_rows else None
+        if conv:
+            parts = conv_patches(x, self.spec, pick)
+        else:
+            rows = linear_rows(x, self.spec)
+            parts = (rows if pick is None else rows[pick])[None]
         if not self.h:
-            self.h = [np.zeros((p.shape[1], p.shape[1])) for p in parts]
+            self.h = [np.zeros((parts.shape[2], parts.shape[2])) for _ in range(parts.shape[0])]
         for k, p in enumerate(parts):
             p = np.ascontiguousarray(p, dtype=np.float32)
             pt = p.T
             step = max(1, 2**22 // max(p.shape[1], 1))   # bounds the float32 temporary to 16 MB
             for j in range(0, p.shape[1], step):
                 self.h[k][:, j:j + step] += pt @ p[:, j:j + step]  # float32 product, float64 running sum
-        self.rows += parts[0].shape[0]
+        self.rows += parts.shape[1]
 
     @property
     def columns(self) -> int:
