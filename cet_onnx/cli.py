@@ -209,7 +209,11 @@ def main() -> None:
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="Bits per weight (stored as INT8, INT4 or INT2).")
 @click.option("--act-bits", type=click.Choice([str(b) for b in ACTIVATION_BITS]), default="8", show_default=True, help="Bits per activation.")
-@weight_only_option("Leave activations in float (no activation Q/DQ).")
+@click.option("--act-mode", type=click.Choice(["auto", "static", "dynamic", "none"]), default="auto", show_default=True,
+              help="static: calibrated Q/DQ on activations (QLinearConv / QLinearMatMul); dynamic: INT8-weight "
+                   "MatMuls quantize their input at run time (DynamicQuantizeMatMul), other activations float; "
+                   "none: weight-only. auto: dynamic for graphs with attention or LayerNorm, else static.")
+@weight_only_option("Same as --act-mode none.")
 @act_symmetric_option("Signed symmetric activations instead of unsigned asymmetric.")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight instead of one per output channel.")
 @block_size_option("Block-wise scales: one per output channel and N input channels (opset 21). "
@@ -244,7 +248,7 @@ def main() -> None:
 @quiet_option
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
-             act_bits, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
+             act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
@@ -271,7 +275,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weights=WeightOptions(bits=weight_bits, per_tensor=per_tensor, block_size=block_size, clip=weight_clip,
                               grid=weight_grid),
         activations=ActivationOptions(bits=int(act_bits), weight_only=weight_only, symmetric=act_symmetric,
-                                      method=calib_method, percentile=percentile),
+                                      method=calib_method, percentile=percentile, mode=act_mode),
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
@@ -298,6 +302,29 @@ def _fmt_sqnr(v) -> str:
     return "inf" if v == float("inf") else f"{v:.2f} dB"
 
 
+def _output_metric(o: dict) -> str:
+    """", top-1 agreement ..." for logits, ", cosine ..." for embeddings, "" for other outputs."""
+    if o.get("top1_agreement") is not None:
+        return f", top-1 agreement {100 * o['top1_agreement']:.2f} %"
+    if o.get("mean_cosine") is not None:
+        return f", cosine to float: mean {o['mean_cosine']:.5f}, worst {o['min_cosine']:.5f} ({o['kind']})"
+    return ""
+
+
+def _say_activations(say: Callable, report: dict) -> None:
+    """The activation mode, and the planned activations left float (with why), at most a few by name."""
+    left = report.get("activations_left_float") or {}
+    mode = report.get("activation_mode")
+    if mode:
+        say(f"activations: {mode['mode']} ({mode['why']}), {report['activation_tensors']} with static Q/DQ")
+    if left:
+        say(f"  {len(left)} planned activation tensor(s) left float:")
+        for name, why in list(left.items())[:5]:
+            say(f"    {name}: {why}")
+        if len(left) > 5:
+            say(f"    ... and {len(left) - 5} more (see the report's activations_left_float)")
+
+
 def _print_quantize_summary(report: dict, report_file: Path) -> None:
     """The short human summary of a quantize run, on stderr (stdout is kept for --json)."""
     say = functools.partial(click.echo, err=True)
@@ -308,11 +335,11 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         f"{t['weight_bytes_fp32']:,} B -> {t['weight_bytes']:,} B "
         f"({t['weight_compression']:.2f}x, {t['avg_bits']:.2f} bits/weight incl. scales)")
     say(f"files: {t['file_bytes_fp32']:,} B -> {t['file_bytes']:,} B")
+    _say_activations(say, report)
     if v["samples"]:
         say(f"verified on {v['samples']} held-out samples:")
         for o in v["outputs"]:
-            agree = f", top-1 agreement {100 * o['top1_agreement']:.2f} %" if o["top1_agreement"] is not None else ""
-            say(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{agree}")
+            say(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{_output_metric(o)}")
     if v.get("accuracy"):
         say(f"  top-1 accuracy on them: float {100 * v['accuracy']['fp32']:.2f} %, "
             f"quantized {100 * v['accuracy']['quantized']:.2f} %")
@@ -470,7 +497,7 @@ def evaluate(fp32_model, quant_model, calib, calib_size, batch_size, image_size,
         return
     click.echo(f"{result['samples']} samples")
     for o in result["outputs"]:
-        agree = f", top-1 agreement {100 * o['top1_agreement']:.2f} %" if o["top1_agreement"] is not None else ""
+        agree = _output_metric(o)
         click.echo(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{agree}")
     if result.get("accuracy"):
         a = result["accuracy"]

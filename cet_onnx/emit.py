@@ -43,7 +43,8 @@ def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os
     Unchanged initializers left on disk: small ones are read into the output; large ones
     (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
     """
-    result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path))
+    result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path),
+                     dynamic=p.act_mode == "dynamic")
     qmodel = result.model
     if external_data.external_nbytes(qmodel) < external_data.STREAM_BYTES:
         external_data.load_into(qmodel)

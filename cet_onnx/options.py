@@ -23,6 +23,7 @@ from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import ImageOptions
 from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import InputError
+from cet_onnx.graph.act_mode import ACT_MODES
 from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES
@@ -55,10 +56,16 @@ class ActivationOptions:
     """Activation quantization and how its ranges are calibrated."""
 
     bits: int = 8
-    weight_only: bool = False
+    weight_only: bool = False       # the spelling of mode "none" of earlier versions
     symmetric: bool = False
     method: str = "minmax"
     percentile: float = 99.999
+    mode: str = "auto"              # auto | static | dynamic | none (see cet_onnx.graph.act_mode)
+
+    @property
+    def requested_mode(self) -> str:
+        """``mode``, with ``weight_only`` meaning ``none``."""
+        return "none" if self.weight_only else self.mode
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ FLAT: dict[str, tuple[str, str]] = {
                                                "probe_numerics", "workers", "ray")},
     "reproducible": ("run", "reproducible"),
     "probes": ("allocation", "probes"),   # newer options follow the earlier order
+    "act_mode": ("activations", "mode"),
 }
 
 
@@ -218,6 +226,10 @@ def validate(opts: QuantizeOptions) -> None:
         require_ray()
     _choice("--calib-method", opts.activations.method, METHODS)
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
+    _choice("--act-mode", opts.activations.mode, ACT_MODES)
+    if opts.activations.weight_only and opts.activations.mode not in ("auto", "none"):
+        raise InputError(f"--weight-only is --act-mode none; it cannot be combined with "
+                         f"--act-mode {opts.activations.mode}")
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)
     _choice("--weight-grid", opts.weights.grid, GRIDS)
     if opts.weights.per_tensor and opts.weights.block_size:

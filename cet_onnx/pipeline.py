@@ -16,6 +16,7 @@ from cet_onnx import __version__
 from cet_onnx.allocation.stage import allocate, measured_loss, sensitivity_report
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
+from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.emit import check, check_output_path, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
@@ -39,16 +40,18 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     timer = Timer()
     providers = select_providers(opts.run.device)
     with timer.stage("load"):
-        model, inputs = load_graph(model_path, opts.run.simplify, opts.activations.weight_only)
+        model, inputs = load_graph(model_path, opts.run.simplify, opts.activations.requested_mode == "none")
+    act_mode, act_mode_why = choose_act_mode(opts.activations.requested_mode, model.graph)
     with timer.stage("data"):
         data = read_samples(calib, inputs, opts.data, opts.run.seed)
     weights, skipped, values = load_weights(model, model_path)
-    act_params = None
-    if not opts.activations.weight_only:
+    act_params, left_float = None, {}
+    if act_mode == "static":
         with timer.stage("calibrate"):
-            act_params = calibrate(model, opts.activations, data.calib_batches, providers)
+            act_params, left_float = calibrate(model, opts.activations, data.calib_batches, providers)
     p = Prepared(model, inputs, weights, skipped, values, data.calib_samples, data.verify_samples, data.batch_size,
-                 data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer)
+                 data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer,
+                 float_activations=left_float, act_mode=act_mode, act_mode_why=act_mode_why)
     plan_rounding(p, opts, calib, mixed)
     return p
 

@@ -36,6 +36,9 @@ class Prepared:
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
     hessians_deferred: bool = False                      # major-axis Hessians are collected while quantizing
+    float_activations: dict = field(default_factory=dict)  # planned activation → why it stays float
+    act_mode: str = "static"                             # static | dynamic | none (cet_onnx.graph.act_mode)
+    act_mode_why: str = "as requested"
 
     @property
     def disjoint(self) -> bool:

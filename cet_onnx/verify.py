@@ -1,4 +1,7 @@
-"""Compare a quantized model's outputs with the float model's: SQNR, max error, agreement.
+"""Compare a quantized model's outputs with the float model's: SQNR, max error, and the metric the output's meaning calls for.
+
+Per output kind (:mod:`cet_onnx.graph.output_kind`): logits and probabilities get top-1
+agreement, embeddings the mean and worst cosine similarity; every float output gets SQNR.
 
 Pure functions over arrays; :func:`compare_models` runs both models on the same batches (the
 verify stage of ``quantize`` and ``cet-onnx evaluate`` both use it), and a latency helper
@@ -14,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from cet_onnx.allocation.losses import cosine_similarity
+from cet_onnx.graph.output_kind import output_kinds
 from cet_onnx.runner import concat_outputs, make_session, run_batches
 
 
@@ -24,7 +29,10 @@ class OutputMetrics:
     name: str
     sqnr_db: float
     max_abs_error: float
-    top1_agreement: float | None  # fraction in [0, 1], for classifier-like outputs
+    top1_agreement: float | None  # fraction in [0, 1], for logits / probabilities
+    kind: str = "tensor"
+    mean_cosine: float | None = None  # embeddings: mean cosine similarity to the float output
+    min_cosine: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,8 +61,10 @@ def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float:
     return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(test, axis=-1)))
 
 
-def compare_outputs(names: Sequence[str], ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> list[OutputMetrics]:
-    """Metrics for every output pair."""
+def compare_outputs(names: Sequence[str], ref: Sequence[np.ndarray], test: Sequence[np.ndarray],
+                    kinds: dict[str, str] | None = None) -> list[OutputMetrics]:
+    """Metrics for every output pair; ``kinds``: output name → kind (without one, classifier-like
+    outputs count as logits)."""
     result = []
     for name, r, t in zip(names, ref, test):
         r = np.asarray(r)
@@ -64,8 +74,14 @@ def compare_outputs(names: Sequence[str], ref: Sequence[np.ndarray], test: Seque
             result.append(OutputMetrics(name, float("inf") if same == 1.0 else float("nan"), 0.0 if same == 1.0 else float("nan"), None))
             continue
         maxerr = float(np.max(np.abs(r.astype(np.float64) - t))) if r.size else 0.0
-        agree = top1_agreement(r, t) if is_classifier_like(r) else None
-        result.append(OutputMetrics(name, sqnr_db(r, t), maxerr, agree))
+        kind = (kinds or {}).get(name) or ("logits" if is_classifier_like(r) else "tensor")
+        m = OutputMetrics(name, sqnr_db(r, t), maxerr, None, kind)
+        if kind in ("logits", "probabilities") and is_classifier_like(r):
+            m.top1_agreement = top1_agreement(r, t)
+        elif kind == "embedding" and r.size:
+            cos = cosine_similarity(r, t)
+            m.mean_cosine, m.min_cosine = float(np.mean(cos)), float(np.min(cos))
+        result.append(m)
     return result
 
 
@@ -124,7 +140,7 @@ def compare_models(model: ir.Model, qmodel: ir.Model, batches: list, providers: 
     if latency_repeats:
         latency["quantized"] = median_latency_ms(q_sess, batches[0], latency_repeats)
     del q_sess
-    return Comparison(names, ref, test, compare_outputs(names, ref, test), latency)
+    return Comparison(names, ref, test, compare_outputs(names, ref, test, output_kinds(model.graph)), latency)
 
 
 def verify(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence[str],
@@ -135,11 +151,13 @@ def verify(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence
     c = compare_models(model, qmodel, batches, providers, desc="verify: ")
     sqnrs = [m.sqnr_db for m in c.metrics if not np.isnan(m.sqnr_db)]
     agrees = [m.top1_agreement for m in c.metrics if m.top1_agreement is not None]
+    cosines = [m.mean_cosine for m in c.metrics if m.mean_cosine is not None]
     out: dict[str, Any] = {
         "samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
         "outputs": [m.as_dict() for m in c.metrics],
         "min_sqnr_db": min(sqnrs) if sqnrs else None,
         "min_top1_agreement": min(agrees) if agrees else None,
+        "min_mean_cosine": min(cosines) if cosines else None,
     }
     if labels is not None and c.ref and c.ref[0].shape[0] == len(labels):
         out["accuracy"] = c.accuracy(labels)

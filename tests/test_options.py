@@ -42,13 +42,15 @@ def test_flat_view_has_the_earlier_field_order():
     flat = QuantizeOptions().flat()
     assert list(flat) == list(FLAT)
     assert list(flat)[:4] == ["weight_bits", "per_tensor", "block_size", "act_bits"]
-    assert list(flat)[-6:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes"]
+    assert list(flat)[-7:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes", "act_mode"]
     assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == 32
 
 
 @pytest.mark.parametrize("flat, message", [
     (dict(avg_bits=3, max_loss=1.0), "only one of"),
-    (dict(loss="l1"), "--loss must be one of kl, logmse, mse, ce"),
+    (dict(loss="l1"), "--loss must be one of kl, logmse, mse, cosine, ce"),
+    (dict(act_mode="int8"), "--act-mode must be one of auto, static, dynamic, none, got 'int8'"),
+    (dict(act_mode="static", weight_only=True), "--weight-only is --act-mode none"),
     (dict(loss="ce"), "--loss ce needs --labels"),
     (dict(allocator="greedy"), "--allocator must be one of"),
     (dict(rounding="gptq"), "--rounding must be auto, rtn or major-axis, got 'gptq'"),

@@ -12,14 +12,18 @@ indefinite, the hyperbolic-paraboloid case) and can go below the float model's l
   text recognizer this ranked multi-weight assignments far better than KL (Spearman 0.83 vs
   0.09), because it does not let a few confident positions dominate;
 * ``mse``: squared error normalised by the reference's mean square (for regression-like outputs);
+* ``cosine``: mean cosine distance ``1 − cos`` over the vectors of the last axis (embeddings: a
+  sentence embedding means its direction, not its logits);
 * ``ce``: cross-entropy against integer labels.
+
+:func:`default_loss` picks by what the output means (:mod:`cet_onnx.graph.output_kind`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-LOSSES = ("kl", "logmse", "mse", "ce")
+LOSSES = ("kl", "logmse", "mse", "cosine", "ce")
 _LOG_FLOOR = np.log(1e-4)
 
 
@@ -58,6 +62,19 @@ def mse_loss(ref: np.ndarray, test: np.ndarray) -> float:
     return float(np.mean((ref - np.asarray(test, dtype=np.float64)) ** 2) / denom)
 
 
+def cosine_similarity(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each vector pair over the last axis (1 where both are zero)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    dot = np.sum(ref * test, axis=-1)
+    norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(test, axis=-1)
+    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
+
+
+def cosine_loss(ref: np.ndarray, test: np.ndarray) -> float:
+    return float(np.mean(1.0 - cosine_similarity(ref, test)))
+
+
 def ce_loss(test: np.ndarray, labels: np.ndarray, probabilities: bool) -> float:
     lp = log_probs(test, probabilities)
     lp = lp.reshape(-1, lp.shape[-1])
@@ -65,10 +82,18 @@ def ce_loss(test: np.ndarray, labels: np.ndarray, probabilities: bool) -> float:
     return float(-np.mean(lp[np.arange(labels.size), labels]))
 
 
-def default_loss(ref: np.ndarray, has_labels: bool) -> str:
-    """``ce`` with labels; ``logmse`` for classifier-like outputs; ``mse`` otherwise."""
+def default_loss(ref: np.ndarray, has_labels: bool, kind: str | None = None) -> str:
+    """``ce`` with labels; by the output's ``kind``: ``cosine`` for embeddings, ``logmse`` for
+    logits and probabilities, ``mse`` for other tensors; without a kind, ``logmse`` for
+    classifier-like outputs (a last axis of two or more) and ``mse`` otherwise."""
     if has_labels:
         return "ce"
+    if kind == "embedding":
+        return "cosine"
+    if kind in ("logits", "probabilities"):
+        return "logmse"
+    if kind == "tensor":
+        return "mse"
     classifier = ref.dtype.kind == "f" and ref.ndim >= 2 and ref.shape[-1] >= 2
     return "logmse" if classifier else "mse"
 
@@ -84,6 +109,8 @@ def loss_value(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndarray 
         return logmse_loss(ref, test, probabilities)
     if name == "mse":
         return mse_loss(ref, test)
+    if name == "cosine":
+        return cosine_loss(ref, test)
     if name == "ce":
         if labels is None:
             raise ValueError("loss 'ce' needs labels")

@@ -17,6 +17,8 @@ from cet_onnx.allocation import cache as probe_cache, parallel
 from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
+from cet_onnx.graph.output_kind import output_kind
+from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
 from cet_onnx.allocation.solver import pareto_front
 from cet_onnx.calibration.data import batched
@@ -60,11 +62,12 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     labels = p.labels[:n] if p.labels is not None else None
     out = loss_output(p.model, a.loss_output)
     reference = float_outputs(p.model, batches, out, p.providers)
-    loss = a.loss or default_loss(reference, labels is not None)
+    kind = output_kind(values_by_name(p.model.graph)[out])
+    loss = a.loss or default_loss(reference, labels is not None, kind)
     acts = p.act_params if a.probe_numerics == "deployed" else None
     session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,
                            reference=reference)
-    info = {"loss": loss, "loss_output": out, "probe_samples": n, "base_loss": session.base_loss,
+    info = {"loss": loss, "loss_output": out, "output_kind": kind, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": a.probe_numerics, "probes": a.probes,
             "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics)}
     return session, info

@@ -2,6 +2,11 @@
 
 The planned activation tensors become extra graph outputs of one onnxruntime session, so memory
 holds one batch of activations at a time, never the whole calibration set.
+
+Tensors that carry ``±inf``, NaN or mask sentinels (``|x| ≥ 1e30``, e.g. ``finfo(float32).min``
+in a Hugging Face attention mask) on any calibration batch are left float: no 8-bit grid can hold
+both the mask and the values it masks, and clipping the sentinel would unmask the positions.
+The calibration *inputs* were checked to be finite when they were read.
 """
 
 from __future__ import annotations
@@ -23,18 +28,29 @@ if TYPE_CHECKING:
     from cet_onnx.options import ActivationOptions
 
 
-def calibrate(model: ir.Model, acts: ActivationOptions, batches: Sequence[Feed], providers: Sequence[str]) -> dict[str, ActivationParams]:
-    """Scale and zero point of every activation tensor the rewrite will quantize."""
+#: magnitudes at or above this are mask sentinels, not activations (finfo(float16).max is 65504)
+SENTINEL = 1e30
+
+
+def calibrate(model: ir.Model, acts: ActivationOptions, batches: Sequence[Feed],
+              providers: Sequence[str]) -> tuple[dict[str, ActivationParams], dict[str, str]]:
+    """Scale and zero point of every activation tensor the rewrite will quantize, and those left float (why)."""
     tensors = activation_tensors(model, remove_relus=not acts.symmetric)
+    left_float: dict[str, str] = {}
     ranges = collect_ranges(model, tensors, batches, providers, acts.method, symmetric=acts.symmetric,
-                            num_bits=acts.bits, percentile=acts.percentile)
-    return {t: activation_params(lo, hi, acts.bits, acts.symmetric) for t, (lo, hi) in ranges.items()}
+                            num_bits=acts.bits, percentile=acts.percentile, left_float=left_float)
+    return {t: activation_params(lo, hi, acts.bits, acts.symmetric) for t, (lo, hi) in ranges.items()}, left_float
 
 
 def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Feed], providers: Sequence[str],
                    method: str = "minmax", symmetric: bool = False, num_bits: int = 8,
-                   percentile: float = 99.999) -> dict[str, tuple[float, float]]:
-    """Activation range of every tensor in ``tensors``, streamed over ``batches``."""
+                   percentile: float = 99.999,
+                   left_float: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
+    """Activation range of every tensor in ``tensors``, streamed over ``batches``.
+
+    A tensor with non-finite or sentinel values gets no range; it goes to ``left_float`` with
+    the reason (without ``left_float``: a RuntimeFailure naming it).
+    """
     if not tensors:
         return {}
     augmented = with_outputs(model, tensors)
@@ -42,14 +58,35 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
     observers = {t: make_observer(method, symmetric=symmetric, num_bits=num_bits, percentile=percentile)
                  for t in tensors}
     names = list(tensors)
+    excluded: dict[str, str] = {}
     for feed in track(batches, desc=f"calibrating ({method})", unit="batch"):
         try:
             values = session.run(names, feed)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during calibration: {first_line(exc)}") from None
         for name, value in zip(names, values):
-            try:
-                observers[name].update(np.asarray(value, dtype=np.float32))
-            except ValueError as exc:
-                raise RuntimeFailure(f"activation '{name}': {exc}") from None
-    return {t: observers[t].range() for t in names}
+            if name in excluded:
+                continue
+            value = np.asarray(value, dtype=np.float32)
+            why = _unquantizable(value)
+            if why is not None:
+                if left_float is None:
+                    raise RuntimeFailure(f"activation '{name}': {why}")
+                excluded[name] = why
+                continue
+            observers[name].update(value)
+    if left_float is not None:
+        left_float.update(excluded)
+    return {t: observers[t].range() for t in names if t not in excluded}
+
+
+def _unquantizable(x: np.ndarray) -> str | None:
+    """Why ``x`` cannot take a fixed-point grid (non-finite values or mask sentinels), or None."""
+    finite = np.isfinite(x)
+    if not finite.all():
+        kinds = [k for k, bad in (("-inf", np.isneginf(x).any()), ("+inf", np.isposinf(x).any()),
+                                  ("NaN", np.isnan(x).any())) if bad]
+        return f"carries {'/'.join(kinds)} values (an attention mask or masked scores?)"
+    if x.size and float(np.abs(x).max()) >= SENTINEL:
+        return f"carries mask sentinels (|x| up to {float(np.abs(x).max()):.3g}, e.g. finfo.min)"
+    return None

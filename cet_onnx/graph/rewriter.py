@@ -10,7 +10,9 @@
    renames the inputs it reads);
 6. :class:`~.passes.activation_qdq.ActivationQDQPass` — QuantizeLinear → DequantizeLinear on
    the planned activations;
-7. :class:`~.passes.stable_sort.StableTopologicalSortPass` and
+7. :class:`~.passes.dynamic_matmul.DynamicMatMulPass` — only in dynamic activation mode:
+   INT8-weight MatMuls quantize their input at run time;
+8. :class:`~.passes.stable_sort.StableTopologicalSortPass` and
    :class:`~.passes.drop_value_info.DropValueInfoPass`.
 
 Each function takes an ``onnx.ModelProto`` or an ``onnx_ir.Model`` and answers in the same kind.
@@ -18,7 +20,7 @@ Each function takes an ``onnx.ModelProto`` or an ``onnx_ir.Model`` and answers i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic
 
 import onnx
@@ -29,6 +31,7 @@ from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes import activation_qdq
 from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
+from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass
 from cet_onnx.graph.passes.int32_bias import Int32BiasPass
@@ -61,6 +64,7 @@ class RewriteResult(Generic[Model]):
     model: Model
     opset: int
     quantized_biases: list[str]
+    dynamic_matmuls: list[str] = field(default_factory=list)
 
 
 def required_opset(qweights: dict[str, QuantizedWeight], act_bits: int | None) -> int:
@@ -76,12 +80,13 @@ def required_opset(qweights: dict[str, QuantizedWeight], act_bits: int | None) -
 
 
 def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
-            act_params: dict[str, ActivationParams] | None, source: str = "model") -> RewriteResult[Model]:
+            act_params: dict[str, ActivationParams] | None, source: str = "model",
+            dynamic: bool = False) -> RewriteResult[Model]:
     """Return a QDQ copy of ``model`` (the input is not modified).
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
-    quantization. Unsigned activation parameters turn on Relu folding. Initializers that stay
+    quantization. ``dynamic``: INT8-weight MatMuls quantize their input at run time. Unsigned activation parameters turn on Relu folding. Initializers that stay
     unchanged keep referring to their external data. The result has no value_info.
     """
     act_params = act_params or {}
@@ -96,13 +101,15 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()):
         passes.append(FoldReluPass())
     biases = Int32BiasPass(qweights, weights, act_params)
+    dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights), Int2FloatBiasPass(qweights, weights), biases,
-               ActivationQDQPass(act_params, ACTIVATION_OPS), StableTopologicalSortPass(), DropValueInfoPass()]
+               ActivationQDQPass(act_params, ACTIVATION_OPS), *([dynamic_pass] if dynamic else []),
+               StableTopologicalSortPass(), DropValueInfoPass()]
     for p in passes:
         p(m)
     if isinstance(model, onnx.ModelProto):
         out = boundary.to_proto(m, model)
         del out.graph.value_info[:]
-        return RewriteResult(out, target, biases.quantized_biases)
-    return RewriteResult(m, target, biases.quantized_biases)
+        return RewriteResult(out, target, biases.quantized_biases, dynamic_pass.converted)
+    return RewriteResult(m, target, biases.quantized_biases, dynamic_pass.converted)
 
