@@ -65,3 +65,88 @@ def small_mlp(seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def tiny_encoder(seed: int = 0, vocab: int = 50, hidden: int = 32, ffn: int = 64, mask_value: float = -np.inf,
+                 tied_head: bool = False) -> onnx.ModelProto:
+    """A one-layer, one-head transformer encoder as Hugging Face exports build it.
+
+    ``input_ids`` int64 [N, T], ``attention_mask`` int64 [N, T] → ``embedding`` [N, hidden]
+    (masked mean pooling, L2-normalised). Word embeddings are a ``Gather`` over an initializer;
+    the additive mask is ``Where(mask, 0, mask_value)`` (``-inf`` or ``finfo.min``); LayerNorm is
+    LayerNormalization, GELU the Erf form. ``tied_head``: also ``logits`` [N, T, vocab], a MatMul
+    with the transposed embedding table (a tied LM head).
+    """
+    rng = np.random.default_rng(seed)
+    h = hidden
+    inits = [_init(rng, "word_embeddings", (vocab, h), 1.0), _init(rng, "position_embeddings", (16, h), 0.1),
+             numpy_helper.from_array(np.ones(h, np.float32), "ln1_g"), numpy_helper.from_array(np.zeros(h, np.float32), "ln1_b"),
+             numpy_helper.from_array(np.ones(h, np.float32), "ln2_g"), numpy_helper.from_array(np.zeros(h, np.float32), "ln2_b"),
+             *[_init(rng, n, (h, h), h ** -0.5) for n in ("wq", "wk", "wv", "wo")],
+             _init(rng, "w1", (h, ffn), h ** -0.5), _init(rng, "b1", (ffn,), 0.02), _init(rng, "w2", (ffn, h), ffn ** -0.5),
+             numpy_helper.from_array(np.array(h ** -0.5, np.float32), "inv_sqrt_d"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(mask_value, np.float32), "mask_value"),
+             numpy_helper.from_array(np.array(2 ** -0.5, np.float32), "inv_sqrt2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"), numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1"), numpy_helper.from_array(np.array([-1], np.int64), "axis_last"),
+             numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
+    mk = helper.make_node
+    nodes = [
+        mk("Gather", ["word_embeddings", "input_ids"], ["tok"], name="embed"),
+        mk("Shape", ["input_ids"], ["ids_shape"]),
+        mk("Gather", ["ids_shape", "one_i"], ["seq_len"], axis=0),
+        mk("Range", ["zero_i", "seq_len", "one_i"], ["positions"]),
+        mk("Gather", ["position_embeddings", "positions"], ["pos"], name="pos_embed"),
+        mk("Add", ["tok", "pos"], ["emb"]),
+        mk("LayerNormalization", ["emb", "ln1_g", "ln1_b"], ["x0"], axis=-1, name="ln1"),
+        mk("MatMul", ["x0", "wq"], ["q"], name="q_proj"), mk("MatMul", ["x0", "wk"], ["k"], name="k_proj"),
+        mk("MatMul", ["x0", "wv"], ["v"], name="v_proj"),
+        mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        mk("MatMul", ["q", "kt"], ["scores_raw"], name="qk"),
+        mk("Mul", ["scores_raw", "inv_sqrt_d"], ["scores"]),
+        mk("Unsqueeze", ["attention_mask", "axis1"], ["mask3"]),
+        mk("Cast", ["mask3"], ["mask_bool"], to=TensorProto.BOOL),
+        mk("Where", ["mask_bool", "zero", "mask_value"], ["additive_mask"], name="mask_where"),
+        mk("Add", ["scores", "additive_mask"], ["masked_scores"]),
+        mk("Softmax", ["masked_scores"], ["probs"], axis=-1),
+        mk("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        mk("MatMul", ["ctx", "wo"], ["attn_out"], name="o_proj"),
+        mk("Add", ["x0", "attn_out"], ["res1"]),
+        mk("LayerNormalization", ["res1", "ln2_g", "ln2_b"], ["x1"], axis=-1, name="ln2"),
+        mk("MatMul", ["x1", "w1"], ["f1"], name="ffn_in"), mk("Add", ["f1", "b1"], ["f1b"]),
+        mk("Mul", ["f1b", "inv_sqrt2"], ["f1s"]), mk("Erf", ["f1s"], ["erf"]), mk("Add", ["erf", "one"], ["erf1"]),
+        mk("Mul", ["f1b", "erf1"], ["g0"]), mk("Mul", ["g0", "half"], ["gelu"]),
+        mk("MatMul", ["gelu", "w2"], ["f2"], name="ffn_out"),
+        mk("Add", ["x1", "f2"], ["hidden_states"]),
+        mk("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        mk("Unsqueeze", ["mask_f", "axis_last"], ["mask_f3"]),
+        mk("Mul", ["hidden_states", "mask_f3"], ["masked_hidden"]),
+        mk("ReduceSum", ["masked_hidden", "axis1"], ["summed"], keepdims=0),
+        mk("ReduceSum", ["mask_f3", "axis1"], ["count"], keepdims=0),
+        mk("Max", ["count", "one"], ["count1"]),
+        mk("Div", ["summed", "count1"], ["pooled"]),
+        mk("ReduceL2", ["pooled"], ["norm"], axes=[-1], keepdims=1),
+        mk("Max", ["norm", "eps"], ["norm1"]),
+        mk("Div", ["pooled", "norm1"], ["embedding"]),
+    ]
+    inits += [numpy_helper.from_array(np.array(1, np.int64), "one_i"), numpy_helper.from_array(np.array(0, np.int64), "zero_i")]
+    outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", h])]
+    if tied_head:
+        nodes += [mk("Transpose", ["word_embeddings"], ["head_t"], perm=[1, 0]),
+                  mk("MatMul", ["hidden_states", "head_t"], ["logits"], name="lm_head")]
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", vocab]))
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "T"]) for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "tiny_encoder", ints, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def encoder_feeds(n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids and right-padded attention masks (every sample at least 3 real tokens)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(n, seq)).astype(np.int64)
+    lengths = rng.integers(3, seq + 1, size=n)
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}

@@ -1,11 +1,16 @@
-"""Pass: MatMuls with an INT8 weight quantize their activation at run time (dynamic quantization).
+"""Pass: MatMuls and Gemms with an INT8 weight quantize their activation at run time (dynamic quantization).
 
 Rules, for every default-domain ``MatMul(A, B)`` in graph order where
 
-* ``B`` is computed by a ``DequantizeLinear`` of an INT8 / UINT8 initializer of rank 2 (as
+* ``B`` is computed by a ``DequantizeLinear`` of an INT8 initializer of rank 2 (as
   :mod:`.weight_qdq` writes it), per tensor or per column (``axis`` 1 or -1), without
   ``block_size`` (MatMulInteger has no blocked form), and
 * ``A`` is a float32 tensor that is not an initializer,
+
+and for every ``Gemm(A, B, C)`` with ``transA`` 0 and ``alpha`` / ``beta`` 1 whose ``B`` is such
+a weight (``transB`` 0), or its transpose (``transB`` 1: per row, ``axis`` 0; the codes are
+stored transposed in a new initializer ``<codes>_transposed``), and whose ``C`` is absent or an
+initializer,
 
 the MatMul is replaced by the standard ONNX form that onnxruntime fuses into its dynamic
 quantized MatMul kernel (``MatMulIntegerToFloat``, then ``DynamicQuantizeMatMul``)::
@@ -14,8 +19,10 @@ quantized MatMul kernel (``MatMulIntegerToFloat``, then ``DynamicQuantizeMatMul`
     Y_int  = MatMulInteger(A_q, B_codes, A_zero, B_zero_point)
     Y      = Mul(Cast(Y_int, float), Mul(A_scale, B_scale))
 
-``Y`` keeps the MatMul's output value (name, type and uses). A weight DequantizeLinear that no
-node reads any more is removed. Nodes are named after the MatMul (``<name>_DynamicQuantizeLinear``,
+and a Gemm's ``C`` is added to ``Y`` (``<name>_Add``). Nodes reading the same ``A`` share one
+DynamicQuantizeLinear (the first one's). ``Y`` keeps the node's output value (name,
+type and uses). A weight DequantizeLinear that no node reads any more is removed, and so are
+codes that no node reads. Nodes are named after the MatMul (``<name>_DynamicQuantizeLinear``,
 ``_MatMulInteger``, ``_Cast``, ``_ScaleMul``, ``_Mul``); taken names get a numeric suffix.
 Sub-8-bit and blocked weights keep their weight-only DequantizeLinear: their fast kernel is a
 different one (``MatMulNBits``), which needs float activations.
@@ -23,16 +30,19 @@ different one (``MatMulNBits``), which needs float activations.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import is_onnx
+from cet_onnx.graph.passes._graph import initializer, is_onnx
+from cet_onnx.graph.tensors import int_tensor
 
-_INT8 = (ir.DataType.INT8, ir.DataType.UINT8)
+_INT8 = (ir.DataType.INT8,)   # what weight_qdq writes
 
 
-def int8_weight_dequantize(value: ir.Value | None) -> ir.Node | None:
-    """The weight DequantizeLinear computing ``value``, when MatMulInteger can take its codes directly."""
+def int8_weight_dequantize(value: ir.Value | None, column_axis: int = 1) -> ir.Node | None:
+    """The weight DequantizeLinear computing ``value``, when MatMulInteger can take its codes directly
+    (``column_axis``: the axis of the output columns, 0 for a Gemm with ``transB``)."""
     dq = value.producer() if value is not None else None
     if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx(dq) or len(dq.inputs) < 3:
         return None
@@ -43,9 +53,22 @@ def int8_weight_dequantize(value: ir.Value | None) -> ir.Node | None:
         return None
     per_column = dq.inputs[1].shape is not None and len(dq.inputs[1].shape) == 1
     axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
-    if per_column and axis not in (1, -1):
+    if per_column and axis % 2 != column_axis:
         return None
     return dq
+
+
+def _gemm_weight(node: ir.Node) -> tuple[ir.Node, bool] | None:
+    """(weight DequantizeLinear, transB) of a Gemm the rules convert, or None."""
+    attr = {k: v.value for k, v in node.attributes.items()}
+    if attr.get("transA", 0) != 0 or attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0:
+        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and not bias.is_initializer():
+        return None
+    trans_b = bool(attr.get("transB", 0))
+    dq = int8_weight_dequantize(node.inputs[1], column_axis=0 if trans_b else 1)
+    return None if dq is None else (dq, trans_b)
 
 
 def _float_activation(value: ir.Value | None) -> bool:
@@ -63,13 +86,17 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
         graph = model.graph
         names = UniqueNames(graph)
         self.converted = []
+        self._quantized_inputs: dict[ir.Value, ir.Node] = {}
         for node in list(graph):
-            if node.op_type != "MatMul" or not is_onnx(node) or not _float_activation(node.inputs[0]):
+            if node.op_type not in ("MatMul", "Gemm") or not is_onnx(node) or not _float_activation(node.inputs[0]):
                 continue
-            dq = int8_weight_dequantize(node.inputs[1])
-            if dq is None:
+            found = (int8_weight_dequantize(node.inputs[1]), False) if node.op_type == "MatMul" else _gemm_weight(node)
+            if found is None or found[0] is None:
                 continue
-            nodes = self._dynamic(names, node, dq)
+            dq, trans_b = found
+            codes = _transposed(graph, names, dq.inputs[0]) if trans_b else dq.inputs[0]
+            bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+            nodes = self._dynamic(names, node, dq, codes, bias)
             graph.insert_before(node, nodes)
             self.converted.append(node.name or node.outputs[0].name)
             y, out = node.outputs[0], nodes[-1].outputs[0]
@@ -77,20 +104,38 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
             graph.remove(node, safe=True)
             out.name, out.type, out.shape = y.name, y.type, y.shape
             if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
+                old_codes = dq.inputs[0]
                 graph.remove(dq, safe=True)
+                if not old_codes.uses():
+                    graph.initializers.pop(old_codes.name)
         return ir.passes.PassResult(model, modified=bool(self.converted))
 
-    def _dynamic(self, names: UniqueNames, node: ir.Node, dq: ir.Node) -> list[ir.Node]:
+    def _dynamic(self, names: UniqueNames, node: ir.Node, dq: ir.Node, codes: ir.Value,
+                 bias: ir.Value | None) -> list[ir.Node]:
         base = node.name or node.outputs[0].name
-        codes, scale, zero = dq.inputs[0], dq.inputs[1], dq.inputs[2]
+        scale, zero = dq.inputs[1], dq.inputs[2]
 
         def named(op: str, inputs: list, suffix: str, n_out: int = 1, **attrs) -> ir.Node:
             outs = [ir.Value(name=names.value(f"{base}_{suffix}_output_{k}")) for k in range(n_out)]
             return ir.node(op, inputs, attrs, outputs=outs, name=names.node(f"{base}_{suffix}"))
 
-        dql = named("DynamicQuantizeLinear", [node.inputs[0]], "DynamicQuantizeLinear", 3)
+        dql = self._quantized_inputs.get(node.inputs[0])
+        shared = dql is not None
+        if not shared:
+            dql = self._quantized_inputs[node.inputs[0]] = named("DynamicQuantizeLinear", [node.inputs[0]],
+                                                                 "DynamicQuantizeLinear", 3)
         a_q, a_scale, a_zero = dql.outputs
         mmi = named("MatMulInteger", [a_q, codes, a_zero, zero], "MatMulInteger")
         cast = named("Cast", [mmi.outputs[0]], "Cast", to=ir.DataType.FLOAT)
         scales = named("Mul", [a_scale, scale], "ScaleMul")
-        return [dql, mmi, cast, scales, named("Mul", [cast.outputs[0], scales.outputs[0]], "Mul")]
+        nodes = [*([] if shared else [dql]), mmi, cast, scales, named("Mul", [cast.outputs[0], scales.outputs[0]], "Mul")]
+        if bias is not None:
+            nodes.append(named("Add", [nodes[-1].outputs[0], bias], "Add"))
+        return nodes
+
+
+def _transposed(graph: ir.Graph, names: UniqueNames, codes: ir.Value) -> ir.Value:
+    """A new initializer holding ``codes`` transposed (``[N, K]`` → ``[K, N]``)."""
+    q = codes.const_value.numpy().T
+    name = names.value(f"{codes.name}_transposed")
+    return initializer(graph, name, int_tensor(name, np.ascontiguousarray(q), 8))

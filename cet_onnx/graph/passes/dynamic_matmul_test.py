@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper
@@ -77,3 +78,40 @@ def test_weight_as_left_operand_or_initializer_activation_is_left_alone():
                    {"W": w}, opset=21)
     WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 0, 1)})(m)
     assert not DynamicMatMulPass()(m).modified
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_an_int8_weight_and_bias_becomes_dynamic_with_an_add(trans_b):
+    w = RNG.normal(size=(N, K) if trans_b else (K, N)).astype(np.float32)
+    b = RNG.normal(size=N).astype(np.float32)
+    m = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=trans_b)],
+                   [tensor_info("x", [3, K])], [tensor_info("y", [3, N])], {"W": w, "b": b}, opset=21)
+    qw = quantize_weight(w, WeightFormat(8), 0 if trans_b else 1, 1 if trans_b else 0)
+    WeightQDQPass({"W": qw})(m)
+    p = DynamicMatMulPass()
+    assert p(m).modified and p.converted == ["fc"]
+    assert ops(m) == ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul", "Add"]
+    assert ("W_quantized_transposed" in m.graph.initializers) == bool(trans_b)
+    assert ("W_quantized" in m.graph.initializers) != bool(trans_b)        # unread codes are dropped
+    x = RNG.normal(size=(3, K)).astype(np.float32)
+    dq = qw.dequantize()
+    ref = _expected(x, type("Q", (), {"dequantize": lambda self: dq.T if trans_b else dq})()) + b
+    np.testing.assert_allclose(run(m, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+    onnx.checker.check_model(ir.to_proto(m), full_check=True)
+
+
+def test_gemm_with_alpha_or_trans_a_is_left_alone():
+    w = RNG.normal(size=(K, N)).astype(np.float32)
+    m = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], alpha=0.5)], [tensor_info("x", [3, K])],
+                   [tensor_info("y", [3, N])], {"W": w}, opset=21)
+    WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 1, 0)})(m)
+    assert not DynamicMatMulPass()(m).modified
+
+
+def test_matmuls_reading_the_same_input_share_one_dynamic_quantize():
+    ws = {n: RNG.normal(size=(K, N)).astype(np.float32) for n in ("Wa", "Wb")}
+    nodes = [helper.make_node("MatMul", ["x", n], [f"y{n}"], name=f"mm{n}") for n in ws]
+    m = make_model(nodes, [tensor_info("x", [3, K])], [tensor_info(f"y{n}", [3, N]) for n in ws], ws, opset=21)
+    WeightQDQPass({n: quantize_weight(w, WeightFormat(8), 1, 0) for n, w in ws.items()})(m)
+    DynamicMatMulPass()(m)
+    assert ops(m).count("DynamicQuantizeLinear") == 1 and ops(m).count("MatMulInteger") == 2

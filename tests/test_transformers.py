@@ -1,0 +1,107 @@
+"""Transformer-shaped exports: attention masks, activation modes, output-aware loss and metrics."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from cet_onnx.cli import main
+from cet_onnx.graph.act_mode import choose_act_mode
+from cet_onnx.graph.output_kind import output_kinds
+from models import encoder_feeds, small_cnn, tiny_encoder
+
+FINFO_MIN = float(np.finfo(np.float32).min)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("encoder")
+    np.savez(d / "calib.npz", **encoder_feeds(96))
+    paths = {}
+    for name, mask in (("inf", -np.inf), ("finfo", FINFO_MIN)):
+        paths[name] = d / f"encoder_{name}.onnx"
+        onnx.save(tiny_encoder(mask_value=mask), paths[name])
+    return d, paths
+
+
+def _quantize(model, out, calib, *extra):
+    res = invoke("quantize", model, "-o", out, "--calib", calib, "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def test_auto_mode_is_dynamic_for_attention_and_static_for_a_cnn():
+    enc = ir.serde.deserialize_model(tiny_encoder())
+    mode, why = choose_act_mode("auto", enc.graph)
+    assert mode == "dynamic" and "LayerNormalization" in why
+    assert choose_act_mode("auto", ir.serde.deserialize_model(small_cnn()).graph)[0] == "static"
+    assert choose_act_mode("static", enc.graph) == ("static", "as requested")
+
+
+def test_output_kinds_follow_the_ops_that_compute_them():
+    kinds = output_kinds(ir.serde.deserialize_model(tiny_encoder(tied_head=True)).graph)
+    assert kinds == {"embedding": "embedding", "logits": "logits"}
+    assert output_kinds(ir.serde.deserialize_model(small_cnn()).graph) == {"logits": "logits"}
+
+
+@pytest.mark.parametrize("mask", ["inf", "finfo"])
+def test_default_command_quantizes_a_masked_encoder_dynamically_and_keeps_its_embeddings(encoder, mask, tmp_path):
+    d, paths = encoder
+    out = tmp_path / "q.onnx"
+    report = _quantize(paths[mask], out, d / "calib.npz")
+    assert report["activation_mode"]["mode"] == "dynamic" and report["activation_mode"]["dynamic_matmuls"] == 6
+    (o,) = report["verification"]["outputs"]
+    assert o["kind"] == "embedding" and o["top1_agreement"] is None and o["mean_cosine"] >= 0.99
+    ops = _optimized_ops(out, tmp_path)
+    # q, k and v share one DynamicQuantizeLinear: MatMulIntegerToFloat; the others DynamicQuantizeMatMul
+    assert ops.count("DynamicQuantizeMatMul") == 3 and ops.count("MatMulIntegerToFloat") == 3
+    assert ops.count("DynamicQuantizeLinear") == 1 and "MatMulInteger" not in ops
+
+
+@pytest.mark.parametrize("mask", ["inf", "finfo"])
+def test_static_mode_leaves_mask_carrying_tensors_float_and_says_why(encoder, mask, tmp_path):
+    d, paths = encoder
+    report = _quantize(paths[mask], tmp_path / "q.onnx", d / "calib.npz", "--act-mode", "static")
+    left = report["activations_left_float"]
+    assert list(left) == ["additive_mask"]
+    assert ("-inf" in left["additive_mask"]) if mask == "inf" else ("sentinel" in left["additive_mask"])
+    assert report["activation_tensors"] > 0 and report["activation_mode"]["mode"] == "static"
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, encoder_feeds(4, seed=1))[0]).all()
+
+
+def test_mixed_precision_on_an_encoder_uses_the_cosine_loss(encoder, tmp_path):
+    d, paths = encoder
+    out = tmp_path / "q.onnx"
+    report = _quantize(paths["inf"], out, d / "calib.npz", "--avg-bits", "4", "--fidelity-samples", "0",
+                       "--refine-rounds", "0", "--probe-size", "32")
+    assert report["allocation"]["loss"] == "cosine" and report["allocation"]["output_kind"] == "embedding"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (emb,) = sess.run(None, encoder_feeds(4, seed=1))
+    assert emb.shape == (4, 32) and np.isfinite(emb).all()
+
+
+def test_nan_in_the_input_data_is_still_a_one_line_input_error(encoder, tmp_path):
+    d, paths = encoder
+    feeds = encoder_feeds(8)
+    feeds["input_ids"] = feeds["input_ids"].astype(np.float32)
+    feeds["input_ids"][0, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", **feeds)
+    res = invoke("quantize", paths["inf"], "-o", tmp_path / "q.onnx", "--calib", tmp_path / "bad.npz")
+    assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "q.onnx").exists()
