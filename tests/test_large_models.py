@@ -126,12 +126,13 @@ def test_hessians_in_chunks_give_the_same_model(tmp_path, monkeypatch):
 
 
 def test_large_unchanged_initializers_are_streamed_into_the_output_data_file(tmp_path, monkeypatch):
-    """An embedding table (Gather: not quantized) stays on disk and is copied to OUT.data chunk by chunk."""
+    """A table looked up along axis 1 (not a weight: stays float) stays on disk and is copied to OUT.data chunk by chunk."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(3)
-    table = numpy_helper.from_array(rng.normal(size=(500, 32)).astype(np.float32), "table")
+    table = numpy_helper.from_array(rng.normal(size=(32, 500)).astype(np.float32), "table")
     w = numpy_helper.from_array(rng.normal(size=(32, 8)).astype(np.float32), "w")
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["et"], axis=1), helper.make_node("Transpose", ["et"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["y"])]
     g = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [table, w])
     folder = tmp_path / "in"

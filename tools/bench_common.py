@@ -97,27 +97,28 @@ def optimized_graph(path: Path, out: Path) -> Path:
     return out
 
 
-def interleaved_latency(sessions: dict[str, ort.InferenceSession], name: str, feed: np.ndarray,
+def interleaved_latency(sessions: dict[str, ort.InferenceSession], name: str | None, feed: np.ndarray | dict,
                         repeats: int, block: int = 5, warmup: int = 5) -> dict[str, dict]:
-    """Median / p25 / p75 ms of ``session.run`` per model.
+    """Median / p25 / p75 ms of ``session.run`` per model (``feed``: the input ``name``, or a whole feed dict).
 
     The models take turns in blocks of ``block`` runs (order rotated every round) until each has
     ``repeats`` timed runs; the first run of every block is run but not timed, so that a
     previous model's idle, still-spinning thread pool (default threads) does not land on it.
     """
     keys = list(sessions)
+    feed = feed if isinstance(feed, dict) else {name: feed}
     for k in keys:
         for _ in range(warmup):
-            sessions[k].run(None, {name: feed})
+            sessions[k].run(None, feed)
     times = {k: [] for k in keys}
     r = 0
     while min(len(v) for v in times.values()) < repeats:
         for j in range(len(keys)):
             k = keys[(r + j) % len(keys)]
-            sessions[k].run(None, {name: feed})
+            sessions[k].run(None, feed)
             for _ in range(block):
                 t0 = time.perf_counter()
-                sessions[k].run(None, {name: feed})
+                sessions[k].run(None, feed)
                 times[k].append(time.perf_counter() - t0)
         r += 1
     return {k: {"median_ms": 1e3 * float(np.median(v)), "p25_ms": 1e3 * float(np.percentile(v, 25)),

@@ -1,5 +1,12 @@
 #!/usr/bin/env python
-"""onnxruntime ``quantize_static`` as a command, for timing it in a fresh process (``tools/bench.py``).
+"""onnxruntime's quantizers as a command, for timing them in a fresh process (``tools/bench.py``, ``tools/transformer_bench.py``).
+
+``--mode static`` (the default) is described below. ``--mode dynamic``: ``quantize_dynamic`` with
+its default arguments (INT8 weights per tensor, every op type it supports, Gather included) on
+the model as given, as onnxruntime's docs show it for transformers. ``--mode nbits``:
+``MatMulNBitsQuantizer`` with its defaults (4 bits, blocks of 128, asymmetric, round-to-nearest;
+``com.microsoft.MatMulNBits``), then ``save`` as its docs show.
+
 
 Same recipe as ``tools/baseline_ort.py``: ``quant_pre_process`` with its default arguments
 (symbolic shape inference + onnxruntime graph optimisation, as onnxruntime's docs recommend
@@ -126,15 +133,44 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
             "preprocess_fallback_reason": fallback, "extra_options": extra}
 
 
+def quantize_dynamic(model: Path, out: Path) -> dict:
+    """``quantize_dynamic`` with its defaults."""
+    from onnxruntime.quantization import quantize_dynamic as ort_dynamic
+    t0 = time.perf_counter()
+    ort_dynamic(str(model), str(out))
+    return {"mode": "dynamic", "total_s": round(time.perf_counter() - t0, 3)}
+
+
+def quantize_nbits(model: Path, out: Path) -> dict:
+    """``MatMulNBitsQuantizer`` with its defaults."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    t0 = time.perf_counter()
+    q = MatMulNBitsQuantizer(onnx.load(str(model)))
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    return {"mode": "nbits", "bits": q.bits if hasattr(q, "bits") else 4, "block_size": q.block_size,
+            "total_s": round(time.perf_counter() - t0, 3)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("-o", "--output", type=Path, required=True)
-    ap.add_argument("--calib", type=Path, required=True, help=".npz with one array per model input, keyed by its name")
+    ap.add_argument("--calib", type=Path, help=".npz with one array per model input, keyed by its name (static)")
+    ap.add_argument("--mode", default="static", choices=("static", "dynamic", "nbits"))
     ap.add_argument("--method", default="minmax", choices=METHODS)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-intermediate-outputs", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.mode == "dynamic":
+        print(json.dumps(quantize_dynamic(args.model, args.output)))
+        return
+    if args.mode == "nbits":
+        print(json.dumps(quantize_nbits(args.model, args.output)))
+        return
+    if args.calib is None:
+        ap.error("--mode static needs --calib")
     print(json.dumps(quantize(args.model, args.output, args.calib, args.method, args.batch_size,
                               args.max_intermediate_outputs)))
 

@@ -27,7 +27,7 @@ import numpy as np
 from cet_onnx.allocation import parallel
 from cet_onnx.allocation.codes import CodeStore
 from cet_onnx.errors import InputError
-from cet_onnx.quant.sizes import format_nbytes
+from cet_onnx.quant.sizes import format_nbytes, gather_format_ok
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
@@ -52,7 +52,10 @@ def candidate_formats(bits: Sequence[int], block_size: int | None, grid: str = "
 
 
 def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
-    """Block-wise scales need at least one whole block along the reduction axis."""
+    """Block-wise scales need at least one whole block along the reduction axis; an embedding
+    table only takes the formats it can be looked up in fast (:func:`gather_format_ok`)."""
+    if w.op_type == "Gather" and not gather_format_ok(fmt, w.shape[w.reduction_axis]):
+        return False
     return fmt.granularity != "block" or w.shape[w.reduction_axis] >= (fmt.block_size or 0)
 
 

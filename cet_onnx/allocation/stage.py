@@ -123,7 +123,8 @@ def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, alloca
             "hessian_rows": r.hessian_rows if p.rounding == "major-axis" else None,
             "clip": opts.weights.clip, "grid": opts.weights.grid, "numerics": opts.allocation.probe_numerics,
             "probes": opts.allocation.probes if allocator == "cet" else None,
-            "version": __version__}
+            "weights": [w.name for w in cand.weights], "available": cand.available.tolist(),
+            "act_mode": p.act_mode, "version": __version__}
 
 
 def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, cand: Candidates,
@@ -135,7 +136,7 @@ def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, can
                                 session.labels)
     if a.use_cache:
         entry = probe_cache.load(cache_dir, key)
-        if entry is not None:
+        if entry is not None and np.shape(entry.get("costs")) == cand.sizes.shape:
             return Sensitivity(allocator, np.array(entry["costs"], dtype=np.float64), entry["details"],
                                0, 0.0)
     if allocator == "hawq":   # one Hutchinson estimate per weight from one random stream: serial

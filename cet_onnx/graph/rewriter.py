@@ -4,7 +4,8 @@
    (:func:`required_opset`), and the IR version with it;
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned;
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
-   DequantizeLinear;
+   DequantizeLinear, then :class:`~.passes.gather_rows.GatherRowsPass` — embedding tables are
+   looked up before they are dequantized;
 4. :class:`~.passes.int2_float_bias.Int2FloatBiasPass` — INT2-weight layers keep a float bias;
 5. :class:`~.passes.int32_bias.Int32BiasPass` — INT32 biases (before the activation pass, which
    renames the inputs it reads);
@@ -33,6 +34,7 @@ from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
+from cet_onnx.graph.passes.gather_rows import GatherRowsPass
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass
 from cet_onnx.graph.passes.int32_bias import Int32BiasPass
 from cet_onnx.graph.passes.stable_sort import StableTopologicalSortPass
@@ -102,7 +104,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         passes.append(FoldReluPass())
     biases = Int32BiasPass(qweights, weights, act_params)
     dynamic_pass = DynamicMatMulPass()
-    passes += [WeightQDQPass(qweights), Int2FloatBiasPass(qweights, weights), biases,
+    passes += [WeightQDQPass(qweights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
                ActivationQDQPass(act_params, ACTIVATION_OPS), *([dynamic_pass] if dynamic else []),
                StableTopologicalSortPass(), DropValueInfoPass()]
     for p in passes:

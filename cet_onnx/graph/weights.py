@@ -1,7 +1,7 @@
 """Find the quantizable weights of a graph and the axes their scales run along.
 
 A weight is a float initializer used as the weight operand of Conv, ConvTranspose, Gemm
-or MatMul. For each one we record its output-channel axis (per-channel scales) and its
+or MatMul, or as the table of a ``Gather`` (an embedding). For each one we record its output-channel axis (per-channel scales) and its
 reduction axis (block-wise scales run along it):
 
 * Conv ``W[O, I/g, k...]``: channel 0, reduction 1;
@@ -9,7 +9,9 @@ reduction axis (block-wise scales run along it):
 * Gemm ``B``: ``[K, N]`` → channel 1, reduction 0; with ``transB=1`` ``[N, K]`` → channel 0,
   reduction 1 (an initializer ``A`` is handled symmetrically);
 * MatMul ``B[..., K, N]``: channel -1, reduction -2; an initializer ``A[..., M, K]``:
-  channel -2, reduction -1.
+  channel -2, reduction -1;
+* Gather (``axis`` 0) over a table ``[rows, width]``: channel 0 (a scale per row), reduction 1
+  (blocks along the row).
 
 A weight shared by several nodes is quantized once if every use agrees on the axes;
 otherwise it stays float and is listed as skipped.
@@ -25,7 +27,7 @@ import onnx_ir as ir
 
 from cet_onnx.graph import boundary
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
 
@@ -72,6 +74,8 @@ def weight_axes(node: onnx.NodeProto | ir.Node, index: int, rank: int) -> tuple[
             return rank - 1, rank - 2
         if index == 0:
             return rank - 2, rank - 1
+    if op == "Gather" and index == 0 and rank == 2 and _attr(node, "axis") == 0:
+        return 0, 1
     return None
 
 

@@ -97,3 +97,16 @@ def format_nbytes(shape: tuple[int, ...], fmt: WeightFormat, channel_axis: int, 
                      zero_point=np.zeros(scale_shape, np.int8), axis=axis, block_size=block, fmt=fmt,
                      channel_axis=c, reduction_axis=r)
     return stored_nbytes(layout)  # type: ignore[arg-type]
+
+
+def gather_format_ok(fmt: WeightFormat, row_length: int) -> bool:
+    """Whether an embedding table ``[rows, row_length]`` in ``fmt`` has a fast lookup form: INT8 per row
+    or per tensor (symmetric), or INT4 in blocks of a power of two ≥ 16 along the row
+    (:mod:`cet_onnx.graph.passes.gather_rows` writes them)."""
+    bits = container_bits(fmt.bits)
+    if bits == 8:
+        return fmt.granularity in ("channel", "tensor") and fmt.symmetric
+    if bits == 4 and fmt.granularity == "block":
+        b = fmt.block_size or 0
+        return b >= 16 and b & (b - 1) == 0 and row_length % b == 0
+    return False

@@ -14,6 +14,7 @@ import numpy as np
 from cet_onnx.allocation.probes import probe_model
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.progress import track
+from cet_onnx.quant.sizes import gather_format_ok
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, \
     quantize_weight
 from cet_onnx.rounding.gptq import major_axis_rounding
@@ -140,7 +141,22 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
 
 
 def choose_format(w: WeightInfo, opts: WeightOptions) -> WeightFormat:
-    """The uniform format for one weight: per-tensor, per-channel, or block-wise where it fits."""
+    """The uniform format for one weight: per-tensor, per-channel, or block-wise where it fits.
+
+    An embedding table takes the nearest format it can be looked up in fast
+    (:func:`~cet_onnx.quant.sizes.gather_format_ok`): below 8 bits, 4-bit blocks of
+    ``--block-size`` or 32; otherwise INT8 per row.
+    """
+    fmt = _uniform_format(w, opts)
+    if w.op_type != "Gather" or gather_format_ok(fmt, w.shape[w.reduction_axis]):
+        return fmt
+    block = WeightFormat(4, "block", opts.block_size or 32, symmetric=grid_symmetric(4, opts.grid))
+    if opts.bits <= 4 and gather_format_ok(block, w.shape[w.reduction_axis]):
+        return block
+    return WeightFormat(8, "tensor" if opts.per_tensor else "channel", symmetric=True)
+
+
+def _uniform_format(w: WeightInfo, opts: WeightOptions) -> WeightFormat:
     sym = grid_symmetric(opts.bits, opts.grid)
     if opts.per_tensor:
         return WeightFormat(opts.bits, "tensor", symmetric=sym)
