@@ -115,8 +115,9 @@ def probe_options(fn: Callable) -> Callable:
     options = [
         click.option("--bits", "bits", default="2,4,8", show_default=True, metavar="B[,B...]",
                      help="Candidate bit-widths for the allocator (each 2..8)."),
-        click.option("--candidate-block", type=click.IntRange(min=0), default=None, metavar="N",
-                     help="Block size of the block-wise candidates (default: --block-size, else 32; 0: per-channel only)."),
+        click.option("--candidate-block", default=None, metavar="N[,N...]",
+                     help="Block sizes of the block-wise candidates (default: --block-size, else 32,128; "
+                          "0: per-channel only)."),
         click.option("--loss", type=click.Choice(LOSSES), default=None,
                      help="Loss the probes measure (default: ce with --labels, logmse for classifier-like "
                           "outputs, else mse)."),
@@ -158,6 +159,19 @@ def probe_options(fn: Callable) -> Callable:
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def _blocks_list(text: str | None) -> tuple[int, ...] | None:
+    """``--candidate-block``: comma-separated block sizes (0: none), or None when not given."""
+    if text is None:
+        return None
+    try:
+        blocks = tuple(int(b) for b in str(text).split(","))
+    except ValueError:
+        raise InputError(f"--candidate-block: expected comma-separated integers, got '{text}'") from None
+    if any(b < 0 or b == 1 for b in blocks):
+        raise InputError(f"--candidate-block: block sizes must be 0 or at least 2, got '{text}'")
+    return blocks
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -292,7 +306,8 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
 def _allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics, probe_size,
                         hutchinson_samples, fidelity_samples, cache_dir, no_cache, **budget) -> AllocationOptions:
     """The allocation group from the probe options both commands share (``budget``: quantize's own, and workers)."""
-    return AllocationOptions(bits=_bits_list(bits), candidate_block=candidate_block_for(candidate_block, block_size),
+    return AllocationOptions(bits=_bits_list(bits),
+                             candidate_block=candidate_block_for(_blocks_list(candidate_block), block_size),
                              loss=loss, loss_output=loss_output, probe_size=probe_size,
                              hutchinson_samples=hutchinson_samples, fidelity_samples=fidelity_samples,
                              cache_dir=cache_dir, use_cache=not no_cache, probe_numerics=probe_numerics, **budget)

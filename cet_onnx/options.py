@@ -86,7 +86,7 @@ class AllocationOptions:
     max_size_mb: float | None = None
     max_loss: float | None = None
     bits: tuple[int, ...] = (2, 4, 8)
-    candidate_block: int | None = 32
+    candidate_block: tuple[int, ...] | int | None = (32, 128)   # block sizes of the block-wise candidates
     loss: str | None = None
     loss_output: str | None = None
     probe_size: int = 128
@@ -236,7 +236,16 @@ def validate(opts: QuantizeOptions) -> None:
         raise InputError("--per-tensor and --block-size cannot be combined")
 
 
-def candidate_block(requested: int | None, block_size: int | None) -> int | None:
-    """Block size of the block-wise candidates: ``--candidate-block``, else ``--block-size``, else 32; 0: none."""
-    block = requested if requested is not None else (block_size or 32)
-    return block or None
+#: block sizes of the block-wise candidates without ``--candidate-block`` / ``--block-size``: 32 is the
+#: finest that pays on CNNs; 128 costs 0.28 bits/weight of scales against 1.1 at 32, and on
+#: all-MiniLM-L6-v2 at ``--avg-bits 4`` raised the cosine to FP32 from 0.880 (32 only) to 0.956
+DEFAULT_CANDIDATE_BLOCKS = (32, 128)
+
+
+def candidate_block(requested: tuple[int, ...] | int | None, block_size: int | None) -> tuple[int, ...]:
+    """Block sizes of the block-wise candidates: ``--candidate-block``, else ``--block-size``, else
+    :data:`DEFAULT_CANDIDATE_BLOCKS`; 0: none (per-channel candidates only)."""
+    if requested is None:
+        return (block_size,) if block_size else DEFAULT_CANDIDATE_BLOCKS
+    blocks = (requested,) if isinstance(requested, int) else tuple(requested)
+    return tuple(sorted({b for b in blocks if b}))

@@ -43,7 +43,7 @@ def test_flat_view_has_the_earlier_field_order():
     assert list(flat) == list(FLAT)
     assert list(flat)[:4] == ["weight_bits", "per_tensor", "block_size", "act_bits"]
     assert list(flat)[-7:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes", "act_mode"]
-    assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == 32
+    assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == (32, 128)
 
 
 @pytest.mark.parametrize("flat, message", [

@@ -40,23 +40,24 @@ PROBED_ALLOCATORS = ("cet", "hawq", "sqnr")
 ALLOCATORS = (*PROBED_ALLOCATORS, "uniform")
 
 
-def candidate_formats(bits: Sequence[int], block_size: int | None, grid: str = "auto") -> list[WeightFormat]:
-    """Formats the solver chooses from: each bit-width per channel and (if set) block-wise."""
+def candidate_formats(bits: Sequence[int], blocks: Sequence[int] | int | None, grid: str = "auto") -> list[WeightFormat]:
+    """Formats the solver chooses from: each bit-width per channel and in blocks of each of ``blocks``."""
+    blocks = () if not blocks else (blocks,) if isinstance(blocks, int) else tuple(blocks)
     fmts = []
     for b in sorted(set(bits)):
         sym = grid_symmetric(b, grid)
         fmts.append(WeightFormat(b, "channel", symmetric=sym))
-        if block_size:
-            fmts.append(WeightFormat(b, "block", block_size, symmetric=sym))
+        fmts += [WeightFormat(b, "block", size, symmetric=sym) for size in sorted(set(blocks)) if size]
     return fmts
 
 
 def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
-    """Block-wise scales need at least one whole block along the reduction axis; an embedding
-    table only takes the formats it can be looked up in fast (:func:`gather_format_ok`)."""
-    if w.op_type == "Gather" and not gather_format_ok(fmt, w.shape[w.reduction_axis]):
-        return False
-    return fmt.granularity != "block" or w.shape[w.reduction_axis] >= (fmt.block_size or 0)
+    """Block-wise scales need two whole blocks along the reduction axis (one block is the per-channel
+    format, spelled with more scales). An embedding table only takes the formats it can be looked up
+    in fast (:func:`gather_format_ok`), where one block per row is its only 4-bit per-row form."""
+    if w.op_type == "Gather":
+        return gather_format_ok(fmt, w.shape[w.reduction_axis])
+    return fmt.granularity != "block" or w.shape[w.reduction_axis] >= 2 * (fmt.block_size or 0)
 
 
 @dataclass
