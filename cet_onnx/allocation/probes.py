@@ -155,6 +155,9 @@ class ProbeSession:
                        and weight_bytes <= REBUILD_MAX_BYTES and any(w.op_type in REBUILD_OPS for w in self.weights))
         self.rebuilt = rebuilt and self.resident
         self._template = constant_weights_model(deployed, self.weights) if self.rebuilt else None
+        inits = deployed.graph.initializers
+        self._dtypes = {w.name: np.dtype(inits[w.name].dtype.numpy()) if w.name in inits else np.dtype(np.float32)
+                        for w in self.weights}   # the rebuilt session takes each weight in its own type
         self._bound_model = pm
         self.session = None if self.rebuilt else self._bound_session()
         self.device = "cuda" if self.session is not None and \
@@ -199,7 +202,7 @@ class ProbeSession:
     def _rebuilt_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [w.name for w in self.weights]
         keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
-            overrides[n] if n in overrides else self.values[n], dtype=np.float32)) for n in names]
+            overrides[n] if n in overrides else self.values[n], dtype=self._dtypes[n])) for n in names]
         opts = session_options(threads=self.threads)
         opts.add_external_initializers(names, keep)
         try:

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes import activation_qdq
+from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
@@ -81,6 +82,16 @@ def required_opset(qweights: dict[str, QuantizedWeight], act_bits: int | None) -
     return need
 
 
+def _half_precision_opset(model: Model, qweights: dict[str, QuantizedWeight],
+                          act_params: dict[str, ActivationParams]) -> int:
+    """19 when a quantized weight or activation is float16 / bfloat16 (half-precision inputs and
+    scales of QuantizeLinear / DequantizeLinear need opset 19), else 13."""
+    graph = boundary.to_ir(model).graph
+    half = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    values = values_by_name(graph)
+    return 19 if any(name in values and values[name].dtype in half for name in (*qweights, *act_params)) else 13
+
+
 def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
             act_params: dict[str, ActivationParams] | None, source: str = "model",
             dynamic: bool = False) -> RewriteResult[Model]:
@@ -97,7 +108,8 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     if unknown is not None:
         raise ValueError(f"unknown weight {unknown}")
     act_bits = 8 * next(iter(act_params.values())).dtype.itemsize if act_params else None
-    target = max(opset_version(model), required_opset(qweights, act_bits))
+    target = max(opset_version(model), required_opset(qweights, act_bits),
+                 _half_precision_opset(model, qweights, act_params))
     m = boundary.working_copy(model)
     passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(target, source)]
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()):

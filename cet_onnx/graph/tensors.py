@@ -39,3 +39,13 @@ def int_tensor(name: str, q: np.ndarray, bits: int) -> ir.TensorProtocol:
 def array_tensor(name: str, array: np.ndarray) -> ir.TensorProtocol:
     """``array`` as an onnx-ir tensor (``numpy_helper.from_array``'s encoding)."""
     return ir.serde.TensorProtoTensor(numpy_helper.from_array(array, name))
+
+
+def float_numpy(dtype: ir.DataType | None) -> np.dtype:
+    """The numpy type of scales for a tensor of ``dtype``: float16 / bfloat16 follow it, all else is float32.
+
+    DequantizeLinear's output has its scale's type, so a half-precision model's scales are half precision.
+    """
+    if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        return np.dtype(dtype.numpy())
+    return np.dtype(np.float32)

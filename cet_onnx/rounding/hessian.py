@@ -54,12 +54,19 @@ def _attr(node: ir.Node, name: str, default):
 
 
 def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
-    """The spec of ``w``'s first consumer in ``model``, or None and the reason it has none."""
+    """The spec of ``w``'s first consumer in ``model``, or None and the reason it has none.
+
+    A ``Cast`` of the weight (a half-precision weight fed as float32 to a probe model) is looked through.
+    """
+    target = w.name
     for node in model.graph:
         names = [v.name if v is not None else "" for v in node.inputs]
-        if w.name not in names:
+        if target not in names:
             continue
-        idx = names.index(w.name)
+        if node.op_type == "Cast":
+            target = node.outputs[0].name
+            continue
+        idx = names.index(target)
         if node.op_type == "Conv":
             if len(w.shape) != 4:
                 return None, f"{len(w.shape) - 2}-D convolution"

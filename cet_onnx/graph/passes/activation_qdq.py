@@ -2,7 +2,7 @@
 
 Rules, for every tensor ``t`` of the plan (in plan order):
 
-* initializers ``t_scale`` (float32) and ``t_zero_point`` (uint8 / int8 / uint16 / int16) and
+* initializers ``t_scale`` (float32; float16 / bfloat16 for a tensor of that type) and ``t_zero_point`` (uint8 / int8 / uint16 / int16) and
   nodes ``t_QuantizeLinear`` (output ``t_QuantizeLinear_Output``) and ``t_DequantizeLinear``
   (output ``t_DequantizeLinear_Output``) are added; names already taken get a numeric suffix;
 * the consumers in ``activation_ops`` (default domain) read ``t_DequantizeLinear_Output``
@@ -26,7 +26,7 @@ import onnx_ir as ir
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import FRONT, initializer, insert_front, is_onnx, values_by_name
 from cet_onnx.graph.passes.fold_relu import foldable_relus
-from cet_onnx.graph.tensors import array_tensor
+from cet_onnx.graph.tensors import array_tensor, float_numpy
 from cet_onnx.quant.quantizer import ActivationParams
 
 #: Ops whose float activation inputs get QuantizeLinear/DequantizeLinear, following
@@ -41,7 +41,8 @@ _FIRST_INPUT_ONLY = ("Reshape", "Resize", "Clip", "Squeeze", "Unsqueeze")
 
 
 def _is_float(value: ir.Value) -> bool:
-    return isinstance(value.type, ir.TensorType) and value.type.dtype == ir.DataType.FLOAT
+    return isinstance(value.type, ir.TensorType) and value.type.dtype in (
+        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 def activation_tensors(graph: ir.Graph, remove_relus: bool,
@@ -106,12 +107,12 @@ class ActivationQDQPass(ir.passes.InPlacePass):
     @staticmethod
     def _pair(graph: ir.Graph, names: UniqueNames, t: ir.Value, p: ActivationParams) -> list[ir.Node]:
         scale_name, zp_name = names.value(f"{t.name}_scale"), names.value(f"{t.name}_zero_point")
-        scale = initializer(graph, scale_name, array_tensor(scale_name, np.array(p.scale, np.float32)))
+        scale = initializer(graph, scale_name, array_tensor(scale_name, np.array(p.scale, float_numpy(t.dtype))))
         zp = initializer(graph, zp_name, array_tensor(zp_name, np.array(p.zero_point, p.dtype)))
         q = ir.node("QuantizeLinear", [t, scale, zp], outputs=[ir.Value(name=names.value(f"{t.name}_QuantizeLinear_Output"))],
                     name=names.node(f"{t.name}_QuantizeLinear"))
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp],
-                     outputs=[ir.Value(name=names.value(f"{t.name}_DequantizeLinear_Output"))],
+                     outputs=[ir.Value(name=names.value(f"{t.name}_DequantizeLinear_Output"), type=t.type)],
                      name=names.node(f"{t.name}_DequantizeLinear"))
         return [q, dq]
 

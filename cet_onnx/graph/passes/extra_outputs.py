@@ -2,8 +2,10 @@
 
 Rule: each named tensor that is not yet a graph output is appended to the graph outputs, in
 the order given. A node output keeps the type and shape its value_info gave it, or is declared
-float32 of unknown shape when it has none (always, with ``typed=False``); a graph input keeps
-its own declaration.
+float32 of unknown shape when it has none; with ``typed=False`` it keeps only its element type
+and leaves the shape (and an unknown type: a half-precision model's tensors are not float32) to
+onnxruntime. A graph input keeps its own
+declaration.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class ExposeOutputsPass(ir.passes.InPlacePass):
             value = values.get(name) or ir.Value(name=name)
             if value.is_graph_output():
                 continue
-            if value.producer() is not None and (not self.typed or value.type is None):
+            if value.producer() is not None and not self.typed:
+                value.type, value.shape = (ir.TensorType(value.dtype) if value.dtype else None), None
+            elif value.producer() is not None and value.type is None:
                 value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), None
             elif value.producer() is None and not value.is_graph_input():
                 value.type = value.type or ir.TensorType(ir.DataType.FLOAT)

@@ -19,10 +19,11 @@ def test_named_tensors_become_outputs_with_their_value_info_or_as_float():
     assert m.graph.outputs[2].type.dtype == onnx.TensorProto.FLOAT
 
 
-def test_untyped_declares_float_of_unknown_shape():
+def test_untyped_keeps_only_a_known_element_type():
     m = _model()
-    ExposeOutputsPass(["h"], typed=False)(m)
-    assert m.graph.outputs[1].shape is None
+    ExposeOutputsPass(["h", "g"], typed=False)(m)
+    h, g = m.graph.outputs[1:]
+    assert h.shape is None and h.type.dtype == onnx.TensorProto.FLOAT and g.type is None
 
 
 def test_proto_gives_a_proto_copy():

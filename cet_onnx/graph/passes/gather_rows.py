@@ -88,7 +88,7 @@ class GatherRowsPass(ir.passes.InPlacePass):
             return None
         base, ids = node.name or node.outputs[0].name, node.inputs[1]
         rows = self._named(names, base, "Gather", [codes, ids], "rows")
-        cast = self._named(names, base, "Cast", [rows.outputs[0]], "Cast", to=ir.DataType.FLOAT)
+        cast = self._named(names, base, "Cast", [rows.outputs[0]], "Cast", to=dq.outputs[0].dtype or ir.DataType.FLOAT)
         if not per_row:
             return [rows, cast, self._named(names, base, "Mul", [cast.outputs[0], scale], "Mul")]
         row_scales = self._named(names, base, "Gather", [scale, ids], "row_scales")

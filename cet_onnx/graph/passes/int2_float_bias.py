@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import initializer
-from cet_onnx.graph.tensors import array_tensor
+from cet_onnx.graph.tensors import array_tensor, float_numpy
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.quant.quantizer import QuantizedWeight
 from cet_onnx.quant.sizes import container_bits
@@ -52,7 +52,8 @@ class Int2FloatBiasPass(ir.passes.InPlacePass):
                 continue
             if w not in zeros:
                 fresh = names.value(f"{w}_zero_bias")
-                zeros[w] = initializer(graph, fresh, array_tensor(fresh, np.zeros(self._channels(node, w), np.float32)))
+                zeros[w] = initializer(graph, fresh, array_tensor(
+                    fresh, np.zeros(self._channels(node, w), float_numpy(node.inputs[1].dtype))))
             if len(node.inputs) < 3:
                 node.resize_inputs(3)
             node.replace_input_with(2, zeros[w])

@@ -10,7 +10,7 @@ tensor ``b`` again — when all of these hold:
 * its weight is quantized per tensor or per channel (block-wise weights keep a float bias) and
   not INT2 (see :mod:`.int2_float_bias`); for Gemm, ``A`` is not a quantized weight and
   ``beta`` is 1;
-* ``b`` is a 1-D initializer with one value per output channel, read by this node only;
+* ``b`` is a float32 1-D initializer with one value per output channel, read by this node only;
 * every scale is positive and every code fits in INT32.
 
 The new nodes go to the front of the graph, after the weight DequantizeLinear nodes; names
@@ -67,6 +67,8 @@ class Int32BiasPass(ir.passes.InPlacePass):
         """(bias scale, INT32 codes), or (None, None) when a condition of the rule fails."""
         qw, px = self.qweights.get(w), self.act_params.get(x)
         if qw is None or px is None or qw.block_size is not None or not b.is_initializer() or uses_in(graph, b) != 1:
+            return None, None
+        if b.dtype != ir.DataType.FLOAT:   # a half-precision bias scale cannot hold input scale × weight scale
             return None, None
         bias = np.asarray(b.const_value.numpy(), dtype=np.float64)
         info = self.weights[w]

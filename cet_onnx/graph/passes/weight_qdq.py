@@ -2,8 +2,9 @@
 
 Rules, for every weight ``W`` in the plan (in plan order):
 
-* initializers ``W_quantized`` (the codes, packed as INT8 / INT4 / INT2), ``W_scale`` (float32)
-  and ``W_zero_point`` (same integer type as the codes) replace ``W``;
+* initializers ``W_quantized`` (the codes, packed as INT8 / INT4 / INT2), ``W_scale`` (float32;
+  float16 / bfloat16 for a weight of that type) and ``W_zero_point`` (same integer type as the
+  codes) replace ``W``;
 * a ``DequantizeLinear`` node ``W_DequantizeLinear`` computes the float weight into a tensor
   that keeps the name ``W``, so the consumers are untouched. Per-channel weights set ``axis``;
   block-wise ones set ``axis`` and ``block_size`` (opset 21);
@@ -27,7 +28,7 @@ import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import initializer, insert_front, take_over
-from cet_onnx.graph.tensors import array_tensor, int_tensor
+from cet_onnx.graph.tensors import array_tensor, float_numpy, int_tensor
 from cet_onnx.quant.quantizer import QuantizedWeight
 from cet_onnx.quant.sizes import stored_form
 
@@ -49,9 +50,10 @@ class WeightQDQPass(ir.passes.InPlacePass):
     @staticmethod
     def _dequantize(graph: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight) -> list[ir.Node]:
         q, scale, zp, axis, block, reshape = stored_form(qw)
+        dtype = graph.initializers[name].dtype
         inputs = []
         for suffix, tensor in (("quantized", lambda n: int_tensor(n, q, qw.fmt.bits)),
-                               ("scale", lambda n: array_tensor(n, scale.astype(np.float32))),
+                               ("scale", lambda n: array_tensor(n, scale.astype(float_numpy(dtype)))),
                                ("zero_point", lambda n: int_tensor(n, zp, qw.fmt.bits))):
             fresh = names.value(f"{name}_{suffix}")
             inputs.append(initializer(graph, fresh, tensor(fresh)))
@@ -63,11 +65,13 @@ class WeightQDQPass(ir.passes.InPlacePass):
         dq = ir.node("DequantizeLinear", inputs, attrs, name=names.node(f"{name}_DequantizeLinear"))
         nodes = [dq]
         out = dq.outputs[0]
+        out.dtype = dtype
         if reshape:
             out.name = names.value(f"{name}_dequantized_2d")
             shape_name = names.value(f"{name}_shape")
             shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(qw.q.shape, np.int64)))
             nodes.append(ir.node("Reshape", [out, shape], name=names.node(f"{name}_Reshape")))
             out = nodes[-1].outputs[0]
+            out.dtype = dtype
         take_over(graph.initializers[name], out, graph)
         return nodes

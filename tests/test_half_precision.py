@@ -1,0 +1,55 @@
+"""Half-precision models (float16 weights and activations, float32 inputs and outputs): scales follow the model's type."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from cet_onnx.cli import main
+from models import small_cnn
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and compute, float32 graph input and output (``keep_io_types``), as GPU exports ship."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    (x,), (y,) = g.input, g.output
+    for node in g.node:
+        node.input[:] = ["x_half" if n == x.name else n for n in node.input]
+        node.output[:] = ["y_half" if n == y.name else n for n in node.output]
+    g.node.insert(0, helper.make_node("Cast", [x.name], ["x_half"], to=TensorProto.FLOAT16))
+    g.node.append(helper.make_node("Cast", ["y_half"], [y.name], to=TensorProto.FLOAT))
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    d = tmp_path_factory.mktemp("half")
+    onnx.save(to_float16(small_cnn()), d / "m16.onnx")
+    np.savez(d / "calib.npz", x=np.random.default_rng(0).normal(size=(96, 3, 8, 8)).astype(np.float32))
+    return d
+
+
+@pytest.mark.parametrize("args", [[], ["--weight-bits", "4", "--weight-only"], ["--avg-bits", "4", "--fidelity-samples", "0",
+                                                                                   "--refine-rounds", "0"]])
+def test_a_float16_model_quantizes_with_float16_scales_and_runs(half, tmp_path, args):
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(half / "m16.onnx"), "-o", str(out), "--calib", str(half / "calib.npz"),
+                                    "--json", *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["opset"] >= 19 and report["verification"]["min_sqnr_db"] > 15
+    q = onnx.load(str(out))
+    scales = [t for t in q.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    x = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert y.dtype == np.float32 and np.isfinite(y).all()
