@@ -51,13 +51,22 @@ def candidate_formats(bits: Sequence[int], blocks: Sequence[int] | int | None, g
     return fmts
 
 
+#: block sizes up to this are offered wherever one block fits (see :func:`format_available`)
+FINE_BLOCK = 32
+
+
 def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
-    """Block-wise scales need two whole blocks along the reduction axis (one block is the per-channel
-    format, spelled with more scales). An embedding table only takes the formats it can be looked up
-    in fast (:func:`gather_format_ok`), where one block per row is its only 4-bit per-row form."""
+    """Block-wise scales need at least one whole block along the reduction axis (on a Conv kernel a
+    block spans input channels only, so one block still gives each kernel position its own scale);
+    blocks larger than :data:`FINE_BLOCK` need two, since below that a finer block covers the layer
+    (each extra format costs probes). An embedding table only takes the formats it can be looked up
+    in fast (:func:`gather_format_ok`)."""
     if w.op_type == "Gather":
         return gather_format_ok(fmt, w.shape[w.reduction_axis])
-    return fmt.granularity != "block" or w.shape[w.reduction_axis] >= 2 * (fmt.block_size or 0)
+    if fmt.granularity != "block":
+        return True
+    block = fmt.block_size or 0
+    return w.shape[w.reduction_axis] >= (block if block <= FINE_BLOCK else 2 * block)
 
 
 @dataclass
