@@ -2,9 +2,9 @@
 
 ``DequantizeLinear → Gather`` (what :mod:`.weight_qdq` writes for a ``Gather`` over a weight)
 dequantizes the whole table on every run: onnxruntime 1.32 neither folds nor fuses it. Measured
-on a 30522 × 384 table and 16 × 64 ids (2 cores): float Gather 0.045 ms, DequantizeLinear →
-Gather 2.4 ms at INT8 per row and 32 ms at INT4 in blocks of 32; the forms below 0.076 ms (INT8)
-and 1.5 ms (INT4).
+on a 30522 × 384 table and 16 × 64 ids (2 cores, ``tools/gather_forms_bench.py``): float Gather
+0.028 ms, DequantizeLinear → Gather 1.6 ms at INT8 per row and 11.5 ms at INT4 in blocks of 32;
+the forms below 0.072 ms (INT8) and 1.3 ms (INT4).
 
 Rules, for every default-domain ``Gather(T, ids)`` with ``axis`` 0 whose ``T`` is computed by a
 weight ``DequantizeLinear`` of a rank-2 initializer:
