@@ -330,7 +330,9 @@ def _say_activations(say: Callable, report: dict) -> None:
     """The activation mode, and the planned activations left float (with why), at most a few by name."""
     left = report.get("activations_left_float") or {}
     mode = report.get("activation_mode")
-    if mode:
+    if mode and mode["mode"] == "dynamic":
+        say(f"activations: dynamic ({mode['why']}), {mode['dynamic_matmuls']} MatMul/Gemm inputs quantized at run time")
+    elif mode:
         say(f"activations: {mode['mode']} ({mode['why']}), {report['activation_tensors']} with static Q/DQ")
     if left:
         say(f"  {len(left)} planned activation tensor(s) left float:")
