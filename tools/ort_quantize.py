@@ -149,7 +149,7 @@ def quantize_nbits(model: Path, out: Path) -> dict:
     q = MatMulNBitsQuantizer(onnx.load(str(model)))
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
-    return {"mode": "nbits", "bits": q.bits if hasattr(q, "bits") else 4, "block_size": q.block_size,
+    return {"mode": "nbits", "bits": q.bits, "block_size": q.block_size,
             "total_s": round(time.perf_counter() - t0, 3)}
 
 

@@ -18,7 +18,6 @@ from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candid
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
-from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
 from cet_onnx.allocation.solver import pareto_front
 from cet_onnx.calibration.data import batched
@@ -62,7 +61,7 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     labels = p.labels[:n] if p.labels is not None else None
     out = loss_output(p.model, a.loss_output)
     reference = float_outputs(p.model, batches, out, p.providers)
-    kind = output_kind(values_by_name(p.model.graph)[out])
+    kind = output_kind(next(v for v in p.model.graph.outputs if v.name == out))
     loss = a.loss or default_loss(reference, labels is not None, kind)
     acts = p.act_params if a.probe_numerics == "deployed" else None
     session = ProbeSession(p.model, p.weights, p.values, acts, batches, p.providers, loss, out, labels,

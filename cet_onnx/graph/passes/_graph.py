@@ -85,3 +85,21 @@ def remove_node(graph: ir.Graph, node: ir.Node) -> None:
     for i in range(len(node.inputs)):
         node.replace_input_with(i, None)
     graph.remove(node)
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
+    """Put ``nodes`` before ``node`` and remove ``node``: the last one's first output takes over
+    ``node``'s first output (its uses, graph-output place, name, type and shape)."""
+    graph.insert_before(node, nodes)
+    y, out = node.outputs[0], nodes[-1].outputs[0]
+    y.replace_all_uses_with(out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, out.type, out.shape = y.name, y.type, y.shape
+
+
+def remove_if_unread(graph: ir.Graph, node: ir.Node) -> bool:
+    """Remove ``node`` when no node reads its first output and it is no graph output; whether it was."""
+    if node.outputs[0].uses() or node.outputs[0].is_graph_output():
+        return False
+    graph.remove(node, safe=True)
+    return True

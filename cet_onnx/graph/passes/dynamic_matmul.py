@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import initializer, is_onnx
+from cet_onnx.graph.passes._graph import initializer, is_onnx, remove_if_unread, replace_node
 from cet_onnx.graph.tensors import int_tensor
 
 _INT8 = (ir.DataType.INT8,)   # what weight_qdq writes
@@ -96,18 +96,11 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
             dq, trans_b = found
             codes = _transposed(graph, names, dq.inputs[0]) if trans_b else dq.inputs[0]
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-            nodes = self._dynamic(names, node, dq, codes, bias)
-            graph.insert_before(node, nodes)
             self.converted.append(node.name or node.outputs[0].name)
-            y, out = node.outputs[0], nodes[-1].outputs[0]
-            y.replace_all_uses_with(out, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            out.name, out.type, out.shape = y.name, y.type, y.shape
-            if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
-                old_codes = dq.inputs[0]
-                graph.remove(dq, safe=True)
-                if not old_codes.uses():
-                    graph.initializers.pop(old_codes.name)
+            replace_node(graph, node, self._dynamic(names, node, dq, codes, bias))
+            old_codes = dq.inputs[0]
+            if remove_if_unread(graph, dq) and not old_codes.uses():
+                graph.initializers.pop(old_codes.name)
         return ir.passes.PassResult(model, modified=bool(self.converted))
 
     def _dynamic(self, names: UniqueNames, node: ir.Node, dq: ir.Node, codes: ir.Value,

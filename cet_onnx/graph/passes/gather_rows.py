@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import initializer, is_onnx
+from cet_onnx.graph.passes._graph import initializer, is_onnx, remove_if_unread, replace_node
 from cet_onnx.graph.tensors import array_tensor
 
 MS_DOMAIN = "com.microsoft"
@@ -64,14 +64,9 @@ class GatherRowsPass(ir.passes.InPlacePass):
             nodes = self._int8(graph, names, node, dq) or self._int4(model, names, node, dq)
             if not nodes:
                 continue
-            graph.insert_before(node, nodes)
             self.converted.append(node.inputs[0].name)
-            y, out = node.outputs[0], nodes[-1].outputs[0]
-            y.replace_all_uses_with(out, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            out.name, out.type, out.shape = y.name, y.type, y.shape
-            if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
-                graph.remove(dq, safe=True)
+            replace_node(graph, node, nodes)
+            remove_if_unread(graph, dq)
         return ir.passes.PassResult(model, modified=bool(self.converted))
 
     @staticmethod
