@@ -152,6 +152,15 @@ def test_bad_option_value_is_usage_error(tmp_path):
     assert res.exit_code == 2 and not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["--candidate-block", "32,x"], "--candidate-block: expected comma-separated integers, got '32,x'"),
+    (["--candidate-block", "1"], "--candidate-block: block sizes must be 0 or at least 2, got '1'"),
+    (["--weight-only", "--act-mode", "dynamic"], "--weight-only is --act-mode none"),
+])
+def test_bad_candidate_blocks_and_conflicting_activation_modes_are_one_line_errors(tmp_path, args, expect):
+    _bad(tmp_path, DIGITS / "model.onnx", "--calib", DIGITS / "calib.npz", "--avg-bits", 3, *args, expect=expect)
+
+
 def test_verification_gate_fails_with_exit_1_and_writes_nothing(tmp_path):
     _bad(tmp_path, DIGITS / "model.onnx", "--calib", DIGITS / "calib.npz", "--weight-bits", 2, "--weight-only",
          "--verify-min-agreement", 0.999, code=1, expect="verification failed")
