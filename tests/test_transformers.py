@@ -8,6 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto
 
 from cet_onnx.cli import main
 from cet_onnx.graph.act_mode import choose_act_mode
@@ -105,3 +106,36 @@ def test_nan_in_the_input_data_is_still_a_one_line_input_error(encoder, tmp_path
     np.savez(tmp_path / "bad.npz", **feeds)
     res = invoke("quantize", paths["inf"], "-o", tmp_path / "q.onnx", "--calib", tmp_path / "bad.npz")
     assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "q.onnx").exists()
+
+
+def _tied_encoder(stored: str) -> onnx.ModelProto:
+    """tiny_encoder's tied LM head as exports write it: ``Transpose(E)`` (torch's dynamo exporter) or
+    a second, transposed copy of the table (the TorchScript exporter, or onnxsim's folding)."""
+    model = tiny_encoder(tied_head=True)
+    if stored == "copy":
+        table = next(t for t in model.graph.initializer if t.name == "word_embeddings")
+        transpose = next(n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == "word_embeddings")
+        model.graph.node.remove(transpose)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(table).T.copy(), "head_t"))
+    return model
+
+
+@pytest.mark.parametrize("stored", ["transpose", "copy"])
+@pytest.mark.parametrize("flags, kernel, count", [
+    ((), "DynamicQuantizeMatMul", 4),  # o_proj, ffn_in, ffn_out and the LM head (q, k, v: MatMulIntegerToFloat)
+    (("--weight-bits", "4", "--block-size", "16"), "GatherBlockQuantized", 2)])  # word and position tables
+def test_a_tied_lm_head_is_one_quantized_table_for_both_uses(encoder, tmp_path, stored, flags, kernel, count):
+    d, _ = encoder
+    path, out = tmp_path / "tied.onnx", tmp_path / "q.onnx"
+    onnx.save(_tied_encoder(stored), path)
+    report = _quantize(path, out, d / "calib.npz", *flags)
+    names = [w["name"] for w in report["weights"]]
+    assert "word_embeddings" in names and "head_t" not in names and not report["skipped_weights"]
+    tables = [t for t in onnx.load(out).graph.initializer if sorted(t.dims) == [32, 50]]
+    assert len(tables) == 1 and tables[0].data_type in (TensorProto.INT8, TensorProto.INT4, TensorProto.UINT4)
+    assert _optimized_ops(out, tmp_path).count(kernel) == count
+    feeds = encoder_feeds(8, seed=1)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos > (0.99 if not flags else 0.95)

@@ -6,7 +6,8 @@ onnxruntime's ``quantize_static``) while run-time (dynamic) quantization of the 
 keeps them (≈ 0.99), and CNNs are faster and as accurate with static QDQ (QLinearConv):
 
 * ``dynamic`` when the graph has attention or LayerNorm: a LayerNormalization-family or
-  attention op, a MatMul / Einsum of two activations (the ``Q·Kᵀ`` and ``P·V`` products), or a
+  attention op, a MatMul / Einsum of two activations (the ``Q·Kᵀ`` and ``P·V`` products; a Transpose of a
+  weight, a tied LM head's, is no activation), or a
   decomposed LayerNorm (a ReduceMean whose output a Sub reads);
 * ``static`` otherwise.
 """
@@ -14,6 +15,8 @@ keeps them (≈ 0.99), and CNNs are faster and as accurate with static QDQ (QLin
 from __future__ import annotations
 
 import onnx_ir as ir
+
+from cet_onnx.graph.passes._graph import is_constant
 
 ACT_MODES = ("auto", "static", "dynamic", "none")
 _NORM_OR_ATTENTION = frozenset({
@@ -46,7 +49,7 @@ def transformer_evidence(graph: ir.Graph) -> str | None:
 
 def _activation(value: ir.Value | None) -> bool:
     """Computed from the graph inputs (not an initializer or a constant)."""
-    if value is None or value.is_initializer() or value.const_value is not None:
+    if value is None or is_constant(value) or value.const_value is not None:
         return False
     producer = value.producer()
     return producer is None and value.is_graph_input() or producer is not None and producer.op_type not in (

@@ -1,4 +1,5 @@
-"""The graph as the stages need it: Constant weights lifted, simplified by onnxsim, shapes inferred.
+"""The graph as the stages need it: Constant weights lifted, simplified by onnxsim, tied copies
+of a table tied again, shapes inferred.
 
 onnxsim and onnx's shape inference work on protobufs: the model is serialized for them and read
 back. A model whose weights stay on disk is not simplified (onnxsim would load them all); shape
@@ -15,6 +16,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from cet_onnx.errors import first_line
 from cet_onnx.graph.passes.constants_to_initializers import ConstantsToInitializersPass
+from cet_onnx.graph.passes.tie_transposed import TieTransposedCopiesPass
 from cet_onnx.io import external_data
 from cet_onnx.io.load import load_model
 from cet_onnx.io.sizes import fits_protobuf
@@ -55,10 +57,11 @@ def infer_shapes(model: ir.Model, source: str) -> ir.Model:
 
 
 def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> ir.Model:
-    """Load → Constant weights to initializers → simplify → shape inference."""
+    """Load → Constant weights to initializers → simplify → tie transposed copies → shape inference."""
     model = load_model(path)
     ConstantsToInitializersPass()(model)
     if do_simplify:
         model = simplify(model, str(path))
         ConstantsToInitializersPass()(model)
+    TieTransposedCopiesPass()(model)
     return infer_shapes(model, str(path))

@@ -11,7 +11,10 @@ reduction axis (block-wise scales run along it):
 * MatMul ``B[..., K, N]``: channel -1, reduction -2; an initializer ``A[..., M, K]``:
   channel -2, reduction -1;
 * Gather (``axis`` 0) over a table ``[rows, width]``: channel 0 (a scale per row), reduction 1
-  (blocks along the row).
+  (blocks along the row);
+* a 2-D ``Transpose`` of the initializer read only as the weight of MatMul / Gemm (a tied LM
+  head ``MatMul(x, Transpose(E))``): the consumers' axes, mapped back through the transpose
+  (for the tied table ``E [vocab, width]``: channel 0, reduction 1, as its Gather use).
 
 A weight shared by several nodes is quantized once if every use agrees on the axes;
 otherwise it stays float and is listed as skipped.
@@ -38,7 +41,7 @@ class WeightInfo:
 
     name: str
     shape: tuple[int, ...]
-    op_type: str                  # op type of the (first) consumer
+    op_type: str                  # op type of the first consumer; Gather if any (its formats are the stricter)
     channel_axis: int             # non-negative
     reduction_axis: int           # non-negative
     consumers: list[str] = field(default_factory=list)  # node names
@@ -84,6 +87,41 @@ def node_label(node: onnx.NodeProto | ir.Node, i: int) -> str:
     return node.name or f"{node.op_type}_{i}"
 
 
+def _add_use(found: dict[str, WeightInfo], skipped: dict[str, str], name: str, t: ir.TensorProtocol,
+             op_type: str, axes: tuple[int, int], label: str) -> None:
+    if name in found:
+        w = found[name]
+        if (w.channel_axis, w.reduction_axis) != axes:
+            skipped[name] = "used with different axes by several nodes"
+        w.consumers.append(label)
+        if op_type == "Gather":
+            w.op_type = "Gather"
+    else:
+        found[name] = WeightInfo(name, tuple(int(d) for d in t.shape), op_type, axes[0], axes[1], [label])
+
+
+def _transposed_weight_uses(graph: ir.Graph) -> dict[ir.Node, tuple[str, str, tuple[int, int], list[str]]]:
+    """2-D Transposes of an initializer read only as a MatMul / Gemm weight →
+    (initializer, consumer op type, the initializer's axes, consumer labels)."""
+    index = {node: i for i, node in enumerate(graph)}
+    out = {}
+    for node in graph:
+        src = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if src is None or not src.is_initializer() or src.const_value is None or len(src.const_value.shape) != 2:
+            continue
+        perm = list(node.attributes.get_ints("perm", [1, 0]))
+        uses = list(node.outputs[0].uses())
+        if perm != [1, 0] or not uses or node.outputs[0].is_graph_output():
+            continue
+        axes = {weight_axes(u.node, u.idx, 2) if u.node.op_type in ("MatMul", "Gemm") and u.idx == 1
+                and u.node.domain in ("", "ai.onnx") else None for u in uses}
+        if len(axes) == 1 and None not in axes:
+            c, r = axes.pop()
+            out[node] = (src.name, uses[0].node.op_type, (perm[c], perm[r]),
+                         [node_label(u.node, index[u.node]) for u in uses])
+    return out
+
+
 def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], dict[str, str]]:
     """Quantizable weights in graph order, and skipped candidates with the reason."""
     graph = boundary.to_ir(model).graph
@@ -92,11 +130,19 @@ def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], d
     found: dict[str, WeightInfo] = {}
     skipped: dict[str, str] = {}
     other_uses: set[str] = set()
+    through = _transposed_weight_uses(graph)
     for i, node in enumerate(graph):
         names = [v.name if v is not None else "" for v in node.inputs]
         if node.domain not in ("", "ai.onnx"):
             other_uses.update(names)
             continue
+        if node in through:
+            name, op_type, axes, labels = through[node]
+            t = inits[name].const_value
+            if int(t.dtype) in _FLOAT_TYPES and name not in graph_inputs:
+                for label in labels:
+                    _add_use(found, skipped, name, t, op_type, axes, label)
+                continue
         for idx, name in enumerate(names):
             if name not in inits or name in graph_inputs:
                 continue
@@ -109,14 +155,7 @@ def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], d
             if axes is None or int(t.dtype) not in _FLOAT_TYPES:
                 other_uses.add(name)
                 continue
-            label = node_label(node, i)
-            if name in found:
-                w = found[name]
-                if (w.channel_axis, w.reduction_axis) != axes:
-                    skipped[name] = "used with different axes by several nodes"
-                w.consumers.append(label)
-            else:
-                found[name] = WeightInfo(name, tuple(int(d) for d in t.shape), node.op_type, axes[0], axes[1], [label])
+            _add_use(found, skipped, name, t, node.op_type, axes, node_label(node, i))
     for name in list(found):
         if name in other_uses:
             skipped[name] = "also used as a non-weight input"

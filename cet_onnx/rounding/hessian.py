@@ -56,15 +56,20 @@ def _attr(node: ir.Node, name: str, default):
 def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
     """The spec of ``w``'s first consumer in ``model``, or None and the reason it has none.
 
-    A ``Cast`` of the weight (a half-precision weight fed as float32 to a probe model) is looked through.
+    A ``Cast`` of the weight (a half-precision weight fed as float32 to a probe model) and a 2-D
+    ``Transpose`` (a tied LM head, whose ``x @ Eᵀ`` has the same rows as ``E``) are looked
+    through; a Gather use is passed over when another use has a layer input.
     """
-    target = w.name
+    target, gather = w.name, False
     for node in model.graph:
         names = [v.name if v is not None else "" for v in node.inputs]
         if target not in names:
             continue
-        if node.op_type == "Cast":
+        if node.op_type == "Cast" or (node.op_type == "Transpose" and len(w.shape) == 2):
             target = node.outputs[0].name
+            continue
+        if node.op_type == "Gather" and len(w.consumers) > 1:
+            gather = True
             continue
         idx = names.index(target)
         if node.op_type == "Conv":
@@ -87,7 +92,7 @@ def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
                 return LayerSpec(w.name, "linear", names[0]), ""
             return LayerSpec(w.name, "linear", names[1], transpose_input=True, weight_is_a=True), ""
         return None, f"{node.op_type} weight"
-    return None, "no consumer"
+    return None, "Gather weight" if gather else "no consumer"
 
 
 def to_rows(w: np.ndarray, info: WeightInfo) -> np.ndarray:

@@ -38,6 +38,16 @@ def insert_front(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
         graph.extend(nodes)
 
 
+def is_constant(value: ir.Value) -> bool:
+    """An initializer, or a Transpose / Cast of one (such as a tied LM head's ``Transpose(E)``):
+    a weight, never an activation."""
+    if value.is_initializer():
+        return True
+    node = value.producer()
+    return (node is not None and node.op_type in ("Transpose", "Cast") and is_onnx(node) and bool(node.inputs)
+            and node.inputs[0] is not None and node.inputs[0].is_initializer())
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """Every named value of the main graph: inputs, initializers and node outputs."""
     found: dict[str, ir.Value] = {}

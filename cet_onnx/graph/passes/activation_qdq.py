@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import FRONT, initializer, insert_front, is_onnx, values_by_name
+from cet_onnx.graph.passes._graph import FRONT, initializer, insert_front, is_constant, is_onnx, values_by_name
 from cet_onnx.graph.passes.fold_relu import foldable_relus
 from cet_onnx.graph.tensors import array_tensor, float_numpy
 from cet_onnx.quant.quantizer import ActivationParams
@@ -49,9 +49,10 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
                        activation_ops: Collection[str] = ACTIVATION_OPS) -> list[str]:
     """Float activation tensors that get Q/DQ, in graph order (after optional Relu folding).
 
-    They are the float non-initializer inputs of the ``activation_ops`` (only the data input
-    of Reshape / Resize / Clip / Squeeze / Unsqueeze, input and weight of Conv / ConvTranspose /
-    Gemm), and the first output of every Conv / ConvTranspose / Gemm / MatMul that is not a
+    They are the float inputs of the ``activation_ops`` that are not constant (only the data
+    input of Reshape / Resize / Clip / Squeeze / Unsqueeze, input and weight of Conv /
+    ConvTranspose / Gemm; an initializer, or a Transpose / Cast of one such as a tied LM head's
+    weight, is constant), and the first output of every Conv / ConvTranspose / Gemm / MatMul that is not a
     graph output (so that onnxruntime finds the output Q it needs to fuse them into
     QLinearConv / QLinearMatMul, whatever op follows). A tensor counts as float when its type
     (from the graph inputs, outputs or value_info) says so.
@@ -70,9 +71,10 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             data = node.inputs[:2]
         for value in data:
-            if value is not None and value.name and not value.is_initializer() and _is_float(value):
+            if value is not None and value.name and not is_constant(value) and _is_float(value):
                 seen.setdefault(value.name)
     return list(seen)
+
 
 
 class ActivationQDQPass(ir.passes.InPlacePass):

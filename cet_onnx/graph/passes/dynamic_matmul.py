@@ -7,7 +7,9 @@ Rules, for every default-domain ``MatMul(A, B)`` in graph order where
   ``block_size`` (MatMulInteger has no blocked form), and
 * ``A`` is a float32 tensor that is not an initializer,
 
-and for every ``Gemm(A, B, C)`` with ``transA`` 0 and ``alpha`` / ``beta`` 1 whose ``B`` is such
+or ``B`` is a 2-D ``Transpose`` of such a weight (a tied LM head; per row, ``axis`` 0: the
+codes are read through a new int8 ``<codes>_Transpose`` node, which onnxruntime folds at load,
+so the file keeps one copy), and for every ``Gemm(A, B, C)`` with ``transA`` 0 and ``alpha`` / ``beta`` 1 whose ``B`` is such
 a weight (``transB`` 0), or its transpose (``transB`` 1: per row, ``axis`` 0; the codes are
 stored transposed in a new initializer ``<codes>_transposed``), and whose ``C`` is absent or an
 initializer,
@@ -58,6 +60,14 @@ def int8_weight_dequantize(value: ir.Value | None, column_axis: int = 1) -> ir.N
     return dq
 
 
+def _matmul_weight(b: ir.Value | None) -> tuple[ir.Node | None, bool]:
+    """(weight DequantizeLinear, whether B is its transpose) of a MatMul's ``B``."""
+    t = b.producer() if b is not None else None
+    if t is not None and t.op_type == "Transpose" and is_onnx(t) and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        return int8_weight_dequantize(t.inputs[0], column_axis=0), True
+    return int8_weight_dequantize(b), False
+
+
 def _gemm_weight(node: ir.Node) -> tuple[ir.Node, bool] | None:
     """(weight DequantizeLinear, transB) of a Gemm the rules convert, or None."""
     attr = {k: v.value for k, v in node.attributes.items()}
@@ -90,14 +100,23 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type not in ("MatMul", "Gemm") or not is_onnx(node) or not _float_activation(node.inputs[0]):
                 continue
-            found = (int8_weight_dequantize(node.inputs[1]), False) if node.op_type == "MatMul" else _gemm_weight(node)
+            found = _matmul_weight(node.inputs[1]) if node.op_type == "MatMul" else _gemm_weight(node)
             if found is None or found[0] is None:
                 continue
             dq, trans_b = found
-            codes = _transposed(graph, names, dq.inputs[0]) if trans_b else dq.inputs[0]
+            pre: list[ir.Node] = []
+            if trans_b and node.op_type == "MatMul":
+                pre = [ir.node("Transpose", [dq.inputs[0]], {"perm": [1, 0]},
+                               name=names.node(f"{dq.inputs[0].name}_Transpose"))]
+                codes = pre[0].outputs[0]
+            else:
+                codes = _transposed(graph, names, dq.inputs[0]) if trans_b else dq.inputs[0]
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             self.converted.append(node.name or node.outputs[0].name)
-            replace_node(graph, node, self._dynamic(names, node, dq, codes, bias))
+            transpose = node.inputs[1].producer() if pre else None
+            replace_node(graph, node, pre + self._dynamic(names, node, dq, codes, bias))
+            if transpose is not None:
+                remove_if_unread(graph, transpose)
             old_codes = dq.inputs[0]
             if remove_if_unread(graph, dq) and not old_codes.uses():
                 graph.initializers.pop(old_codes.name)
