@@ -17,6 +17,7 @@ from cet_onnx.allocation.stage import allocate, measured_loss, sensitivity_repor
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
+from cet_onnx.graph.rewriter import transformer_rules
 from cet_onnx.emit import check, check_output_path, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
@@ -42,6 +43,9 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     with timer.stage("load"):
         model, inputs = load_graph(model_path, opts.run.simplify, opts.activations.requested_mode == "none")
     act_mode, act_mode_why = choose_act_mode(opts.activations.requested_mode, model.graph)
+    if act_mode == "static" and transformer_rules(model.graph):
+        act_mode_why += ("; a transformer graph: only weight MatMul / Gemm inputs are quantized, LayerNorm, "
+                         "Softmax, GELU and residual Add inputs stay float")
     with timer.stage("data"):
         data = read_samples(calib, inputs, opts.data, opts.run.seed)
     weights, skipped, values = load_weights(model, model_path)

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
+from cet_onnx.calibration.observe import collect_ranges
 from cet_onnx.cli import main
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.output_kind import output_kinds
@@ -76,15 +77,32 @@ def test_default_command_quantizes_a_masked_encoder_dynamically_and_keeps_its_em
 
 
 @pytest.mark.parametrize("mask", ["inf", "finfo"])
-def test_static_mode_leaves_mask_carrying_tensors_float_and_says_why(encoder, mask, tmp_path):
+def test_static_mode_on_an_encoder_quantizes_only_weight_matmul_inputs(encoder, mask, tmp_path):
     d, paths = encoder
-    report = _quantize(paths[mask], tmp_path / "q.onnx", d / "calib.npz", "--act-mode", "static")
-    left = report["activations_left_float"]
-    assert list(left) == ["additive_mask"]
-    assert ("-inf" in left["additive_mask"]) if mask == "inf" else ("sentinel" in left["additive_mask"])
-    assert report["activation_tensors"] > 0 and report["activation_mode"]["mode"] == "static"
-    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    out = tmp_path / "q.onnx"
+    report = _quantize(paths[mask], out, d / "calib.npz", "--act-mode", "static")
+    assert report["activation_mode"]["mode"] == "static" and "LayerNorm" in report["activation_mode"]["why"]
+    assert report["activation_tensors"] == 4   # x0 (q, k, v), ctx, x1, gelu
+    graph = ir.serde.deserialize_model(onnx.load(out)).graph
+    for node in graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0].producer() is not None \
+                and node.inputs[0].producer().op_type == "QuantizeLinear":
+            assert {u.node.op_type for u in node.outputs[0].uses()} <= {"MatMul", "Gemm"}
+    (o,) = report["verification"]["outputs"]
+    assert o["mean_cosine"] >= 0.99
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, encoder_feeds(4, seed=1))[0]).all()
+
+
+@pytest.mark.parametrize("mask", ["inf", "finfo"])
+def test_mask_carrying_tensors_get_no_range_and_say_why(encoder, mask):
+    _, paths = encoder
+    model = ir.serde.deserialize_model(onnx.load(paths[mask]))
+    left: dict[str, str] = {}
+    ranges = collect_ranges(model, ["additive_mask", "scores"], [encoder_feeds(8)], ["CPUExecutionProvider"],
+                            left_float=left)
+    assert list(ranges) == ["scores"] and list(left) == ["additive_mask"]
+    assert ("-inf" in left["additive_mask"]) if mask == "inf" else ("sentinel" in left["additive_mask"])
 
 
 def test_mixed_precision_on_an_encoder_uses_the_cosine_loss(encoder, tmp_path):

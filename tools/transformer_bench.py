@@ -7,7 +7,8 @@ the standard library's docstrings, 64 tokens each). Runs, each a fresh process t
 all with default settings (cet-onnx with an empty probe cache of its own, so ``--avg-bits 5``
 reuses the probes of ``--avg-bits 4``, as a user's second budget would):
 
-* ``cet-onnx quantize M -o OUT --calib CALIB`` (no mode flags), ``... --avg-bits 4`` and ``--avg-bits 5``;
+* ``cet-onnx quantize M -o OUT --calib CALIB`` (no mode flags), ``... --act-mode static``,
+  ``... --avg-bits 4`` and ``--avg-bits 5``;
 * onnxruntime ``quantize_dynamic``, ``quantize_static`` (INT8 QDQ, MinMax, per channel, after
   ``quant_pre_process``) and ``MatMulNBitsQuantizer`` (4 bits) — ``tools/ort_quantize.py``.
 
@@ -48,9 +49,11 @@ def runs(model: Path, calib: Path, work: Path) -> dict[str, list[str]]:
     """label → command writing ``work/<label>.onnx``."""
     ort_tool = [sys.executable, str(ROOT / "tools" / "ort_quantize.py"), str(model)]
     out = {label: str(work / f"{label}.onnx") for label in
-           ("cet-default", "cet-avg4", "cet-avg5", "ort-dynamic", "ort-static", "ort-nbits4")}
+           ("cet-default", "cet-static", "cet-avg4", "cet-avg5", "ort-dynamic", "ort-static", "ort-nbits4")}
     return {
         "cet-default": [*CET, "quantize", str(model), "-o", out["cet-default"], "--calib", str(calib), "--json"],
+        "cet-static": [*CET, "quantize", str(model), "-o", out["cet-static"], "--calib", str(calib),
+                       "--act-mode", "static", "--json"],
         **{f"cet-avg{b}": [*CET, "quantize", str(model), "-o", out[f"cet-avg{b}"], "--calib", str(calib),
                            "--avg-bits", str(b), "--json"] for b in (4, 5)},
         "ort-dynamic": [*ort_tool, "-o", out["ort-dynamic"], "--mode", "dynamic"],

@@ -2,7 +2,8 @@
 
 1. :class:`~.passes.upgrade_opset.UpgradeOpsetPass` — the opset the emitted types need
    (:func:`required_opset`), and the IR version with it;
-2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned;
+2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
+   under the transformer rule (:func:`transformer_rules`);
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
    DequantizeLinear, then :class:`~.passes.gather_rows.GatherRowsPass` — embedding tables are
    looked up before they are dequantized;
@@ -10,7 +11,8 @@
 5. :class:`~.passes.int32_bias.Int32BiasPass` — INT32 biases (before the activation pass, which
    renames the inputs it reads);
 6. :class:`~.passes.activation_qdq.ActivationQDQPass` — QuantizeLinear → DequantizeLinear on
-   the planned activations;
+   the planned activations (for a graph with attention or LayerNorm, only the inputs of
+   weight MatMuls / Gemms and of convolution parts: :func:`transformer_rules`);
 7. :class:`~.passes.dynamic_matmul.DynamicMatMulPass` — only in dynamic activation mode:
    INT8-weight MatMuls quantize their input at run time;
 8. :class:`~.passes.stable_sort.StableTopologicalSortPass` and
@@ -31,7 +33,8 @@ from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes import activation_qdq
 from cet_onnx.graph.passes._graph import values_by_name
-from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass
+from cet_onnx.graph.act_mode import transformer_evidence
+from cet_onnx.graph.passes.activation_qdq import TRANSFORMER_ACTIVATION_OPS, ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
@@ -57,9 +60,19 @@ def removable_relus(model: onnx.ModelProto | ir.Model) -> list[int]:
     return [i for i, node in enumerate(graph) if node in relus]
 
 
+def transformer_rules(graph: ir.Graph) -> bool:
+    """Whether static activations follow the transformer rule
+    (:data:`.activation_qdq.TRANSFORMER_ACTIVATION_OPS`): graphs with attention or LayerNorm."""
+    return transformer_evidence(graph) is not None
+
+
 def activation_tensors(model: onnx.ModelProto | ir.Model, remove_relus: bool) -> list[str]:
-    """Float activation tensors that get Q/DQ, in graph order (:func:`.activation_qdq.activation_tensors`)."""
-    return activation_qdq.activation_tensors(boundary.to_ir(model).graph, remove_relus, ACTIVATION_OPS)
+    """Float activation tensors that get Q/DQ, in graph order (:func:`.activation_qdq.activation_tensors`,
+    or :func:`.activation_qdq.transformer_activation_tensors` under :func:`transformer_rules`)."""
+    graph = boundary.to_ir(model).graph
+    if transformer_rules(graph):
+        return activation_qdq.transformer_activation_tensors(graph)
+    return activation_qdq.activation_tensors(graph, remove_relus, ACTIVATION_OPS)
 
 
 @dataclass
@@ -111,13 +124,15 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     target = max(opset_version(model), required_opset(qweights, act_bits),
                  _half_precision_opset(model, qweights, act_params))
     m = boundary.working_copy(model)
+    transformer = transformer_rules(m.graph)
     passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(target, source)]
-    if act_params and all(p.dtype.kind == "u" for p in act_params.values()):
+    if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
         passes.append(FoldReluPass())
     biases = Int32BiasPass(qweights, weights, act_params)
     dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
-               ActivationQDQPass(act_params, ACTIVATION_OPS), *([dynamic_pass] if dynamic else []),
+               ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS),
+               *([dynamic_pass] if dynamic else []),
                StableTopologicalSortPass(), DropValueInfoPass()]
     for p in passes:
         p(m)

@@ -13,7 +13,9 @@ Rules, for every tensor ``t`` of the plan (in plan order):
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
   graph input. This is the order the rewriter's stable topological sort always gave.
 
-:func:`activation_tensors` chooses the plan.
+:func:`activation_tensors` chooses the plan (the CNN rules), :func:`transformer_activation_tensors`
+the plan of a graph with attention or LayerNorm, whose pass then gets
+:data:`TRANSFORMER_ACTIVATION_OPS` as ``activation_ops``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ ACTIVATION_OPS = frozenset({
     "Squeeze", "Unsqueeze", "Resize",
 })
 WEIGHT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Static mode on a transformer graph: the ops whose inputs are quantized. LayerNorm, Softmax,
+#: GELU and residual Add inputs stay float (published practice: their ranges are wide or
+#: outlier-heavy), and so do the attention products (a MatMul of two activations) and every
+#: MatMul / Gemm output; a MatMul / Gemm gets Q/DQ on its activation only when its other
+#: operand is a weight. Convolution parts of a hybrid model keep their CNN rules.
+TRANSFORMER_ACTIVATION_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool",
+                                        "MatMul", "Gemm"})
+_MATMULS = ("MatMul", "Gemm")
 _FIRST_INPUT_ONLY = ("Reshape", "Resize", "Clip", "Squeeze", "Unsqueeze")
 
 
@@ -75,6 +85,20 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
                 seen.setdefault(value.name)
     return list(seen)
 
+
+
+def transformer_activation_tensors(graph: ir.Graph) -> list[str]:
+    """The plan of :data:`TRANSFORMER_ACTIVATION_OPS`: the CNN plan of the convolution parts
+    (without Relu folding: a folded Relu's output may have float readers), and the activation
+    input of every MatMul / Gemm whose other operand is a weight."""
+    cnn_ops = TRANSFORMER_ACTIVATION_OPS - set(_MATMULS)
+    seen = dict.fromkeys(activation_tensors(graph, False, cnn_ops))
+    for node in graph:
+        if node.op_type in _MATMULS and is_onnx(node) and len(node.inputs) >= 2 and node.inputs[1] is not None:
+            a = node.inputs[0]
+            if is_constant(node.inputs[1]) and a is not None and a.name and not is_constant(a) and _is_float(a):
+                seen.setdefault(a.name)
+    return list(seen)
 
 
 class ActivationQDQPass(ir.passes.InPlacePass):

@@ -2,7 +2,8 @@ import numpy as np
 from onnx import helper
 
 from cet_onnx.graph.passes._testing import make_model, node_named, ops, tensor_info
-from cet_onnx.graph.passes.activation_qdq import ActivationQDQPass, activation_tensors
+from cet_onnx.graph.passes.activation_qdq import (TRANSFORMER_ACTIVATION_OPS, ActivationQDQPass, activation_tensors,
+                                                 transformer_activation_tensors)
 from cet_onnx.quant.quantizer import activation_params
 
 W = np.ones((4, 4), np.float32)
@@ -49,3 +50,28 @@ def test_names_already_taken_get_a_suffix():
     ActivationQDQPass({"h": P})(m)
     q = next(n for n in m.graph if n.op_type == "QuantizeLinear")
     assert q.name == "h_QuantizeLinear_1" and q.inputs[1].name == "h_scale_1"
+
+
+def _hybrid():
+    """Conv → Relu → (flattened) x; x @ W1 → h; residual a = x + h; h @ hᵀ (an attention product); a tied-style
+    Transpose(W2) weight; everything float-typed."""
+    mk = helper.make_node
+    nodes = [mk("Conv", ["img", "K"], ["c"], name="conv"), mk("Relu", ["c"], ["r"], name="relu"),
+             mk("Reshape", ["r", "shape"], ["x"], name="flat"),
+             mk("MatMul", ["x", "W1"], ["h"], name="proj"), mk("Add", ["x", "h"], ["a"], name="residual"),
+             mk("Transpose", ["h"], ["ht"], name="t"), mk("MatMul", ["h", "ht"], ["s"], name="scores"),
+             mk("Transpose", ["W2"], ["w2t"], name="tied"), mk("MatMul", ["a", "w2t"], ["y"], name="head")]
+    return make_model(nodes, [tensor_info("img", [1, 1, 2, 2])], [tensor_info("y"), tensor_info("s")],
+                      {"K": np.ones((4, 1, 1, 1), np.float32), "shape": np.array([4, 4]), "W1": W, "W2": W},
+                      value_info=[tensor_info(t, [4, 4]) for t in ("x", "h", "a", "ht", "w2t")]
+                      + [tensor_info(t, [1, 4, 2, 2]) for t in ("c", "r")])
+
+
+def test_transformer_plan_keeps_residual_attention_and_matmul_outputs_float_and_the_conv_rules():
+    plan = transformer_activation_tensors(_hybrid().graph)
+    assert plan == ["c", "img", "x", "a"]   # conv output and input; the inputs of the weight MatMuls
+    m = _hybrid()
+    ActivationQDQPass(dict.fromkeys(plan, P), TRANSFORMER_ACTIVATION_OPS)(m)
+    assert node_named(m, "residual").inputs[0].name == "x"             # the residual Add reads float x
+    assert node_named(m, "proj").inputs[0].name == "x_DequantizeLinear_Output"
+    assert node_named(m, "head").inputs[1].name == "w2t"              # a Transpose of a weight is no activation
