@@ -380,6 +380,11 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         if a.get("pareto_png"):
             say(f"  Pareto front: {a['pareto_png']}")
     say("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
+    peaks = report.get("peak_rss_mb") or {}
+    if peaks:
+        top = max(peaks.values())
+        first = next(k for k, v in peaks.items() if v == top)
+        say(f"memory: peak RSS {top:,.0f} MB, reached by the end of '{first}'")
 
 
 @main.command()

@@ -109,6 +109,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     check_gates(report, min_sqnr, min_agreement)
     extra = pareto_files(report, model_path, out_path)
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
+    report["peak_rss_mb"] = dict(timer.peak_mb)
     extra[report_path(out_path).name] = report_bytes(report, opts.run.reproducible)
     save(emitted, out_path, extra)
     add_file_sizes(report, model_path, out_path)

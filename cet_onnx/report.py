@@ -22,7 +22,7 @@ from cet_onnx.quant.quantizer import QuantizedWeight
 
 #: fields that depend on the wall clock or on the probe cache (left out with ``--reproducible``)
 WALL_CLOCK_KEYS = frozenset({"timings_s", "probe_seconds", "forward_passes_per_second", "seconds", "file_bytes",
-                             "file_bytes_fp32", "probe_runs", "sensitivity_runs"})
+                             "file_bytes_fp32", "probe_runs", "sensitivity_runs", "peak_rss_mb"})
 
 
 def report_path(out: str | os.PathLike) -> Path:

@@ -45,6 +45,16 @@ def test_quantize_bundled_model_int8(digits_int8):
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
+def test_report_has_the_peak_memory_of_each_stage_and_the_summary_names_the_stage(tmp_path):
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", DIGITS / "calib.npz")
+    assert res.exit_code == 0, res.output
+    peaks = json.loads((tmp_path / "q.report.json").read_text())["peak_rss_mb"]
+    assert list(peaks)[:2] == ["load", "data"] and all(v > 10 for v in peaks.values())
+    assert list(peaks.values()) == sorted(peaks.values())          # a running peak never falls
+    top = max(peaks, key=lambda k: (peaks[k], -list(peaks).index(k)))
+    assert f"memory: peak RSS {peaks[top]:,.0f} MB, reached by the end of '{top}'" in res.output
+
+
 def test_evaluate_bundled_int8_agreement_and_accuracy(digits_int8):
     out, _ = digits_int8
     res = invoke("evaluate", DIGITS / "model.onnx", out, "--calib", DIGITS / "eval.npz",

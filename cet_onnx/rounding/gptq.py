@@ -20,46 +20,48 @@ from scipy.linalg import LinAlgError, cholesky
 from scipy.linalg.lapack import dtrtri
 
 
-def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU``, raising the damping until H is positive definite.
+def _inverse_cholesky_upper(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``(Hp + λI)⁻¹ = UᵀU`` for ``Hp = H[order][:, order]`` (the
+    ``dead`` columns, in ``Hp``'s order, get unit curvature), raising the damping until it is
+    positive definite; float32, the precision :func:`gptq_round` works in.
 
-    With ``J`` the reversal permutation and ``J(H + λI)J = RRᵀ`` (lower ``R``), ``U = J R⁻¹ J``:
-    one Cholesky and one triangular inverse, no full inverse (about 3x faster), and besides
-    ``h`` only one ``n × n`` array at a time (a layer with 8192 inputs has 512 MB Hessians).
+    With ``J`` the reversal permutation and ``J(Hp + λI)J = RRᵀ`` (lower ``R``), ``U = J R⁻¹ J``:
+    one Cholesky and one triangular inverse, no full inverse (about 3x faster). Besides ``h``
+    it holds one float64 ``n × n`` array (``J Hp J``, gathered from ``h`` in one copy) and the
+    float32 result: a layer with 8192 inputs has 512 MB float64 Hessians.
     """
     n = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h))) or 1.0
-    lam = damp * mean_diag
+    rev = order[::-1]
+    k = np.flatnonzero(dead[::-1])
     diag = np.arange(n)
+    mean_diag = float(np.where(dead, 1.0, np.diag(h)[order]).mean()) or 1.0
+    lam = damp * mean_diag
     for _ in range(8):
         try:
-            r = h[::-1, ::-1].copy()
+            r = np.asarray(h[np.ix_(rev, rev)], dtype=np.float64)   # J Hp J, a fresh copy per attempt
+            r[k, k] = 1.0
             r[diag, diag] += lam
             r = cholesky(r, lower=True, overwrite_a=True, check_finite=False)  # zeros above the diagonal
             r, info = dtrtri(r, lower=1, overwrite_c=1)
             if info != 0:
                 raise LinAlgError("singular Cholesky factor")
-            return np.ascontiguousarray(r[::-1, ::-1])
+            return r[::-1, ::-1].astype(np.float32)
         except (LinAlgError, np.linalg.LinAlgError):
             lam *= 10.0
     raise LinAlgError("Hessian is not positive definite even with heavy damping")
 
 
 def hessian_factor(h: np.ndarray, damp: float = 0.01, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(column order, upper Cholesky factor of the damped inverse Hessian in that order).
+    """(column order, upper Cholesky factor of the damped inverse Hessian in that order, float32).
 
-    Depends on ``H`` only, so one factor serves every format a weight is probed at.
+    Depends on ``H`` only, so one factor serves every format a weight is probed at. ``h`` is
+    not modified.
     """
-    h = np.asarray(h, dtype=np.float64)
-    d = np.diag(h).copy()
+    d = np.diag(h).astype(np.float64)
     dead = d <= 0
     d[dead] = 1.0                      # inputs that are always zero: unit curvature, any rounding is free
     perm = np.argsort(-d, kind="stable") if act_order else np.arange(h.shape[0])
-    hp = h[np.ix_(perm, perm)]         # a copy; ``h`` is not modified
-    del h
-    k = np.flatnonzero(dead[perm])
-    hp[k, k] = 1.0
-    return perm, _inverse_cholesky_upper(hp, damp)
+    return perm, _inverse_cholesky_upper(h, perm, dead[perm], damp)
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray | tuple[np.ndarray, np.ndarray], scale: np.ndarray,

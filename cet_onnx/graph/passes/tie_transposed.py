@@ -10,8 +10,8 @@ Rules:
 
 * candidates are pairs of distinct 2-D float initializers ``A [m, n]`` and ``B [n, m]`` (at
   least ``MIN_ELEMENTS`` elements, same data type) that are not graph inputs, with
-  ``B == Aᵀ`` exactly, element for element, and ``B`` read only as input 1 of MatMul / Gemm
-  nodes (the folded copy: ``A`` is the one a Gather or anything else reads);
+  ``B == Aᵀ`` exactly, element for element, ``A`` an embedding table (read by a Gather) and
+  ``B`` read only as input 1 of MatMul / Gemm nodes (the folded copy of a tied LM head);
 * ``B``'s uses all read ``Transpose(A, perm=[1, 0])`` instead, one node placed first in the
   graph; ``B`` is removed and its name moves to the Transpose output (so a graph output named
   ``B`` stays one);
@@ -49,11 +49,18 @@ def _only_matmul_weight(value: ir.Value) -> bool:
     return bool(uses) and all(u.node.op_type in ("MatMul", "Gemm") and u.idx == 1 for u in uses)
 
 
+def _embedding_table(value: ir.Value) -> bool:
+    return any(u.node.op_type == "Gather" and u.idx == 0 for u in value.uses())
+
+
 def transposed_pairs(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
-    """``(A, B)`` pairs of initializers with ``B == Aᵀ``, in initializer order of ``B``."""
+    """``(A, B)`` pairs of initializers with ``B == Aᵀ``, in initializer order of ``B``.
+
+    Only the tables of a Gather are compared, each with the MatMul weights of the transposed
+    shape: comparing reads both tensors (from disk, for a large model)."""
     values = _candidates(graph)
     by_shape: dict[tuple, list[ir.Value]] = {}
-    for v in values:
+    for v in filter(_embedding_table, values):
         by_shape.setdefault((v.const_value.dtype, tuple(v.const_value.shape)), []).append(v)
     pairs, tied = [], set()
     for b in filter(_only_matmul_weight, values):
