@@ -87,10 +87,22 @@ class QuantizedWeight:
     reduction_axis: int = 1  # axis blocks run along
 
     def dequantize(self) -> np.ndarray:
-        """Float32 weight that DequantizeLinear computes from these codes."""
-        shape = self.q.shape
-        zp = expand_scale(self.zero_point.astype(np.float32), shape, self.axis, self.block_size)
-        return (self.q.astype(np.float32) - zp) * expand_scale(self.scale, shape, self.axis, self.block_size)
+        """Float32 weight that DequantizeLinear computes from these codes, ``(q − zero_point) · scale``.
+
+        Computed in place in the one float32 result (blocks a slice at a time), so a weight
+        costs no more than its float32 bytes while it is dequantized."""
+        out = self.q.astype(np.float32)
+        zp = self.zero_point.astype(np.float32)
+        if self.axis is None or self.block_size is None:
+            out -= expand_scale(zp, out.shape, self.axis, None)
+            out *= expand_scale(self.scale, out.shape, self.axis, None)
+            return out
+        o, z, sc, b = np.moveaxis(out, self.axis, 0), np.moveaxis(zp, self.axis, 0), \
+            np.moveaxis(np.asarray(self.scale), self.axis, 0), self.block_size
+        for k in range(z.shape[0]):
+            o[k * b:(k + 1) * b] -= z[k]
+            o[k * b:(k + 1) * b] *= sc[k]
+        return out
 
     def nbytes(self) -> int:
         """Stored bytes: packed codes + float32 scales + zero points in the code's container."""
