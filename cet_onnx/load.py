@@ -35,7 +35,7 @@ def load_weights(model: ir.Model, model_path: str | os.PathLike
     weights, skipped = find_weights(model)
     if not weights:
         raise InputError(f"{model_path}: no quantizable weights (Conv, ConvTranspose, Gemm or MatMul "
-                         "with a float initializer weight)")
+                         "with a float initializer weight, or a Gather over a float table)")
     for name in subgraph_weights(model):
         skipped[name] = "inside an If/Loop/Scan subgraph (only main-graph weights are quantized)"
     for name, why in skipped.items():
