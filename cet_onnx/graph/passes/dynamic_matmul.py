@@ -7,12 +7,10 @@ Rules, for every default-domain ``MatMul(A, B)`` in graph order where
   ``block_size`` (MatMulInteger has no blocked form), and
 * ``A`` is a float32 tensor that is not an initializer,
 
-or ``B`` is a 2-D ``Transpose`` of such a weight (a tied LM head; per row, ``axis`` 0: the
-codes are read through a new int8 ``<codes>_Transpose`` node, which onnxruntime folds at load,
-so the file keeps one copy), and for every ``Gemm(A, B, C)`` with ``transA`` 0 and ``alpha`` / ``beta`` 1 whose ``B`` is such
-a weight (``transB`` 0), or its transpose (``transB`` 1: per row, ``axis`` 0; the codes are
-stored transposed in a new initializer ``<codes>_transposed``), and whose ``C`` is absent or an
-initializer,
+or ``B`` is a 2-D ``Transpose`` of such a weight (per row, ``axis`` 0), and for every
+``Gemm(A, B, C)`` with ``transA`` 0 and ``alpha`` / ``beta`` 1 whose ``B`` is such a weight
+(``transB`` 0), or its transpose (``transB`` 1: per row, ``axis`` 0), and whose ``C`` is absent
+or an initializer,
 
 the MatMul is replaced by the standard ONNX form that onnxruntime fuses into its dynamic
 quantized MatMul kernel (``MatMulIntegerToFloat``, then ``DynamicQuantizeMatMul``)::
@@ -21,7 +19,10 @@ quantized MatMul kernel (``MatMulIntegerToFloat``, then ``DynamicQuantizeMatMul`
     Y_int  = MatMulInteger(A_q, B_codes, A_zero, B_zero_point)
     Y      = Mul(Cast(Y_int, float), Mul(A_scale, B_scale))
 
-and a Gemm's ``C`` is added to ``Y`` (``<name>_Add``). Nodes reading the same ``A`` share one
+and a Gemm's ``C`` is added to ``Y`` (``<name>_Add``). Transposed weights give MatMulInteger
+their codes transposed: stored so in a new initializer ``<codes>_transposed`` when this node is
+their only reader, else (a table tied to a Gather, a weight of several nodes) read through an
+int8 ``<codes>_Transpose`` node, which onnxruntime folds at load, so the file keeps one copy. Nodes reading the same ``A`` share one
 DynamicQuantizeLinear (the first one's). ``Y`` keeps the node's output value (name,
 type and uses). A weight DequantizeLinear that no node reads any more is removed, and so are
 codes that no node reads. Nodes are named after the MatMul (``<name>_DynamicQuantizeLinear``,
@@ -104,16 +105,10 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
             if found is None or found[0] is None:
                 continue
             dq, trans_b = found
-            pre: list[ir.Node] = []
-            if trans_b and node.op_type == "MatMul":
-                pre = [ir.node("Transpose", [dq.inputs[0]], {"perm": [1, 0]},
-                               name=names.node(f"{dq.inputs[0].name}_Transpose"))]
-                codes = pre[0].outputs[0]
-            else:
-                codes = _transposed(graph, names, dq.inputs[0]) if trans_b else dq.inputs[0]
+            pre, codes = _transposed_codes(graph, names, dq) if trans_b else ([], dq.inputs[0])
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             self.converted.append(node.name or node.outputs[0].name)
-            transpose = node.inputs[1].producer() if pre else None
+            transpose = node.inputs[1].producer() if trans_b and node.op_type == "MatMul" else None
             replace_node(graph, node, pre + self._dynamic(names, node, dq, codes, bias))
             if transpose is not None:
                 remove_if_unread(graph, transpose)
@@ -146,8 +141,17 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
         return nodes
 
 
-def _transposed(graph: ir.Graph, names: UniqueNames, codes: ir.Value) -> ir.Value:
-    """A new initializer holding ``codes`` transposed (``[N, K]`` → ``[K, N]``)."""
-    q = codes.const_value.numpy().T
-    name = names.value(f"{codes.name}_transposed")
-    return initializer(graph, name, int_tensor(name, np.ascontiguousarray(q), 8))
+def _transposed_codes(graph: ir.Graph, names: UniqueNames, dq: ir.Node) -> tuple[list[ir.Node], ir.Value]:
+    """(nodes to insert, the codes of ``dq`` transposed, ``[N, K]`` → ``[K, N]``).
+
+    When this node is the codes' only reader, a new initializer ``<codes>_transposed`` holds
+    them transposed (the original is removed after). Codes read elsewhere too (a table tied
+    to a Gather, a weight of several MatMuls) go through an int8 ``<codes>_Transpose`` node,
+    which onnxruntime folds at load, so the file keeps one copy."""
+    codes = dq.inputs[0]
+    if len(codes.uses()) == 1 and len(dq.outputs[0].uses()) == 1:
+        name = names.value(f"{codes.name}_transposed")
+        q = np.ascontiguousarray(codes.const_value.numpy().T)
+        return [], initializer(graph, name, int_tensor(name, q, 8))
+    node = ir.node("Transpose", [codes], {"perm": [1, 0]}, name=names.node(f"{codes.name}_Transpose"))
+    return [node], node.outputs[0]

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx import helper
+from onnx import TensorProto, helper
 
 from cet_onnx.graph.passes._testing import make_model, ops, run, tensor_info
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
@@ -98,6 +98,23 @@ def test_gemm_with_an_int8_weight_and_bias_becomes_dynamic_with_an_add(trans_b):
     ref = _expected(x, type("Q", (), {"dequantize": lambda self: dq.T if trans_b else dq})()) + b
     np.testing.assert_allclose(run(m, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
     onnx.checker.check_model(ir.to_proto(m), full_check=True)
+
+
+def test_transposed_codes_shared_with_another_reader_are_read_through_a_transpose_not_copied():
+    w = RNG.normal(size=(N, K)).astype(np.float32)           # a table [rows, width], also gathered
+    m = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="head", transB=1),
+                    helper.make_node("Identity", ["W"], ["w_out"])],
+                   [tensor_info("x", [3, K])], [tensor_info("y", [3, N]), tensor_info("w_out", [N, K], TensorProto.INT8)], {"W": w},
+                   opset=21)
+    qw = quantize_weight(w, WeightFormat(8), 0, 1)
+    WeightQDQPass({"W": qw})(m)
+    m.graph.node(m.graph.num_nodes() - 1).replace_input_with(0, m.graph.initializers["W_quantized"])  # a second reader
+    assert DynamicMatMulPass()(m).modified
+    assert "W_quantized_transposed" not in m.graph.initializers and "Transpose" in ops(m)
+    x = RNG.normal(size=(3, K)).astype(np.float32)
+    dq = qw.dequantize()
+    ref = _expected(x, type("Q", (), {"dequantize": lambda self: dq.T})())
+    np.testing.assert_allclose(run(m, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_gemm_with_alpha_or_trans_a_is_left_alone():
