@@ -20,8 +20,8 @@ def peak_rss_mb() -> float | None:
 
 class Timer:
     """Seconds per named stage (a stage entered again adds to its total), and the process's peak
-    RSS when each stage last ended: the first stage whose figure equals the final peak is the one
-    that reached it."""
+    RSS when each stage last ended, in the order they last ended: the first stage whose figure
+    equals the final peak is the one that reached it."""
 
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
@@ -36,4 +36,5 @@ class Timer:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t0, 4)
             peak = peak_rss_mb()
             if peak is not None:
+                self.peak_mb.pop(name, None)   # keeps the order of the last ends
                 self.peak_mb[name] = peak
