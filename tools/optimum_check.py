@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
 import minilm_data  # noqa: E402
+import transformer_bench  # noqa: E402
 
 RESULTS = common.ROOT / "tools" / "results"
 CET = [sys.executable, "-c", "from cet_onnx.cli import main; main()"]
@@ -56,23 +57,16 @@ def hidden(path: Path, feeds: dict[str, np.ndarray], batch: int = 32) -> np.ndar
 
 
 def scores(ref: np.ndarray, test: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """:func:`transformer_bench.scores` of the masked mean-pooled vectors, and the cosine of each real token."""
     def pooled(h):
         m = mask[..., None].astype(np.float32)
-        p = (h * m).sum(1) / m.sum(1)
-        return p / np.linalg.norm(p, axis=1, keepdims=True)
+        return (h * m).sum(1) / m.sum(1)
 
-    a, b = pooled(ref), pooled(test)
-    cos = (a * b).sum(1)
-    real = mask == 1
-    tok = (ref * test).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(test, axis=-1)
-
-    def neighbours(x):
-        sim = x @ x.T
-        np.fill_diagonal(sim, -np.inf)
-        return sim.argmax(1)
-    return {"pooled_mean_cosine": float(cos.mean()), "pooled_min_cosine": float(cos.min()),
-            "token_mean_cosine": float(tok[real].mean()), "token_min_cosine": float(tok[real].min()),
-            "retrieval_agreement": float(np.mean(neighbours(a) == neighbours(b)))}
+    s = transformer_bench.scores(pooled(ref), pooled(test))
+    tok = ((ref * test).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(test, axis=-1))[mask == 1]
+    return {"pooled_mean_cosine": s["mean_cosine"], "pooled_min_cosine": s["min_cosine"],
+            "token_mean_cosine": float(tok.mean()), "token_min_cosine": float(tok.min()),
+            "retrieval_agreement": s["retrieval_agreement"]}
 
 
 def main() -> None:
