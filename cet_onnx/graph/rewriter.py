@@ -32,8 +32,8 @@ import onnx_ir as ir
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes import activation_qdq
-from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.graph.act_mode import transformer_evidence
+from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.graph.passes.activation_qdq import TRANSFORMER_ACTIVATION_OPS, ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass

@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from cet_onnx.graph import boundary
+from cet_onnx.graph.passes._graph import is_onnx
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -114,7 +115,7 @@ def _transposed_weight_uses(graph: ir.Graph) -> dict[ir.Node, tuple[str, str, tu
         if perm != [1, 0] or not uses or node.outputs[0].is_graph_output():
             continue
         axes = {weight_axes(u.node, u.idx, 2) if u.node.op_type in ("MatMul", "Gemm") and u.idx == 1
-                and u.node.domain in ("", "ai.onnx") else None for u in uses}
+                and is_onnx(u.node) else None for u in uses}
         if len(axes) == 1 and None not in axes:
             c, r = axes.pop()
             out[node] = (src.name, uses[0].node.op_type, (perm[c], perm[r]),

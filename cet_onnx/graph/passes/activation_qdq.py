@@ -86,7 +86,6 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
     return list(seen)
 
 
-
 def transformer_activation_tensors(graph: ir.Graph) -> list[str]:
     """The plan of :data:`TRANSFORMER_ACTIVATION_OPS`: the CNN plan of the convolution parts
     (without Relu folding: a folded Relu's output may have float readers), and the activation

@@ -4,8 +4,7 @@ Rule: each named tensor that is not yet a graph output is appended to the graph 
 the order given. A node output keeps the type and shape its value_info gave it, or is declared
 float32 of unknown shape when it has none; with ``typed=False`` it keeps only its element type
 and leaves the shape (and an unknown type: a half-precision model's tensors are not float32) to
-onnxruntime. A graph input keeps its own
-declaration.
+onnxruntime. A graph input keeps its own declaration.
 """
 
 from __future__ import annotations

@@ -91,10 +91,7 @@ class TieTransposedCopiesPass(ir.passes.InPlacePass):
                            name=names.node(f"{b.name}_Transpose"))
             out = node.outputs[0]
             out.type, out.shape = ir.TensorType(b.const_value.dtype), ir.Shape(b.const_value.shape)
-            if len(graph):
-                graph.insert_before(graph.node(0), node)
-            else:
-                graph.append(node)
+            graph.insert_before(graph.node(0), node)   # B has readers, so the graph has nodes
             take_over(b, out, graph)
             self.tied.append((a.name, b.name))
         return ir.passes.PassResult(model, modified=bool(self.tied))
