@@ -98,11 +98,11 @@ def build(cache_dir: Path = DEFAULT_CACHE, calib_n: int = 128, eval_n: int = 128
     if not model.is_file():
         export(folder, model)
     tok = AutoTokenizer.from_pretrained(str(folder))
-    rng = np.random.default_rng(seed)
     paths = {}
     texts = sentences(text_documents())
-    for split, n in (("calib", calib_n), ("eval", eval_n)):
-        path = cache_dir / f"minilm_{split}_n{n}_s{seed}.npz"
+    for index, (split, n) in enumerate((("calib", calib_n), ("eval", eval_n))):
+        rng = np.random.default_rng([seed, index])   # one stream per split: the eval set does not move with calib_n
+        path = cache_dir / f"minilm_{split}_n{n}_s{seed}_v2.npz"
         chosen = [texts[split][i] for i in sorted(rng.choice(len(texts[split]), n, replace=False))]
         if not path.is_file():
             enc = tok(chosen, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
