@@ -138,10 +138,6 @@ class Candidates:
     def available(self) -> np.ndarray:
         return np.isfinite(self.sizes)
 
-    def assignment(self, choice: Sequence[int]) -> dict[str, np.ndarray]:
-        """Fake-quantized float weights for a choice of format per weight (codes read one weight at a time)."""
-        return {w.name: self.quantize(i, int(j)).dequantize() for i, (w, j) in enumerate(zip(self.weights, choice))}
-
     def chosen(self, choice: Sequence[int]) -> dict[str, QuantizedWeight]:
         """The quantized weights of a choice of format per weight (what is emitted)."""
         return {w.name: self.quantize(i, int(j)) for i, (w, j) in enumerate(zip(self.weights, choice))}
@@ -364,7 +360,7 @@ def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Cand
             sol = solve_loss_budget(sens.costs, cand.sizes, target)
         except Infeasible:
             break
-        measured = session.loss(cand.assignment(sol.choice))
+        measured = session.assignment_loss(cand.chosen(sol.choice))
         history.append({"round": r, "predicted_budget": target, "predicted": session.base_loss + sol.cost,
                         "measured": measured, "bytes": sol.size})
         if measured <= budget.max_loss:
@@ -407,12 +403,12 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
 
     measured_at: dict[bytes, float] = {}   # an exchange often leads back to an assignment already measured
 
-    def record(choice: np.ndarray, step: str) -> tuple[float, dict[str, np.ndarray] | None]:
+    def record(choice: np.ndarray, step: str) -> tuple[float, dict[str, QuantizedWeight] | None]:
         key = choice.tobytes()
         if key in measured_at:
             return measured_at[key], None
-        assign = cand.assignment(choice)
-        measured_at[key] = measured = session.loss(assign)
+        assign = cand.chosen(choice)
+        measured_at[key] = measured = session.assignment_loss(assign)
         history.append({"step": step, "predicted": session.base_loss + float(sens.costs[idx, choice].sum()),
                         "measured": measured, "bytes": float(sizes[idx, choice].sum())})
         return measured, assign
@@ -423,8 +419,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         bar = Progress(len(cand.weights), f"closed loop {r + 1}/{rounds}: in-context costs", "weight")
         try:
             for i, w in enumerate(cand.weights):
-                # no name for the dict: it would keep this assignment's arrays alive past the next one
-                in_context = loss - session.loss({k: v for k, v in assign.items() if k != w.name})
+                in_context = loss - session.assignment_loss({k: v for k, v in assign.items() if k != w.name})
                 isolated = costs[i, sol.choice[i]]
                 if isolated > 0 and in_context > 0:
                     costs[i] = np.where(np.isfinite(costs[i]), costs[i] * np.clip(in_context / isolated, 0.1, 10.0),
@@ -436,7 +431,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         if np.array_equal(new.choice, sol.choice):
             break
         sol = new
-        assign = None   # one assignment in memory at a time (a large model's weights are as large)
+        assign = None   # one assignment's codes in memory at a time
         loss, assign = record(sol.choice, f"rescale {r + 1}")
         if assign is None:   # back at an assignment measured before: the corrections go round in a circle
             break
@@ -507,7 +502,7 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
             choice = np.array(choice)
             idx = np.arange(len(choice))
             predicted = session.base_loss + float(sens.costs[idx, choice].sum())
-            measured = session.loss(cand.assignment(choice))
+            measured = session.assignment_loss(cand.chosen(choice))
             rows.append({"bytes": float(cand.sizes[idx, choice].sum()), "predicted": predicted, "measured": measured})
             if corrected is not None:
                 rows[-1]["corrected"] = session.base_loss + float(corrected[idx, choice].sum())

@@ -37,10 +37,13 @@ import onnxruntime as ort
 
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.allocation.losses import is_probability, loss_value
-from cet_onnx.quant.quantizer import ActivationParams
+from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
+from cet_onnx.quant.sizes import stored_form
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
+from cet_onnx.graph.passes.dequantize_inputs import CodeForm, DequantizeInputsPass
 from cet_onnx.graph.passes.probe_graph import ProbeGraphPass
+from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
 from cet_onnx.graph.passes.weight_placeholders import WeightPlaceholdersPass
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.io.external_data import LazyValues
@@ -74,6 +77,21 @@ def constant_weights_model(deployed: Model, weights: Sequence[WeightInfo]) -> by
     m = boundary.working_copy(deployed)
     WeightPlaceholdersPass([w.name for w in weights])(m)
     return ir.to_proto(m).SerializeToString()
+
+
+def code_feeds(name: str, qw: QuantizedWeight) -> tuple[CodeForm, dict[str, np.ndarray]]:
+    """How weight ``name`` is fed as codes (see :class:`DequantizeInputsPass`), and the arrays to feed."""
+    q, scale, zp, axis, block, reshape = stored_form(qw)
+    q = np.ascontiguousarray(q)
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    zp = np.ascontiguousarray(zp, dtype=q.dtype)
+    form = CodeForm(q.dtype, tuple(q.shape), tuple(scale.shape), axis, block,
+                    tuple(qw.q.shape) if reshape else None)
+    return form, dict(zip(form.input_names(name), (q, scale, zp)))
+
+
+#: the opset of the graph that takes codes: DequantizeLinear's ``block_size`` needs 21
+CODES_OPSET = 21
 
 
 @dataclass
@@ -159,6 +177,7 @@ class ProbeSession:
         self._dtypes = {w.name: np.dtype(inits[w.name].dtype.numpy()) if w.name in inits else np.dtype(np.float32)
                         for w in self.weights}   # the rebuilt session takes each weight in its own type
         self._bound_model = pm
+        self._codes_model: ir.Model | None = None   # pm at CODES_OPSET, built on the first assignment_loss from disk
         self.session = None if self.rebuilt else self._bound_session()
         self.device = "cuda" if self.session is not None and \
             "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
@@ -245,6 +264,39 @@ class ProbeSession:
         """Loss of the model with ``overrides`` (name → float array) replacing the float weights."""
         test = self.outputs(overrides)
         return loss_value(self.loss_name, self.reference, test, self.labels, self.probabilities)
+
+    def assignment_loss(self, chosen: Mapping[str, QuantizedWeight]) -> float:
+        """Loss of the model with every weight in ``chosen`` quantized, the others float.
+
+        Weights in memory are dequantized and bound. Weights read from disk are fed as their
+        codes to a session that dequantizes them while it runs (:class:`DequantizeInputsPass`):
+        binding every weight's dequantized copy would hold a second copy of the model's weights.
+        """
+        if self.resident:
+            return self.loss({n: q.dequantize() for n, q in chosen.items()})
+        return loss_value(self.loss_name, self.reference, self._coded_outputs(chosen), self.labels,
+                          self.probabilities)
+
+    def _coded_outputs(self, chosen: Mapping[str, QuantizedWeight]) -> np.ndarray:
+        if self._codes_model is None:
+            self._codes_model = boundary.working_copy(self._bound_model)
+            UpgradeOpsetPass(max(CODES_OPSET, opset_version(self._codes_model)), "probe graph")(self._codes_model)
+        forms, fed = {}, {}
+        for name, qw in chosen.items():
+            forms[name], arrays = code_feeds(name, qw)
+            fed.update(arrays)
+        fed.update({w.name: self.values[w.name] for w in self.weights if w.name not in chosen})
+        m = boundary.working_copy(self._codes_model)
+        DequantizeInputsPass(forms)(m)
+        session = make_session(m, self.providers, threads=self.threads)
+        try:
+            parts = []
+            for feed in self.batches:
+                parts.append(session.run([self.loss_output], {**feed, **fed})[0])
+                self.runs += 1
+        except Exception as exc:
+            raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
+        return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
 
     def probe(self, name: str, quantized: np.ndarray, fmt_label: str) -> ProbeResult:
         """Both finite differences along ``δ = quantized − w``."""

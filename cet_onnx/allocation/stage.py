@@ -267,4 +267,4 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
 
 def measured_loss(session: ProbeSession, qweights: dict[str, QuantizedWeight]) -> float:
     """The loss of exactly the weights that are emitted (sequential rounding included)."""
-    return session.loss({n: q.dequantize() for n, q in qweights.items()})
+    return session.assignment_loss(qweights)
