@@ -318,12 +318,15 @@ def _fmt_sqnr(v) -> str:
 
 
 def _output_metric(o: dict) -> str:
-    """", top-1 agreement ..." for logits, ", cosine ..." for embeddings, "" for other outputs."""
+    """", top-1 agreement ..." for logits, ", cosine ..." for embeddings, "" for other outputs; and for a
+    token-level output how many positions counted."""
+    p = o.get("positions")
+    tokens = f" over {p['counted']:,} of {p['of']:,} positions (the tokens of '{p['mask']}')" if p else ""
     if o.get("top1_agreement") is not None:
-        return f", top-1 agreement {100 * o['top1_agreement']:.2f} %"
+        return f", top-1 agreement {100 * o['top1_agreement']:.2f} %{tokens}"
     if o.get("mean_cosine") is not None:
-        return f", cosine to float: mean {o['mean_cosine']:.5f}, worst {o['min_cosine']:.5f} ({o['kind']})"
-    return ""
+        return f", cosine to float: mean {o['mean_cosine']:.5f}, worst {o['min_cosine']:.5f} ({o['kind']}){tokens}"
+    return tokens
 
 
 def _say_activations(say: Callable, report: dict) -> None:

@@ -33,7 +33,7 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
     c = compare_models(fp32, quant, batches, providers, latency_repeats=repeats)
     result: dict[str, Any] = {
         "samples": len(samples),
-        "outputs": [m.as_dict() for m in c.metrics],
+        "outputs": [{**m.as_dict(), "positions": c.positions.get(m.name)} for m in c.metrics],
         "file_bytes": {"fp32": model_file_bytes(Path(fp32_path)), "quantized": model_file_bytes(Path(quant_path))},
     }
     if label_arr is not None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.allocation.losses import cosine_similarity
+from cet_onnx.calibration import padding
 from cet_onnx.graph.output_kind import output_kinds
 from cet_onnx.runner import concat_outputs, make_session, run_batches
 
@@ -62,13 +63,15 @@ def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def compare_outputs(names: Sequence[str], ref: Sequence[np.ndarray], test: Sequence[np.ndarray],
-                    kinds: dict[str, str] | None = None) -> list[OutputMetrics]:
+                    kinds: dict[str, str] | None = None, mask: np.ndarray | None = None) -> list[OutputMetrics]:
     """Metrics for every output pair; ``kinds``: output name → kind (without one, classifier-like
-    outputs count as logits)."""
+    outputs count as logits). ``mask``: the inputs' attention mask; a token-level output counts
+    its real tokens only (:mod:`cet_onnx.calibration.padding`)."""
     result = []
     for name, r, t in zip(names, ref, test):
-        r = np.asarray(r)
-        t = np.asarray(t)
+        positions = padding.real_positions(mask, r)
+        r = np.asarray(padding.select(r, positions))
+        t = np.asarray(padding.select(t, positions))
         if r.dtype.kind != "f":
             same = float(np.mean(r == t)) if r.size else 1.0
             result.append(OutputMetrics(name, float("inf") if same == 1.0 else float("nan"), 0.0 if same == 1.0 else float("nan"), None))
@@ -113,6 +116,7 @@ class Comparison:
     test: list[np.ndarray]
     metrics: list[OutputMetrics]
     latency_ms: dict[str, Any] = field(default_factory=dict)
+    positions: dict[str, Any] = field(default_factory=dict)   # output → counted positions (token-level outputs)
 
     def accuracy(self, labels: np.ndarray) -> dict[str, float]:
         """Top-1 accuracy of the first output of both models."""
@@ -140,7 +144,9 @@ def compare_models(model: ir.Model, qmodel: ir.Model, batches: list, providers: 
     if latency_repeats:
         latency["quantized"] = median_latency_ms(q_sess, batches[0], latency_repeats)
     del q_sess
-    return Comparison(names, ref, test, compare_outputs(names, ref, test, output_kinds(model.graph)), latency)
+    mask = padding.batch_mask(batches)
+    return Comparison(names, ref, test, compare_outputs(names, ref, test, output_kinds(model.graph), mask), latency,
+                      {n: padding.counted(padding.real_positions(mask, r)) for n, r in zip(names, ref)})
 
 
 def verify(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence[str],
@@ -154,7 +160,7 @@ def verify(model: ir.Model, qmodel: ir.Model, batches: list, providers: Sequence
     cosines = [m.mean_cosine for m in c.metrics if m.mean_cosine is not None]
     out: dict[str, Any] = {
         "samples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
-        "outputs": [m.as_dict() for m in c.metrics],
+        "outputs": [{**m.as_dict(), "positions": c.positions.get(m.name)} for m in c.metrics],
         "min_sqnr_db": min(sqnrs) if sqnrs else None,
         "min_top1_agreement": min(agrees) if agrees else None,
         "min_mean_cosine": min(cosines) if cosines else None,

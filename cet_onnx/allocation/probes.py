@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from cet_onnx.calibration import padding
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.allocation.losses import is_probability, loss_value
 from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
@@ -133,7 +134,8 @@ class ProbeSession:
 
     ``reference`` are the float model's outputs on the same batches (computed here when not
     given); the loss compares the probe model's output ``loss_output`` against them (or against
-    ``labels`` for ``ce``).
+    ``labels`` for ``ce``), on the real tokens only when it is a token-level output of a model
+    with an attention mask (:mod:`cet_onnx.calibration.padding`).
 
     Weights read lazily from disk (a :class:`~cet_onnx.io.external_data.LazyValues`) are bound
     afresh for every evaluation and released after it, so the session never holds more than one
@@ -156,6 +158,9 @@ class ProbeSession:
         self.reference = (float_outputs(model, batches, loss_output, providers, threads)
                           if reference is None else reference)
         self.probabilities = is_probability(self.reference)
+        self.positions = padding.real_positions(padding.batch_mask(batches), self.reference)
+        self._scored_reference = padding.select(self.reference, self.positions)
+        self._scored_labels = padding.select(labels, self.positions)
         self.threads = threads
         self.batches = list(batches)
         self.runs = 0
@@ -262,8 +267,12 @@ class ProbeSession:
 
     def loss(self, overrides: dict[str, np.ndarray] | None = None) -> float:
         """Loss of the model with ``overrides`` (name → float array) replacing the float weights."""
-        test = self.outputs(overrides)
-        return loss_value(self.loss_name, self.reference, test, self.labels, self.probabilities)
+        return self._score(self.outputs(overrides))
+
+    def _score(self, test: np.ndarray) -> float:
+        """The loss of outputs ``test`` (real tokens only, see :mod:`cet_onnx.calibration.padding`)."""
+        return loss_value(self.loss_name, self._scored_reference, padding.select(test, self.positions),
+                          self._scored_labels, self.probabilities)
 
     def assignment_loss(self, chosen: Mapping[str, QuantizedWeight]) -> float:
         """Loss of the model with every weight in ``chosen`` quantized, the others float.
@@ -274,8 +283,7 @@ class ProbeSession:
         """
         if self.resident:
             return self.loss({n: q.dequantize() for n, q in chosen.items()})
-        return loss_value(self.loss_name, self.reference, self._coded_outputs(chosen), self.labels,
-                          self.probabilities)
+        return self._score(self._coded_outputs(chosen))
 
     def _coded_outputs(self, chosen: Mapping[str, QuantizedWeight]) -> np.ndarray:
         if self._codes_model is None:

@@ -20,6 +20,7 @@ from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
 from cet_onnx.allocation.solver import pareto_front
+from cet_onnx.calibration import padding
 from cet_onnx.calibration.data import batched
 from cet_onnx.errors import InputError
 from cet_onnx.io import external_data
@@ -68,7 +69,8 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
                            reference=reference)
     info = {"loss": loss, "loss_output": out, "output_kind": kind, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": a.probe_numerics, "probes": a.probes,
-            "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics)}
+            "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics),
+            "loss_positions": padding.counted(session.positions)}
     return session, info
 
 

@@ -1,0 +1,59 @@
+"""Which positions of a token-level output hold real tokens: where the ``attention_mask`` input is not 0.
+
+Transformer exports take an ``attention_mask`` ``[batch, sequence]`` (1: a token, 0: padding).
+An output ``[batch, sequence, ...]`` (``last_hidden_state``, per-token logits) has vectors at
+the padded positions too; nothing downstream reads them, but a mean over positions counts
+them: in the MiniLM calibration set of ``tools/minilm_data.py`` 55 % of the positions are
+padding. The probes' loss and the verification metrics count only the real positions.
+
+Pure functions over arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+#: input names read as an attention mask (the Hugging Face convention)
+MASK_INPUTS = ("attention_mask",)
+
+
+def mask_input(names: Iterable[str]) -> str | None:
+    """The model input that is an attention mask, if any."""
+    return next((n for n in names if n in MASK_INPUTS), None)
+
+
+def batch_mask(batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray | None:
+    """The attention mask over all ``batches`` (concatenated), or None when they have none or it is not 2-D."""
+    name = mask_input(batches[0]) if batches else None
+    if name is None or any(np.ndim(b[name]) != 2 for b in batches):
+        return None
+    widths = {np.shape(b[name])[1] for b in batches}
+    return np.concatenate([np.asarray(b[name]) for b in batches]) if len(widths) == 1 else None
+
+
+def real_positions(mask: np.ndarray | None, output: np.ndarray) -> np.ndarray | None:
+    """Boolean ``[batch, sequence]``: the positions of ``output`` that hold tokens.
+
+    None (count every position) unless ``output`` is token-level for this mask: at least 3-D,
+    its first two axes the mask's shape, and at least one position a token.
+    """
+    if mask is None or np.ndim(output) < 3 or tuple(np.shape(output)[:2]) != mask.shape:
+        return None
+    real = np.asarray(mask) != 0
+    return real if real.any() else None
+
+
+def select(x: np.ndarray | None, positions: np.ndarray | None) -> np.ndarray | None:
+    """``x`` at the real ``positions`` (``[count, ...]``); ``x`` itself when there is no mask or shapes differ."""
+    if x is None or positions is None or tuple(np.shape(x)[:2]) != positions.shape:
+        return x
+    return np.asarray(x)[positions]
+
+
+def counted(positions: np.ndarray | None) -> dict[str, int | str] | None:
+    """For the report: how many positions a token-level metric counted, of how many (None: every position)."""
+    if positions is None:
+        return None
+    return {"mask": MASK_INPUTS[0], "counted": int(positions.sum()), "of": int(positions.size)}
