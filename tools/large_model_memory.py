@@ -82,7 +82,7 @@ def measure(folder: Path, configs: list[str], gb: float) -> dict:
             row.update({"file_bytes": model_file_bytes(out), "avg_bits": report["totals"]["avg_bits"],
                         "min_sqnr_db": report["verification"]["min_sqnr_db"],
                         "top1_agreement": report["verification"]["min_top1_agreement"],
-                        "stages_s": report["timings_s"]})
+                        "stages_s": report["timings_s"], "stages_peak_rss_mb": report.get("peak_rss_mb")})
             for p in out.parent.glob(f"{out.stem}*"):
                 p.unlink()
         rows.append(row)
@@ -107,6 +107,12 @@ def write_md(result: dict, path: Path) -> None:
         lines.append(f"| {name} | {r['peak_rss_mb']:.0f} | {r['peak_rss_over_weight_bytes']:.2f} | "
                      f"{fmt('peak_rss_over_ort_run', '.2f')} | {r['wall_s']:.0f} | {fmt('file_bytes', ',')} | "
                      f"{fmt('avg_bits', '.2f')} | {fmt('min_sqnr_db', '.2f')} | {fmt('top1_agreement', '.4f')} |")
+    stages = [(r, r.get("stages_peak_rss_mb")) for r in result["rows"] if r.get("stages_peak_rss_mb")]
+    if stages:
+        lines += ["", "Running peak RSS (MB, × weight bytes) at the end of each stage (the report's `peak_rss_mb`):", ""]
+        for r, peaks in stages:
+            per = ", ".join(f"{k} {v:.0f} ({v * 1e6 / result['weight_bytes']:.2f}×)" for k, v in peaks.items())
+            lines.append(f"- {r['config']}: {per}")
     path.write_text("\n".join(lines) + "\n")
 
 
