@@ -40,6 +40,7 @@ from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
 from cet_onnx.graph.passes.gather_rows import GatherRowsPass
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass
+from cet_onnx.graph.passes.half_bias_add import HalfBiasAddPass
 from cet_onnx.graph.passes.int32_bias import Int32BiasPass
 from cet_onnx.graph.passes.stable_sort import StableTopologicalSortPass
 from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
@@ -131,6 +132,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     biases = Int32BiasPass(qweights, weights, act_params)
     dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
+               HalfBiasAddPass(qweights, act_params),
                ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS),
                *([dynamic_pass] if dynamic else []),
                StableTopologicalSortPass(), DropValueInfoPass()]

@@ -8,7 +8,8 @@ Rules, for every tensor ``t`` of the plan (in plan order):
 * the consumers in ``activation_ops`` (default domain) read ``t_DequantizeLinear_Output``
   instead of ``t``; other consumers keep reading the float ``t``, except that the first output
   of a Conv / ConvTranspose / Gemm / MatMul is read dequantized by every consumer. Graph
-  outputs stay float;
+  outputs stay float (also when a Cast makes them the graph output: a half-precision model with
+  float32 outputs);
 * the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
   graph input. This is the order the rewriter's stable topological sort always gave.
@@ -55,6 +56,14 @@ def _is_float(value: ir.Value) -> bool:
         ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
+def _is_model_output(value: ir.Value) -> bool:
+    """A graph output, or read only by Casts that are (a half-precision model's float32 outputs, ``keep_io_types``)."""
+    if value.is_graph_output():
+        return True
+    readers = [node for node, _ in value.uses()]
+    return bool(readers) and all(n.op_type == "Cast" and n.outputs[0].is_graph_output() for n in readers)
+
+
 def activation_tensors(graph: ir.Graph, remove_relus: bool,
                        activation_ops: Collection[str] = ACTIVATION_OPS) -> list[str]:
     """Float activation tensors that get Q/DQ, in graph order (after optional Relu folding).
@@ -63,7 +72,7 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
     input of Reshape / Resize / Clip / Squeeze / Unsqueeze, input and weight of Conv /
     ConvTranspose / Gemm; an initializer, or a Transpose / Cast of one such as a tied LM head's
     weight, is constant), and the first output of every Conv / ConvTranspose / Gemm / MatMul that is not a
-    graph output (so that onnxruntime finds the output Q it needs to fuse them into
+    graph output, directly or through a Cast (so that onnxruntime finds the output Q it needs to fuse them into
     QLinearConv / QLinearMatMul, whatever op follows). A tensor counts as float when its type
     (from the graph inputs, outputs or value_info) says so.
     """
@@ -75,7 +84,7 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
             continue
         if node.op_type in WEIGHT_OUTPUT_OPS:
             out = relu_out.get(node.outputs[0], node.outputs[0])
-            if not out.is_graph_output() and _is_float(out):
+            if not _is_model_output(out) and _is_float(out):
                 seen.setdefault(out.name)
         data = node.inputs[:1] if node.op_type in _FIRST_INPUT_ONLY else node.inputs
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):

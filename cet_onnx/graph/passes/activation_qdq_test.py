@@ -22,6 +22,15 @@ def test_plan_has_quantized_op_inputs_and_weight_op_outputs_but_no_graph_outputs
     assert activation_tensors(_model().graph, True) == ["h", "x", "n", "a"]   # a weight op output comes before its inputs
 
 
+def test_a_weight_op_output_cast_to_the_graph_output_stays_float():
+    # a half-precision model with float32 outputs (keep_io_types): the Cast's output is the model's
+    half = helper.TensorProto.FLOAT16
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Cast", ["h"], ["y"], to=helper.TensorProto.FLOAT)]
+    m = make_model(nodes, [tensor_info("x", [1, 4], half)], [tensor_info("y", [1, 4])], {"W": W.astype(np.float16)},
+                   value_info=[tensor_info("h", [1, 4], half)])
+    assert activation_tensors(m.graph, True) == ["x"]
+
+
 def test_pair_names_and_placement_after_the_producer():
     m = _model()
     ActivationQDQPass({"x": P, "h": P})(m)
