@@ -91,6 +91,11 @@ def code_feeds(name: str, qw: QuantizedWeight) -> tuple[CodeForm, dict[str, np.n
     return form, dict(zip(form.input_names(name), (q, scale, zp)))
 
 
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-batch outputs as one array (scalars stacked)."""
+    return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
+
+
 #: the opset of the graph that takes codes: DequantizeLinear's ``block_size`` needs 21
 CODES_OPSET = 21
 
@@ -221,7 +226,18 @@ class ProbeSession:
     def outputs(self, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The loss output over all batches with ``overrides`` in place of the float weights."""
         parts = self._rebuilt_outputs(overrides or {}) if self.rebuilt else self._bound_outputs(overrides or {})
-        return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
+        return _joined(parts)
+
+    def _run_batches(self, session: ort.InferenceSession, fed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The loss output of every batch in a session of its own, with ``fed`` beside each batch's inputs."""
+        try:
+            parts = []
+            for feed in self.batches:
+                parts.append(session.run([self.loss_output], {**feed, **fed})[0])
+                self.runs += 1
+        except Exception as exc:
+            raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
+        return parts
 
     def _rebuilt_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = [w.name for w in self.weights]
@@ -231,13 +247,9 @@ class ProbeSession:
         opts.add_external_initializers(names, keep)
         try:
             session = ort.InferenceSession(self._template, opts, providers=self.providers)
-            parts = []
-            for feed in self.batches:
-                parts.append(session.run([self.loss_output], feed)[0])
-                self.runs += 1
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
-        return parts
+        return self._run_batches(session, {})
 
     def _bound_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         bound = overrides if self.resident else {
@@ -296,15 +308,7 @@ class ProbeSession:
         fed.update({w.name: self.values[w.name] for w in self.weights if w.name not in chosen})
         m = boundary.working_copy(self._codes_model)
         DequantizeInputsPass(forms)(m)
-        session = make_session(m, self.providers, threads=self.threads)
-        try:
-            parts = []
-            for feed in self.batches:
-                parts.append(session.run([self.loss_output], {**feed, **fed})[0])
-                self.runs += 1
-        except Exception as exc:
-            raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
-        return np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
+        return _joined(self._run_batches(make_session(m, self.providers, threads=self.threads), fed))
 
     def probe(self, name: str, quantized: np.ndarray, fmt_label: str) -> ProbeResult:
         """Both finite differences along ``δ = quantized − w``."""

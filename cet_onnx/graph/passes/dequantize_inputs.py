@@ -14,7 +14,8 @@ graph input (as :class:`~cet_onnx.graph.passes.probe_graph.ProbeGraphPass` leave
 * ``W_DequantizeLinear`` computes the weight (``axis`` when the scale has one, ``block_size``
   for blocked scales); for a kernel whose codes are stored flattened (INT2 convolutions, see
   :func:`cet_onnx.quant.sizes.stored_form`) ``W_Reshape`` restores its shape from the int64
-  initializer ``W_shape``. The result takes ``W``'s place, so its readers are untouched, and
+  initializer ``W_shape`` (the nodes of :func:`~.weight_qdq.dequantize_nodes`; names already
+  taken get a numeric suffix). The result takes ``W``'s place, so its readers are untouched, and
   ``W`` stops being a graph input;
 * a name that is not a graph input is an error. Blocked scales need opset 21: the caller
   imports it.
@@ -34,8 +35,9 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from cet_onnx.graph.passes._graph import initializer, insert_front, take_over
-from cet_onnx.graph.tensors import array_tensor
+from cet_onnx.graph.names import UniqueNames
+from cet_onnx.graph.passes._graph import insert_front, take_over
+from cet_onnx.graph.passes.weight_qdq import dequantize_nodes
 
 
 @dataclass(frozen=True)
@@ -63,31 +65,23 @@ class DequantizeInputsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        names = UniqueNames(graph)
         inputs = {v.name: v for v in graph.inputs}
         for name, form in self.forms.items():
             if name not in inputs:
                 raise ValueError(f"'{name}' is not a graph input")
-            insert_front(graph, self._dequantize(graph, inputs[name], form))
+            insert_front(graph, self._dequantize(graph, names, inputs[name], form))
         return ir.passes.PassResult(model, modified=bool(self.forms))
 
     @staticmethod
-    def _dequantize(graph: ir.Graph, weight: ir.Value, form: CodeForm) -> list[ir.Node]:
+    def _dequantize(graph: ir.Graph, names: UniqueNames, weight: ir.Value, form: CodeForm) -> list[ir.Node]:
         code_type = ir.DataType.from_numpy(np.dtype(form.codes_dtype))
         shapes = (form.codes_shape, form.scale_shape, form.scale_shape)
         types = (code_type, ir.DataType.FLOAT, code_type)
         fed = [ir.Value(name=n, type=ir.TensorType(t), shape=ir.Shape(s))
                for n, t, s in zip(form.input_names(weight.name), types, shapes)]
         graph.inputs.extend(fed)
-        attrs = {k: int(v) for k, v in (("axis", form.axis), ("block_size", form.block_size)) if v is not None}
-        dq = ir.node("DequantizeLinear", fed, attrs, name=f"{weight.name}_DequantizeLinear")
-        nodes = [dq]
-        out = dq.outputs[0]
-        out.dtype = ir.DataType.FLOAT
-        if form.reshape_to is not None:
-            shape_name = f"{weight.name}_shape"
-            shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(form.reshape_to, np.int64)))
-            nodes.append(ir.node("Reshape", [out, shape], name=f"{weight.name}_Reshape"))
-            out = nodes[-1].outputs[0]
-            out.dtype = ir.DataType.FLOAT
+        nodes, out = dequantize_nodes(graph, names, weight.name, fed, ir.DataType.FLOAT, form.axis, form.block_size,
+                                      form.reshape_to)
         take_over(weight, out, graph)
         return nodes

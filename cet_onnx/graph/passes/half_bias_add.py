@@ -16,13 +16,14 @@ to its output, whose readers read the sum. ``b`` itself is left to any other rea
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Collection, Mapping
 
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import initializer
 from cet_onnx.graph.tensors import array_tensor
+from cet_onnx.quant.quantizer import QuantizedWeight
 
 _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -30,9 +31,9 @@ _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 class HalfBiasAddPass(ir.passes.InPlacePass):
     """Moves the biases the module docstring describes into ``Add`` nodes."""
 
-    def __init__(self, quantized_weights: Collection[str], planned_activations: Collection[str]) -> None:
+    def __init__(self, qweights: Mapping[str, QuantizedWeight], planned_activations: Collection[str]) -> None:
         super().__init__()
-        self.weights = set(quantized_weights)
+        self.qweights = qweights
         self.activations = set(planned_activations)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -44,7 +45,7 @@ class HalfBiasAddPass(ir.passes.InPlacePass):
             if b is None:
                 continue
             tensor = b.const_value.numpy()
-            kernel_rank = len(node.inputs[1].shape) if node.inputs[1].shape is not None else 4
+            kernel_rank = self.qweights[node.inputs[1].name].q.ndim   # the DequantizeLinear output may have no shape
             fresh = names.value(f"{b.name}_broadcast")
             shaped = initializer(graph, fresh, array_tensor(fresh, tensor.reshape(-1, *[1] * (kernel_rank - 2))))
             node.replace_input_with(2, None)
@@ -63,7 +64,7 @@ class HalfBiasAddPass(ir.passes.InPlacePass):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
             return None
         x, w, b = node.inputs[:3]
-        if x is None or w is None or b is None or x.name not in self.activations or w.name not in self.weights:
+        if x is None or w is None or b is None or x.name not in self.activations or w.name not in self.qweights:
             return None
         if not b.is_initializer() or b.const_value is None or b.dtype not in _HALF or len(b.const_value.shape) != 1:
             return None

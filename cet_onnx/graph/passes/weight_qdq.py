@@ -57,21 +57,28 @@ class WeightQDQPass(ir.passes.InPlacePass):
                                ("zero_point", lambda n: int_tensor(n, zp, qw.fmt.bits))):
             fresh = names.value(f"{name}_{suffix}")
             inputs.append(initializer(graph, fresh, tensor(fresh)))
-        attrs = {}
-        if axis is not None:
-            attrs["axis"] = int(axis)
-        if block is not None:
-            attrs["block_size"] = int(block)
-        dq = ir.node("DequantizeLinear", inputs, attrs, name=names.node(f"{name}_DequantizeLinear"))
-        nodes = [dq]
-        out = dq.outputs[0]
-        out.dtype = dtype
-        if reshape:
-            out.name = names.value(f"{name}_dequantized_2d")
-            shape_name = names.value(f"{name}_shape")
-            shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(qw.q.shape, np.int64)))
-            nodes.append(ir.node("Reshape", [out, shape], name=names.node(f"{name}_Reshape")))
-            out = nodes[-1].outputs[0]
-            out.dtype = dtype
+        nodes, out = dequantize_nodes(graph, names, name, inputs, dtype, axis, block,
+                                      tuple(qw.q.shape) if reshape else None)
         take_over(graph.initializers[name], out, graph)
         return nodes
+
+
+def dequantize_nodes(graph: ir.Graph, names: UniqueNames, name: str, inputs: list[ir.Value], dtype: ir.DataType,
+                     axis: int | None, block: int | None,
+                     reshape_to: tuple[int, ...] | None) -> tuple[list[ir.Node], ir.Value]:
+    """``name_DequantizeLinear`` of ``inputs`` (codes, scale, zero point) with ``axis`` / ``block_size``,
+    then, for codes stored flattened, ``name_Reshape`` back to ``reshape_to`` (int64 initializer
+    ``name_shape``); the nodes and the value that computes weight ``name`` (type ``dtype``)."""
+    attrs = {k: int(v) for k, v in (("axis", axis), ("block_size", block)) if v is not None}
+    dq = ir.node("DequantizeLinear", inputs, attrs, name=names.node(f"{name}_DequantizeLinear"))
+    nodes = [dq]
+    out = dq.outputs[0]
+    out.dtype = dtype
+    if reshape_to is not None:
+        out.name = names.value(f"{name}_dequantized_2d")
+        shape_name = names.value(f"{name}_shape")
+        shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(reshape_to, np.int64)))
+        nodes.append(ir.node("Reshape", [out, shape], name=names.node(f"{name}_Reshape")))
+        out = nodes[-1].outputs[0]
+        out.dtype = dtype
+    return nodes, out
