@@ -23,6 +23,7 @@ from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import LAYOUTS, ImageOptions
 from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import CetError, InputError
+from cet_onnx.kernels import FAST_KERNELS
 from cet_onnx.options import ActivationOptions, AllocationOptions, DataOptions, QuantizeOptions, RoundingOptions, \
     RunOptions, WeightOptions, candidate_block as candidate_block_for
 from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
@@ -242,6 +243,13 @@ def main() -> None:
               help="Exit 1 (and write nothing) if any output's SQNR is below DB.")
 @click.option("--verify-min-agreement", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
               help="Exit 1 (and write nothing) if top-1 agreement with the float model is below FRACTION.")
+@click.option("--verify-max-latency-ratio", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
+              help="Exit 1 (and write nothing) if the quantized model's median latency is above R times the "
+                   "float model's (measured at --latency-batch).")
+@click.option("--latency-batch", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+              help="Samples per run when timing the float and the quantized model side by side (0: do not time).")
+@click.option("--latency-threads", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="onnxruntime intra-op threads when timing (0: onnxruntime's default, one per physical core).")
 @click.option("--avg-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="X",
               help="Mixed precision: average stored bits per weight parameter, scales and zero points included.")
 @click.option("--max-size", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MB",
@@ -263,7 +271,8 @@ def main() -> None:
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
-             verify_size, verify_min_sqnr, verify_min_agreement, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
+             verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
+             latency_threads, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
@@ -295,8 +304,10 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        probes=probes or "fast", workers=workers, ray=ray, allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
                                        max_loss=max_loss, refine_rounds=refine_rounds),
-        run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible))
-    report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement)
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible,
+                       latency_batch=latency_batch, latency_threads=latency_threads))
+    report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement,
+                          max_latency_ratio=verify_max_latency_ratio)
     if as_json:
         emit_json({"ok": True, **report})
         return
@@ -345,6 +356,31 @@ def _say_activations(say: Callable, report: dict) -> None:
             say(f"    ... and {len(left) - 5} more (see the report's activations_left_float)")
 
 
+def _say_speed(say: Callable, report: dict) -> None:
+    """The kernels onnxruntime runs, the measured latency, and a loud warning when the result is slower than float."""
+    k, lat = report.get("kernels") or {}, report.get("latency") or {}
+    if "ops" in k:
+        fast = {op: n for op, n in k["ops"].items() if op in FAST_KERNELS}
+        slow = k["dequantized_at_run_time"]
+        say("onnxruntime kernels: " + (", ".join(f"{op} x{n}" for op, n in fast.items()) or "no integer kernels")
+            + f"; {len(slow)} weight(s) dequantized on every run"
+            + (" (" + ", ".join(sorted({s['consumer_op'] for s in slow})) + ")" if slow else ""))
+    if "ratio" in lat:
+        say(f"latency (batch {lat['batch']}, threads: {lat['threads']}, {lat['provider']}, median of "
+            f"{lat['interleaved_runs']} interleaved runs): float {lat['fp32_ms']:.3f} ms, quantized "
+            f"{lat['quantized_ms']:.3f} ms ({lat['ratio']:.2f}x)")
+        if lat["ratio"] > 1.0:
+            slow = k.get("dequantized_at_run_time") or []
+            why = (f": {len(slow)} weight(s) have no fast onnxruntime kernel in their format and are dequantized "
+                   f"on every run (onnxruntime has no INT4/INT2 Conv kernel; INT8 Conv / MatMul weights fuse into "
+                   f"QLinearConv / QLinearMatMul with static activations)" if slow else "")
+            say(f"WARNING: the quantized model is {lat['ratio']:.2f}x SLOWER than the float model{why}. "
+                f"For speed, give those weights 8 bits (--weight-bits 8, or --bits 8 in a budget); "
+                f"README 'Speed' explains the trade-off.")
+    elif lat.get("skipped"):
+        say(f"latency: {lat['skipped']}")
+
+
 def _print_quantize_summary(report: dict, report_file: Path) -> None:
     """The short human summary of a quantize run, on stderr (stdout is kept for --json)."""
     say = functools.partial(click.echo, err=True)
@@ -382,6 +418,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
             f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
         if a.get("pareto_png"):
             say(f"  Pareto front: {a['pareto_png']}")
+    _say_speed(say, report)
     say("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     peaks = report.get("peak_rss_mb") or {}
     if peaks:

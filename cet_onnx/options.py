@@ -117,6 +117,8 @@ class RunOptions:
     simplify: bool = True
     seed: int = 0
     reproducible: bool = False      # leave wall-clock fields out of the report (byte-identical reruns)
+    latency_batch: int = 1          # samples per run when timing float vs quantized (0: not timed)
+    latency_threads: int = 0        # onnxruntime intra-op threads when timing (0: onnxruntime's default)
 
 
 GROUPS = {"data": DataOptions, "weights": WeightOptions, "activations": ActivationOptions,
@@ -230,6 +232,9 @@ def validate(opts: QuantizeOptions) -> None:
     if opts.activations.weight_only and opts.activations.mode not in ("auto", "none"):
         raise InputError(f"--weight-only is --act-mode none; it cannot be combined with "
                          f"--act-mode {opts.activations.mode}")
+    for flag, v in (("--latency-batch", opts.run.latency_batch), ("--latency-threads", opts.run.latency_threads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"{flag} must be a whole number of at least 0, got '{v}'")
     _choice("--weight-clip", opts.weights.clip, CLIP_MODES)
     _choice("--weight-grid", opts.weights.grid, GRIDS)
     if opts.weights.per_tensor and opts.weights.block_size:

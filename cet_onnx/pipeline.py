@@ -18,6 +18,8 @@ from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.rewriter import transformer_rules
+from cet_onnx.kernels import inspect_kernels
+from cet_onnx.latency import compare_latency
 from cet_onnx.emit import check, check_output_path, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
@@ -60,6 +62,24 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     return p
 
 
+def add_speed(report: dict[str, Any], p: Prepared, emitted: Any, opts: QuantizeOptions, timer: Timer) -> None:
+    """The kernels onnxruntime runs for the emitted model and its latency against the float model
+    (``--latency-batch``; both skipped for a model whose weights stay on disk, which would be held twice)."""
+    if emitted.large:
+        why = "not measured: the model is too large to hold twice (its weights stay on disk)"
+        report["kernels"] = report["latency"] = {"skipped": why}
+        return
+    with timer.stage("kernels"):
+        report["kernels"] = inspect_kernels(emitted.model, p.providers).as_dict()
+    batches = p.verify_batches or p.calib_batches
+    if opts.run.latency_batch and batches:
+        with timer.stage("latency"):
+            report["latency"] = compare_latency(p.model, emitted.model, batches, p.providers,
+                                                opts.run.latency_batch, opts.run.latency_threads)
+    else:
+        report["latency"] = {"skipped": "--latency-batch 0" if batches else "no data to run on"}
+
+
 def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
             allocators: tuple[str, ...] = ("cet",)) -> dict[str, Any]:
     """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL."""
@@ -72,7 +92,8 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
 
 def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
              opts: QuantizeOptions, min_sqnr: float | None = None,
-             min_agreement: float | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+             min_agreement: float | None = None, prepared: Prepared | None = None,
+             max_latency_ratio: float | None = None) -> dict[str, Any]:
     """Quantize ``model_path`` into ``out_path`` and return the report (also saved beside it).
 
     ``prepared`` (from :func:`prepare` with the same model, data and activation / rounding
@@ -106,7 +127,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels())
     report = build_report(model_path, out_path, calib, opts, p, emitted.rewritten, emitted.model, rows,
                           verification, allocation, timer.stages.get("hessians", 0.0))
-    check_gates(report, min_sqnr, min_agreement)
+    add_speed(report, p, emitted, opts, timer)
+    check_gates(report, min_sqnr, min_agreement, max_latency_ratio)
     extra = pareto_files(report, model_path, out_path)
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
     report["peak_rss_mb"] = dict(timer.peak_mb)

@@ -22,7 +22,7 @@ from cet_onnx.quant.quantizer import QuantizedWeight
 
 #: fields that depend on the wall clock or on the probe cache (left out with ``--reproducible``)
 WALL_CLOCK_KEYS = frozenset({"timings_s", "probe_seconds", "forward_passes_per_second", "seconds", "file_bytes",
-                             "file_bytes_fp32", "probe_runs", "sensitivity_runs", "peak_rss_mb"})
+                             "file_bytes_fp32", "probe_runs", "sensitivity_runs", "peak_rss_mb", "latency"})
 
 
 def report_path(out: str | os.PathLike) -> Path:
@@ -96,7 +96,8 @@ def build_report(model_path: str | os.PathLike, out_path: Path, calib: str | Non
     return report
 
 
-def check_gates(report: dict[str, Any], min_sqnr: float | None, min_agreement: float | None) -> None:
+def check_gates(report: dict[str, Any], min_sqnr: float | None, min_agreement: float | None,
+                max_latency_ratio: float | None = None) -> None:
     """Mark ``verification.passed``; RuntimeFailure (nothing is written) when a gate fails."""
     verification = report["verification"]
     gate_errors = []
@@ -106,6 +107,11 @@ def check_gates(report: dict[str, Any], min_sqnr: float | None, min_agreement: f
     agree = verification["min_top1_agreement"]
     if min_agreement is not None and (agree is None or agree < min_agreement):
         gate_errors.append(f"top-1 agreement {agree} < --verify-min-agreement {min_agreement}")
+    ratio = (report.get("latency") or {}).get("ratio")
+    if max_latency_ratio is not None and (ratio is None or ratio > max_latency_ratio):
+        measured = (f"{ratio:.2f}x the float model's latency" if ratio is not None
+                    else f"latency {report.get('latency', {}).get('skipped', 'not measured')}")
+        gate_errors.append(f"{measured} > --verify-max-latency-ratio {max_latency_ratio}")
     verification["passed"] = not gate_errors
     if gate_errors:
         raise RuntimeFailure("verification failed: " + "; ".join(gate_errors) + " (nothing written)")

@@ -2,6 +2,8 @@
 
 1. :class:`~.passes.upgrade_opset.UpgradeOpsetPass` — the opset the emitted types need
    (:func:`required_opset`), and the IR version with it;
+   then :class:`~.passes.matmul_nbits_form.MatMulNBitsFormPass` — low-bit MatMul / Gemm weights in the
+   form onnxruntime fuses into ``MatMulNBits`` (those nodes keep float activations and bias);
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
    under the transformer rule (:func:`transformer_rules`);
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
@@ -42,6 +44,7 @@ from cet_onnx.graph.passes.gather_rows import GatherRowsPass
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass
 from cet_onnx.graph.passes.half_bias_add import HalfBiasAddPass
 from cet_onnx.graph.passes.int32_bias import Int32BiasPass
+from cet_onnx.graph.passes.matmul_nbits_form import MatMulNBitsFormPass
 from cet_onnx.graph.passes.stable_sort import StableTopologicalSortPass
 from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
 from cet_onnx.graph.passes.weight_qdq import WeightQDQPass
@@ -126,14 +129,19 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
                  _half_precision_opset(model, qweights, act_params))
     m = boundary.working_copy(model)
     transformer = transformer_rules(m.graph)
-    passes: list[ir.passes.PassBase] = [UpgradeOpsetPass(target, source)]
+    qweights = dict(qweights)   # the MatMulNBits form stores some weights transposed
+    nbits = MatMulNBitsFormPass(qweights, all_bits=not act_params and not dynamic)
+    for p in (UpgradeOpsetPass(target, source), nbits):
+        p(m)
+    passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
-        passes.append(FoldReluPass())
-    biases = Int32BiasPass(qweights, weights, act_params)
+        passes.append(FoldReluPass(nbits.float_nodes))
+    biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes)
     dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
                HalfBiasAddPass(qweights, act_params),
-               ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS),
+               ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS,
+                                 nbits.float_nodes),
                *([dynamic_pass] if dynamic else []),
                StableTopologicalSortPass(), DropValueInfoPass()]
     for p in passes:

@@ -108,6 +108,19 @@ class QuantizedWeight:
         """Stored bytes: packed codes + float32 scales + zero points in the code's container."""
         return stored_nbytes(self)
 
+    def transposed(self) -> QuantizedWeight:
+        """The same 2-D weight transposed, exactly: codes and every parameter array transposed, axes swapped
+        (a Gemm ``B [N, K]`` with ``transB=1`` rewritten as a MatMul weight ``[K, N]``)."""
+        if self.q.ndim != 2:
+            raise ValueError(f"only a 2-D weight can be transposed, got shape {self.q.shape}")
+
+        def flip(p: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.asarray(p).T) if np.ndim(p) == 2 else np.asarray(p)
+
+        return QuantizedWeight(q=np.ascontiguousarray(self.q.T), scale=flip(self.scale), zero_point=flip(self.zero_point),
+                               axis=None if self.axis is None else 1 - self.axis, block_size=self.block_size,
+                               fmt=self.fmt, channel_axis=1 - self.channel_axis, reduction_axis=1 - self.reduction_axis)
+
 
 def expand_scale(scale: np.ndarray, shape: tuple[int, ...], axis: int | None,
                  block_size: int | None) -> np.ndarray:

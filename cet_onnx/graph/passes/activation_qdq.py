@@ -10,6 +10,9 @@ Rules, for every tensor ``t`` of the plan (in plan order):
   of a Conv / ConvTranspose / Gemm / MatMul is read dequantized by every consumer. Graph
   outputs stay float (also when a Cast makes them the graph output: a half-precision model with
   float32 outputs);
+* the nodes named in ``float_nodes`` (MatMuls fused into ``MatMulNBits``,
+  :mod:`.matmul_nbits_form`) keep reading float inputs, and a planned tensor one of them
+  produces gets no pair;
 * the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
   graph input. This is the order the rewriter's stable topological sort always gave.
@@ -113,10 +116,11 @@ class ActivationQDQPass(ir.passes.InPlacePass):
     """Adds the Q/DQ pairs of ``act_params`` and points the consumers at them (module docstring)."""
 
     def __init__(self, act_params: Mapping[str, ActivationParams],
-                 activation_ops: Collection[str] = ACTIVATION_OPS) -> None:
+                 activation_ops: Collection[str] = ACTIVATION_OPS, float_nodes: Collection[str] = ()) -> None:
         super().__init__()
         self.act_params = act_params
         self.activation_ops = activation_ops
+        self.float_nodes = frozenset(float_nodes)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -127,6 +131,8 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         after: dict[ir.Node, ir.Node] = {}
         for t, p in self.act_params.items():
             value = values.get(t) or ir.Value(name=t)
+            if value.producer() is not None and value.producer().name in self.float_nodes:
+                continue
             pair = self._pair(graph, names, value, p)
             producer = value.producer()
             if producer is None or producer.graph is not graph:
@@ -155,6 +161,8 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         weight_outputs = {n.outputs[0].name for n in nodes if n.op_type in WEIGHT_OUTPUT_OPS and n.outputs
                           and n.outputs[0].name in dequantized}
         for node in nodes:
+            if node.name in self.float_nodes:
+                continue
             every = node.op_type in self.activation_ops and is_onnx(node)
             for i, value in enumerate(node.inputs):
                 if value is not None and value.name in dequantized and (every or value.name in weight_outputs):

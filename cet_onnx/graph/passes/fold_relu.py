@@ -5,10 +5,13 @@ MatMul / Add, read by nothing else and not a graph output, is removed; ``x``'s p
 writes the Relu's output tensor directly (its name, type and graph-output place). The
 QuantizeLinear that the activation pass puts on that tensor, with zero point 0, clamps negatives
 exactly as Relu did — which is what lets onnxruntime fuse Conv+Relu into one QLinearConv. The
-composition runs this pass only when every activation is unsigned.
+composition runs this pass only when every activation is unsigned, and keeps the Relus after
+MatMuls fused into ``MatMulNBits`` (``keep_after``: their output gets no QuantizeLinear).
 """
 
 from __future__ import annotations
+
+from typing import Collection
 
 import onnx_ir as ir
 
@@ -17,15 +20,15 @@ from cet_onnx.graph.passes._graph import is_onnx, remove_node, uses_in
 RELU_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
 
 
-def foldable_relus(graph: ir.Graph) -> list[ir.Node]:
-    """The Relu nodes the rule removes, in graph order."""
+def foldable_relus(graph: ir.Graph, keep_after: Collection[str] = ()) -> list[ir.Node]:
+    """The Relu nodes the rule removes, in graph order; not those after a node named in ``keep_after``."""
     found = []
     for node in graph:
         if node.op_type != "Relu" or not is_onnx(node):
             continue
         x = node.inputs[0]
         p = x.producer() if x is not None else None
-        if p is None or p.graph is not graph or p.op_type not in RELU_PRODUCERS:
+        if p is None or p.graph is not graph or p.op_type not in RELU_PRODUCERS or p.name in keep_after:
             continue
         if x.is_graph_output() or uses_in(graph, x) != 1:
             continue
@@ -36,13 +39,14 @@ def foldable_relus(graph: ir.Graph) -> list[ir.Node]:
 class FoldReluPass(ir.passes.InPlacePass):
     """Removes the Relus of :func:`foldable_relus`; ``folded`` counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_after: Collection[str] = ()) -> None:
         super().__init__()
         self.folded = 0
+        self.keep_after = keep_after
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        relus = foldable_relus(graph)
+        relus = foldable_relus(graph, self.keep_after)
         for relu in relus:
             x, y = relu.inputs[0], relu.outputs[0]
             remove_node(graph, relu)

@@ -5,6 +5,7 @@ Rule: the bias ``b`` of a Conv or Gemm becomes initializers ``b_quantized`` (INT
 ``b_zero_point`` (INT32 zeros), and a node ``b_DequantizeLinear`` (axis 0) that computes the
 tensor ``b`` again — when all of these hold:
 
+* the node is not one of ``float_nodes`` (fused into ``MatMulNBits``, :mod:`.matmul_nbits_form`);
 * the node's input ``x`` gets activation Q/DQ (``x`` is in the activation plan, by its name
   before the activation pass renames the inputs: run this pass first);
 * its weight is quantized per tensor or per channel (block-wise weights keep a float bias) and
@@ -20,7 +21,7 @@ order.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -37,11 +38,12 @@ class Int32BiasPass(ir.passes.InPlacePass):
     """Quantizes the biases the module docstring describes."""
 
     def __init__(self, qweights: Mapping[str, QuantizedWeight], weights: Sequence[WeightInfo],
-                 act_params: Mapping[str, ActivationParams]) -> None:
+                 act_params: Mapping[str, ActivationParams], float_nodes: Collection[str] = ()) -> None:
         super().__init__()
         self.qweights = qweights
         self.weights = {w.name: w for w in weights}
         self.act_params = act_params
+        self.float_nodes = frozenset(float_nodes)
         self.quantized_biases: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -51,7 +53,8 @@ class Int32BiasPass(ir.passes.InPlacePass):
         self.quantized_biases = []
         nodes: list[ir.Node] = []
         for node in list(graph):
-            if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or None in node.inputs[:3]:
+            if (node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or None in node.inputs[:3]
+                    or node.name in self.float_nodes):
                 continue
             x, w, b = node.inputs[:3]
             if w.name in int2 or (node.op_type == "Gemm" and x.name in self.qweights):

@@ -1,0 +1,74 @@
+"""Deployed speed: the float and the quantized model timed side by side in onnxruntime.
+
+Both sessions are built with the same options (the execution providers of ``--device``,
+``threads`` intra-op threads, every graph optimisation) and run in turns on the same feed, so
+that load changes on a shared machine hit both alike; the figure is the median per model and
+their ratio. Interleaving needs both sessions at once, so the caller skips models too large to
+hold twice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from cet_onnx.runner import Feed, make_session
+
+WARMUP = 3
+MIN_ROUNDS = 10
+MAX_ROUNDS = 100
+MAX_SECONDS = 5.0
+
+
+def latency_feed(batches: Sequence[Feed], samples: int) -> Feed:
+    """The first ``samples`` samples of ``batches`` as one feed (inputs sliced along axis 0; an input whose
+    first axis is not the batch, such as a scalar, is taken from the first batch as it is)."""
+    first = batches[0]
+    n = len(next(iter(first.values())))
+    feed = {}
+    for name, value in first.items():
+        if np.ndim(value) == 0 or len(value) != n:
+            feed[name] = value
+            continue
+        parts, have = [], 0
+        for b in batches:
+            parts.append(b[name][: samples - have])
+            have += len(parts[-1])
+            if have >= samples:
+                break
+        joined = np.concatenate(parts)
+        while len(joined) < samples:   # fewer samples than asked for: repeat them
+            joined = np.concatenate([joined, joined[: samples - len(joined)]])
+        feed[name] = joined
+    return feed
+
+
+def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed) -> tuple[list[float], int]:
+    """Median milliseconds of ``session.run`` per session, runs taking turns; and the rounds run."""
+    for s in sessions:
+        for _ in range(WARMUP):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - start < MAX_SECONDS):
+        for k, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return [float(np.median(t) * 1e3) for t in times], rounds
+
+
+def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers: Sequence[str],
+                    samples: int = 1, threads: int = 0) -> dict[str, Any]:
+    """Median latency of the float model and the quantized one on ``samples`` samples, and their ratio."""
+    feed = latency_feed(batches, samples)
+    sessions = [make_session(model, providers, threads=threads), make_session(qmodel, providers, threads=threads)]
+    (fp32, quant), rounds = interleaved_ms(sessions, feed)
+    return {"batch": samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],
+            "fp32_ms": round(fp32, 4), "quantized_ms": round(quant, 4), "ratio": round(quant / fp32, 4),
+            "interleaved_runs": rounds}
