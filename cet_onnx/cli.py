@@ -256,6 +256,11 @@ def main() -> None:
               help="Mixed precision: bytes (1 MB = 10^6) of the emitted weights, scales and zero points included.")
 @click.option("--max-loss", type=float, default=None, metavar="E",
               help="Mixed precision: smallest weights whose measured loss stays <= E (closed loop).")
+@click.option("--max-latency", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
+              help="With a size or loss budget: the predicted latency (at --latency-batch, --latency-threads, "
+                   "--device) must stay <= MS; each layer's formats are timed in onnxruntime.")
+@click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
+              help="Like --max-latency, relative to the float model's measured latency (1.0: no slower than float).")
 @click.option("--allocator", type=click.Choice(ALLOCATORS), default="cet", show_default=True,
               help="How a budget is spent: CET probes, Hessian-trace proxy, layer SQNR, or one bit-width for all.")
 @click.option("--refine-rounds", type=click.IntRange(min=0), default=3, show_default=True,
@@ -272,7 +277,7 @@ def main() -> None:
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
-             latency_threads, avg_bits, max_size, max_loss, allocator, refine_rounds, bits,
+             latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, allocator, refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
@@ -303,7 +308,8 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        probes=probes or "fast", workers=workers, ray=ray, allocator=allocator, avg_bits=avg_bits, max_size_mb=max_size,
-                                       max_loss=max_loss, refine_rounds=refine_rounds),
+                                       max_loss=max_loss, refine_rounds=refine_rounds, max_latency_ms=max_latency,
+                                       max_latency_ratio=max_latency_ratio),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible,
                        latency_batch=latency_batch, latency_threads=latency_threads))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement,
@@ -416,6 +422,19 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
                 f"median measured/predicted {f['median_measured_over_predicted']:.2f}{corrected}")
         say(f"  probes ({a.get('probes', 'full')}): {a['probe_runs']} forward passes in {a['probe_seconds']:.1f}s "
             f"({a['forward_passes_per_second']:.1f}/s on {a['device']})")
+        lb = a.get("latency_budget")
+        if lb:
+            say(f"  latency budget ({lb['constraint']}, batch {lb['batch']}): float {lb['float_ms']:.3f} ms, "
+                f"budget {lb['budget_ms']:.3f} ms, predicted {lb['predicted_ms']:.3f} ms "
+                f"(every layer's formats timed; anchored on the fastest assignment, measured {lb['fastest_assignment_ms']:.3f} ms)")
+            lat = report.get("latency") or {}
+            ratio_budget = lb.get("max_ratio")
+            over = (lat.get("ratio", 0) > ratio_budget if ratio_budget is not None
+                    else lat.get("quantized_ms", 0) > lb["budget_ms"])
+            if "ratio" in lat and over:
+                say(f"  WARNING: the measured latency ({lat['quantized_ms']:.3f} ms, {lat['ratio']:.2f}x float) is above "
+                    f"the budget: layer costs do not add up exactly, and timings vary on a busy machine; "
+                    f"--verify-max-latency-ratio makes it a hard gate")
         if a.get("pareto_png"):
             say(f"  Pareto front: {a['pareto_png']}")
     _say_speed(say, report)

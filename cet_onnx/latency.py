@@ -46,18 +46,21 @@ def latency_feed(batches: Sequence[Feed], samples: int) -> Feed:
     return feed
 
 
-def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed) -> tuple[list[float], int]:
-    """Median milliseconds of ``session.run`` per session, runs taking turns; and the rounds run."""
-    for s in sessions:
+def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequence[Feed], min_rounds: int = MIN_ROUNDS,
+                   max_rounds: int = MAX_ROUNDS, max_seconds: float = MAX_SECONDS) -> tuple[list[float], int]:
+    """Median milliseconds of ``session.run`` per session, runs taking turns (at least ``min_rounds``, then
+    until ``max_seconds`` or ``max_rounds``); and the rounds run. ``feed``: one for all, or one per session."""
+    feeds = list(feed) if isinstance(feed, (list, tuple)) else [feed] * len(sessions)
+    for s, f in zip(sessions, feeds):
         for _ in range(WARMUP):
-            s.run(None, feed)
+            s.run(None, f)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
-    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - start < MAX_SECONDS):
-        for k, s in enumerate(sessions):
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < max_seconds):
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
             t0 = time.perf_counter()
-            s.run(None, feed)
+            s.run(None, f)
             times[k].append(time.perf_counter() - t0)
         rounds += 1
     return [float(np.median(t) * 1e3) for t in times], rounds

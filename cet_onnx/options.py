@@ -100,6 +100,8 @@ class AllocationOptions:
     probes: str = "fast"            # fast | full: how the CET costs are measured (see README "Mixed precision")
     workers: int | None = None      # probe processes (None: 1, or with --ray the cluster's CPU count)
     ray: str | None = None          # auto | a Ray cluster address: probes in Ray actors
+    max_latency_ms: float | None = None     # latency budget at --latency-batch (with a size or loss budget)
+    max_latency_ratio: float | None = None  # the same, relative to the float model's measured latency
 
     @property
     def budget(self) -> Budget | None:
@@ -232,6 +234,17 @@ def validate(opts: QuantizeOptions) -> None:
     if opts.activations.weight_only and opts.activations.mode not in ("auto", "none"):
         raise InputError(f"--weight-only is --act-mode none; it cannot be combined with "
                          f"--act-mode {opts.activations.mode}")
+    if a.max_latency_ms is not None and a.max_latency_ratio is not None:
+        raise InputError("give only one of --max-latency and --max-latency-ratio")
+    if a.max_latency_ms is not None or a.max_latency_ratio is not None:
+        flag = "--max-latency" if a.max_latency_ms is not None else "--max-latency-ratio"
+        if a.budget is None:
+            raise InputError(f"{flag} is a constraint next to a size or loss budget: give --avg-bits, --max-size "
+                             f"or --max-loss too")
+        if a.allocator == "uniform":
+            raise InputError(f"{flag} needs a probed allocator (cet, hawq or sqnr), not uniform")
+        if not opts.run.latency_batch:
+            raise InputError(f"{flag} times the model at --latency-batch samples; it cannot be 0")
     for flag, v in (("--latency-batch", opts.run.latency_batch), ("--latency-threads", opts.run.latency_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise InputError(f"{flag} must be a whole number of at least 0, got '{v}'")

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cet_onnx.allocation.solver import Infeasible, pareto_front, solve_loss_budget, solve_size_budget
+from cet_onnx.allocation.solver import Infeasible, Limit, pareto_front, solve_loss_budget, solve_size_budget
 
 RNG = np.random.default_rng(7)
 
@@ -85,3 +85,42 @@ def test_solver_prints_nothing_on_stdout(capfd):
     for budget in np.linspace(sizes.min(1).sum(), sizes.max(1).sum(), 30):
         solve_size_budget(costs, sizes, float(budget))
     assert capfd.readouterr().out == ""
+
+
+def _brute_limited(costs, sizes, budget, lat, bound):
+    n, k = costs.shape
+    best = None
+    for ch in itertools.product(range(k), repeat=n):
+        idx = (np.arange(n), np.array(ch))
+        c, s, t = costs[idx].sum(), sizes[idx].sum(), lat[idx].sum()
+        if s <= budget and t <= bound and (best is None or c < best - 1e-12):
+            best = c
+    return best
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_latency_limit_is_a_third_exact_constraint(trial):
+    n, k = 5, 4
+    costs = np.abs(RNG.normal(size=(n, k)))
+    sizes = RNG.integers(1, 20, size=(n, k)).astype(float)
+    lat = RNG.normal(size=(n, k))             # measured deltas: a format may be faster than float
+    budget = float(RNG.uniform(sizes.min(1).sum(), sizes.sum()))
+    bound = float(RNG.uniform(lat.min(1).sum(), lat.max(1).sum()))
+    limit = Limit(lat, bound)
+    expect = _brute_limited(costs, sizes, budget, lat, bound)
+    try:
+        sol = solve_size_budget(costs, sizes, budget, [limit])
+    except Infeasible:
+        assert expect is None
+        return
+    assert expect is not None and np.isclose(sol.cost, expect) and limit.holds(sol.choice)
+    loss_sol = solve_loss_budget(costs, sizes, sol.cost + 1e-9, [limit])
+    assert limit.holds(loss_sol.choice) and loss_sol.size <= sol.size + 1e-9
+
+
+def test_pareto_front_under_a_limit_keeps_only_assignments_that_meet_it():
+    costs = np.array([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    sizes = np.array([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    lat = np.array([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])   # the middle format is slow
+    front = pareto_front(costs, sizes, 8, [Limit(lat, 0.0)])
+    assert front and all(1 not in s.choice for s in front)

@@ -31,7 +31,7 @@ from cet_onnx.quant.sizes import format_nbytes, gather_format_ok
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
-from cet_onnx.allocation.solver import Infeasible, Solution, solve_loss_budget, solve_size_budget
+from cet_onnx.allocation.solver import Infeasible, Limit, Solution, solve_loss_budget, solve_size_budget
 from cet_onnx.graph.weights import WeightInfo
 
 #: allocators that measure a sensitivity (``analyze --allocators``)
@@ -333,8 +333,9 @@ class Budget:
         return f"--max-loss {self.max_loss}"
 
 
-def solve(sens: Sensitivity | None, cand: Candidates, budget: Budget, base_loss: float) -> Solution:
-    """Choose formats under the budget (uniform needs no sensitivity)."""
+def solve(sens: Sensitivity | None, cand: Candidates, budget: Budget, base_loss: float,
+          limits: Sequence[Limit] = ()) -> Solution:
+    """Choose formats under the budget and ``limits`` (uniform needs no sensitivity and takes no limits)."""
     total = sum(w.size for w in cand.weights)
     size_budget = budget.size_bytes(total)
     try:
@@ -343,21 +344,35 @@ def solve(sens: Sensitivity | None, cand: Candidates, budget: Budget, base_loss:
             idx = np.arange(len(choice))
             return Solution(choice, float(cand.sizes[idx, choice].sum()), float("nan"))
         if size_budget is not None:
-            return solve_size_budget(sens.costs, cand.sizes, size_budget)
-        return solve_loss_budget(sens.costs, cand.sizes, budget.max_loss - base_loss)
+            return solve_size_budget(sens.costs, cand.sizes, size_budget, limits)
+        return solve_loss_budget(sens.costs, cand.sizes, budget.max_loss - base_loss, limits)
     except Infeasible as exc:
+        if limits:
+            raise InputError(f"{budget.describe()} together with {', '.join(lim.name for lim in limits)} cannot be "
+                             f"met: {_smallest_within(cand, limits, total)}") from None
         raise InputError(f"{budget.describe()} cannot be met: {exc}") from None
 
 
+def _smallest_within(cand: Candidates, limits: Sequence[Limit], total_params: int) -> str:
+    """What the limits alone allow: the smallest assignment that meets them, as a size budget to ask for."""
+    try:
+        sol = solve_loss_budget(np.where(cand.available, 0.0, np.inf), cand.sizes, 0.0, limits)
+    except Infeasible:
+        return "no assignment meets the latency limit alone (every format is slower than it allows)"
+    bits = 8 * sol.size / total_params
+    return (f"the smallest assignment within it has {sol.size:,.0f} bytes, {bits:.2f} bits/weight "
+            f"(ask for --avg-bits {np.ceil(bits * 100) / 100:.2f} or more)")
+
+
 def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Candidates, budget: Budget,
-                            rounds: int = 5) -> tuple[Solution, list[dict[str, float]]]:
+                            rounds: int = 5, limits: Sequence[Limit] = ()) -> tuple[Solution, list[dict[str, float]]]:
     """Solve under ``--max-loss``, measure, and tighten the predicted budget until the measurement holds."""
     target = budget.max_loss - session.base_loss
     history = []
     sol = None
     for r in range(rounds):
         try:
-            sol = solve_loss_budget(sens.costs, cand.sizes, target)
+            sol = solve_loss_budget(sens.costs, cand.sizes, target, limits)
         except Infeasible:
             break
         measured = session.assignment_loss(cand.chosen(sol.choice))
@@ -369,12 +384,14 @@ def closed_loop_loss_budget(session: ProbeSession, sens: Sensitivity, cand: Cand
         target = target * (budget.max_loss - session.base_loss) / excess if excess > 0 else target / 2
     if sol is None or not history or history[-1]["measured"] > budget.max_loss:
         # fall back to the assignment with the least predicted loss, and say so in the report
-        sol = solve_size_budget(sens.costs, cand.sizes, float(np.where(cand.available, cand.sizes, -np.inf).max(1).sum()))
+        sol = solve_size_budget(sens.costs, cand.sizes, float(np.where(cand.available, cand.sizes, -np.inf).max(1).sum()),
+                                limits)
     return sol, history
 
 
 def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidates, budget_bytes: float,
-                       rounds: int = 3, swaps: int = 4) -> tuple[Solution, list[dict[str, float]], np.ndarray]:
+                       rounds: int = 3, swaps: int = 4, limits: Sequence[Limit] = ()
+                       ) -> tuple[Solution, list[dict[str, float]], np.ndarray]:
     """Closed loop under a size budget: correct the additive model with measured, in-context costs.
 
     Single-weight probes are taken with every other weight in float; in a mixed assignment the
@@ -397,7 +414,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     """
     costs = sens.costs.copy()
     sizes = cand.sizes
-    sol = solve_size_budget(costs, sizes, budget_bytes)
+    sol = solve_size_budget(costs, sizes, budget_bytes, limits)
     history: list[dict[str, float]] = []
     idx = np.arange(len(cand.weights))
 
@@ -427,7 +444,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
                 bar.update()
         finally:
             bar.close()
-        new = solve_size_budget(costs, sizes, budget_bytes)
+        new = solve_size_budget(costs, sizes, budget_bytes, limits)
         if np.array_equal(new.choice, sol.choice):
             break
         sol = new
@@ -441,7 +458,7 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     assign = None
     current = best.copy()
     for k in range(swaps):
-        moves = _exchanges(current, costs, sizes, budget_bytes)[:5]
+        moves = _exchanges(current, costs, sizes, budget_bytes, limits)[:5]
         trials = []
         for gain, i, up, j, down in moves:
             choice = current.copy()
@@ -456,8 +473,9 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
     return Solution(best, float(sizes[idx, best].sum()), float(sens.costs[idx, best].sum())), history, costs
 
 
-def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget: float) -> list[tuple]:
-    """(predicted gain, i, wider format, j, narrower format) pairs that fit the budget, best first."""
+def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget: float,
+               limits: Sequence[Limit] = ()) -> list[tuple]:
+    """(predicted gain, i, wider format, j, narrower format) pairs that fit the budget and ``limits``, best first."""
     n = len(choice)
     idx = np.arange(n)
     total = sizes[idx, choice].sum()
@@ -475,7 +493,10 @@ def _exchanges(choice: np.ndarray, costs: np.ndarray, sizes: np.ndarray, budget:
     for i, up, ds_up, gain_up in ups:
         for j, down, ds_down, loss_down in downs:
             if i != j and total + ds_up - ds_down <= budget + 1e-9:
-                moves.append((gain_up - loss_down, i, up, j, down))
+                moved = choice.copy()
+                moved[i], moved[j] = up, down
+                if all(lim.holds(moved) for lim in limits):
+                    moves.append((gain_up - loss_down, i, up, j, down))
     moves.sort(key=lambda m: -m[0])
     return moves
 

@@ -7,8 +7,9 @@ out ``[K, N]``. Otherwise the weight is dequantized on every run: measured at ba
 2048×2048 INT4 weight, 8.9 ms with activation Q/DQ around it against 0.05 ms fused (float: 0.68 ms).
 
 Rules, for every default-domain MatMul or Gemm whose input B is a 2-D quantized weight in
-``qweights`` stored in fewer than 8 bits (any bit-width with ``all_bits``, for a model without
-activation quantization), read by that node only:
+``qweights`` stored in fewer than 8 bits or in blocks (INT8 blocks never fuse into QLinearMatMul /
+QGemm; any format with ``all_bits``, for a model without activation quantization), read by that
+node only:
 
 * the node goes to :attr:`float_nodes`: the activation Q/DQ pass leaves its input and output float
   and the INT32 bias pass leaves its bias float (both read the set);
@@ -68,7 +69,7 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
             return None
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return None
-        return w if self.all_bits or container_bits(qw.fmt.bits) < 8 else None
+        return w if self.all_bits or container_bits(qw.fmt.bits) < 8 or qw.block_size is not None else None
 
     @staticmethod
     def _convertible(node: ir.Node) -> bool:

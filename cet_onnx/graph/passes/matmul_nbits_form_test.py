@@ -71,14 +71,19 @@ def test_matmul_keeps_float_activations():
     assert p(m).modified and ops(m) == ["MatMul"] and p.float_nodes == {"mm"}
 
 
-def test_int8_weights_only_when_all_bits():
+def test_per_channel_int8_weights_only_when_all_bits_and_blocked_int8_always():
     m, w = _gemm()
-    p = MatMulNBitsFormPass({"W": _qweight(w, bits=8)})
+    per_channel = quantize_weight(w, WeightFormat(8, "channel"), 0, 1)   # QGemm / QLinearMatMul fuse it
+    p = MatMulNBitsFormPass({"W": per_channel})
     p(m)
     assert ops(m) == ["Gemm"] and not p.float_nodes
-    p = MatMulNBitsFormPass({"W": _qweight(w, bits=8)}, all_bits=True)
+    p = MatMulNBitsFormPass({"W": per_channel}, all_bits=True)
     p(m)
     assert ops(m) == ["MatMul", "Add"]
+    m, w = _gemm()
+    p = MatMulNBitsFormPass({"W": _qweight(w, bits=8)})   # INT8 in blocks: only MatMulNBits runs it
+    p(m)
+    assert ops(m) == ["MatMul", "Add"] and p.float_nodes == {"fc"}
 
 
 def test_shared_weight_is_left_alone():
