@@ -9,7 +9,9 @@ hold twice.
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -75,3 +77,14 @@ def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers:
     return {"batch": samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],
             "fp32_ms": round(fp32, 4), "quantized_ms": round(quant, 4), "ratio": round(quant / fp32, 4),
             "interleaved_runs": rounds}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what the platform says): timings are only comparable on one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

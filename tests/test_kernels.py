@@ -98,3 +98,21 @@ def test_latency_batch_zero_skips_timing_and_the_summary_warns_when_slower(tmp_p
     assert res.exit_code == 0, res.output
     assert "8 weight(s) dequantized on every run" in res.output
     assert "SLOWER than the float model" in res.output   # 2.9x measured; INT4 Conv weights have no kernel
+
+
+def test_int2_matmul_weight_with_n_not_a_multiple_of_4_is_kept_away_from_the_faulty_2bit_kernel(tmp_path):
+    """onnxruntime 1.32's 2-bit MatMulNBits is wrong for N % 4 != 0 (digits: 10 classes): not fused, still correct."""
+    report = _quantize(DIGITS / "model.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", "--weight-bits", "2",
+                       "--weight-only")
+    fc = next(w["name"] for w in report["weights"] if w["op"] == "Gemm")
+    assert {"weight": fc, "consumer_op": "Gemm"} in report["kernels"]["dequantized_at_run_time"] or \
+        {"weight": fc, "consumer_op": "MatMul"} in report["kernels"]["dequantized_at_run_time"]
+    assert "MatMulNBits" not in report["kernels"]["ops"]
+    # the optimised model computes what the plain QDQ graph says
+    import onnxruntime as ort
+    x = np.load(DIGITS / "eval.npz")["image"][:8]
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(tmp_path / "q.onnx"), plain, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    out = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)

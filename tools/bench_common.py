@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import platform
 import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cet_onnx.latency import cpu_name  # noqa: F401  (re-exported for the tools)
 import onnxruntime as ort
 
 from cet_onnx import __version__ as CET_VERSION  # noqa: F401  (re-exported)
@@ -160,11 +161,4 @@ def json_default(o, path=rel):
     raise TypeError(type(o))
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+

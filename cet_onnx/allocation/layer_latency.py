@@ -43,7 +43,7 @@ from cet_onnx.errors import InputError
 from cet_onnx.graph.passes.extra_outputs import ExposeOutputsPass
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.latency import interleaved_ms
+from cet_onnx.latency import cpu_name, interleaved_ms
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import ActivationParams, WeightFormat, quantize_weight
 from cet_onnx.runner import Feed, make_session
@@ -143,18 +143,8 @@ def _cache_key(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightFo
                 "axes": [w.channel_axis, w.reduction_axis], "consts": [(t.name, list(t.dims)) for t in layer.graph.initializer],
                 "formats": [f.label for f in formats], "acts": acts_quantized, "act_mode": act_mode,
                 "method": _METHOD, "version": __version__, "ort": ort.__version__, "providers": list(providers), "threads": threads,
-                "cpu": [platform.machine(), platform.processor(), os.cpu_count(), _cpu_model()]}
+                "cpu": [platform.machine(), os.cpu_count(), cpu_name()]}
     return "latency-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def measure_layer_latencies(model: ir.Model, weights: Sequence[WeightInfo], formats: Sequence[WeightFormat],

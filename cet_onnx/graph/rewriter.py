@@ -138,7 +138,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         passes.append(FoldReluPass(nbits.float_nodes))
     biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes)
     dynamic_pass = DynamicMatMulPass()
-    passes += [WeightQDQPass(qweights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
+    passes += [WeightQDQPass(qweights, nbits.weights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
                HalfBiasAddPass(qweights, act_params),
                ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS,
                                  nbits.float_nodes),

@@ -30,18 +30,29 @@ def packed_nbytes(count: int, cbits: int) -> int:
     return -(-count // per_byte)
 
 
-def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None, bool]:
+def stored_form(qw: QuantizedWeight, int2_blocked: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None, bool]:
     """(codes, scale, zero_point, axis, block_size, needs_reshape) exactly as written to the model.
 
-    INT2 weights always use DequantizeLinear's blocked form: onnxruntime's QDQ selectors
+    INT2 weights use DequantizeLinear's blocked form: onnxruntime's QDQ selectors
     exclude 4- and 16-bit weights but not 2-bit ones, fuse INT2 weights into QLinearConv /
     QLinearMatMul and then refuse to load the model; blocked scales are never fused. A
     per-channel (or per-tensor) scale becomes one block spanning the whole reduction axis;
     a Conv kernel ``[O, I, k...]`` is stored as ``[O, I·k...]`` and reshaped back after
     dequantization so that its scales are not repeated per kernel position.
+    ``int2_blocked=False`` (a MatMul weight that runs as ``MatMulNBits``, with no activation Q/DQ for
+    those selectors to match) keeps the per-channel form: ``MatMulNBits`` takes it for any reduction
+    length, a whole-axis block only when that length is a power of two. Bytes are the same either way.
+
+    A 2-D INT2 weight whose output channels are not a multiple of 4 is reshaped to its own shape after
+    dequantization (``needs_reshape``): onnxruntime 1.32's 2-bit ``MatMulNBits`` computes wrong results
+    for such an N (see :mod:`cet_onnx.graph.passes.matmul_nbits_form`) and does not fuse through a Reshape.
     """
-    if container_bits(qw.fmt.bits) != 2 or qw.block_size is not None:
+    if container_bits(qw.fmt.bits) != 2:
         return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, False
+    guard = qw.q.ndim == 2 and qw.q.shape[qw.channel_axis] % 4 != 0
+    if qw.block_size is not None or not int2_blocked:
+        return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, guard
     q, c, r = qw.q, qw.channel_axis, qw.reduction_axis
     nch = q.shape[c]
     per_channel = [np.broadcast_to(np.asarray(p), (nch,)) if qw.axis is None else np.asarray(p)
@@ -56,7 +67,7 @@ def stored_form(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
     shape = list(q.shape)
     shape[r] = 1
     scale, zp = (np.broadcast_to(p.reshape(view), shape) for p in per_channel)
-    return q, scale.astype(np.float32), zp.astype(np.int8), r, q.shape[r], False
+    return q, scale.astype(np.float32), zp.astype(np.int8), r, q.shape[r], guard
 
 
 def stored_nbytes(qw: QuantizedWeight) -> int:

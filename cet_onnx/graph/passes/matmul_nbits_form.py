@@ -6,12 +6,19 @@ activation Q/DQ on its input or output and ``W`` is input B with its blocks (or 
 out ``[K, N]``. Otherwise the weight is dequantized on every run: measured at batch 1 on a
 2048×2048 INT4 weight, 8.9 ms with activation Q/DQ around it against 0.05 ms fused (float: 0.68 ms).
 
+onnxruntime 1.32's 2-bit ``MatMulNBits`` computes wrong results when ``N`` is not a multiple of 4
+(measured: relative error 0.9–2.5 for N = 1, 10, 15, 17, 31, 33; 0.005 for N = 4, 8, 12, 20, 100).
+Such INT2 weights go to :attr:`guarded` instead: the weight pass puts a no-op Reshape between
+their DequantizeLinear and the MatMul (:func:`cet_onnx.quant.sizes.stored_form`, counted in its bytes), which onnxruntime does not fuse (correct, dequantized on
+every run), and the node keeps its activation handling.
+
 Rules, for every default-domain MatMul or Gemm whose input B is a 2-D quantized weight in
 ``qweights`` stored in fewer than 8 bits or in blocks (INT8 blocks never fuse into QLinearMatMul /
 QGemm; any format with ``all_bits``, for a model without activation quantization), read by that
 node only:
 
-* the node goes to :attr:`float_nodes`: the activation Q/DQ pass leaves its input and output float
+* the node goes to :attr:`float_nodes` and its weight to :attr:`weights` (an INT2 one then keeps a
+  per-channel scale, see :func:`cet_onnx.quant.sizes.stored_form`): the activation Q/DQ pass leaves its input and output float
   and the INT32 bias pass leaves its bias float (both read the set);
 * a Gemm with ``transA=0`` and ``alpha=1`` becomes ``MatMul(A, W)`` (the node's name) followed, when
   it has a bias ``C`` (and ``beta=1``), by ``Add(·, C)`` (``<name>_bias_Add``): onnxruntime fuses a
@@ -42,6 +49,8 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
         self.qweights = qweights
         self.all_bits = all_bits
         self.float_nodes: set[str] = set()
+        self.weights: set[str] = set()   # the weights of those nodes
+        self.guarded: set[str] = set()   # INT2 weights onnxruntime must not fuse (see the module docstring)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -51,12 +60,16 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
             w = self._weight(graph, node)
             if w is None:
                 continue
+            if self._faulty_int2(node, w):
+                self.guarded.add(w.name)
+                continue
             if node.op_type == "Gemm":
                 if not self._convertible(node):
                     continue
                 node = self._to_matmul(graph, names, node, w)
                 modified = True
             self.float_nodes.add(node.name)
+            self.weights.add(w.name)
         return ir.passes.PassResult(model, modified=modified or bool(self.float_nodes))
 
     def _weight(self, graph: ir.Graph, node: ir.Node) -> ir.Value | None:
@@ -70,6 +83,12 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return None
         return w if self.all_bits or container_bits(qw.fmt.bits) < 8 or qw.block_size is not None else None
+
+    def _faulty_int2(self, node: ir.Node, w: ir.Value) -> bool:
+        """An INT2 weight with a number of output columns N that is not a multiple of 4."""
+        qw = self.qweights[w.name]
+        n = qw.q.shape[0] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else qw.q.shape[1]
+        return container_bits(qw.fmt.bits) == 2 and n % 4 != 0
 
     @staticmethod
     def _convertible(node: ir.Node) -> bool:

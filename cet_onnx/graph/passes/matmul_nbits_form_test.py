@@ -94,3 +94,16 @@ def test_shared_weight_is_left_alone():
     p = MatMulNBitsFormPass({"W": _qweight(w)})
     p(m)
     assert ops(m) == ["Gemm", "Gemm"] and not p.float_nodes
+
+
+def test_int2_weight_with_n_not_a_multiple_of_4_is_guarded_not_converted():
+    m, w = _gemm()   # N = 8: fine
+    p = MatMulNBitsFormPass({"W": _qweight(w, bits=2)})
+    p(m)
+    assert p.weights == {"W"} and not p.guarded
+    w10 = RNG.normal(size=(10, 64)).astype(np.float32)
+    m = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transB=1)], [tensor_info("x", [2, 64])],
+                   [tensor_info("y", [2, 10])], {"W": w10})
+    p = MatMulNBitsFormPass({"W": _qweight(w10, bits=2)})
+    p(m)
+    assert ops(m) == ["Gemm"] and p.guarded == {"W"} and not p.float_nodes

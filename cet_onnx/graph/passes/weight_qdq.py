@@ -8,7 +8,10 @@ Rules, for every weight ``W`` in the plan (in plan order):
 * a ``DequantizeLinear`` node ``W_DequantizeLinear`` computes the float weight into a tensor
   that keeps the name ``W``, so the consumers are untouched. Per-channel weights set ``axis``;
   block-wise ones set ``axis`` and ``block_size`` (opset 21);
-* INT2 weights are always written in the blocked form (:func:`cet_onnx.quant.sizes.stored_form`):
+* INT2 weights are written in the blocked form (except those in ``plain_int2``: MatMul weights that run
+  as ``MatMulNBits``, :mod:`.matmul_nbits_form`, keep a per-channel scale); a 2-D INT2 weight whose output channels are not a multiple of 4
+  (onnxruntime's 2-bit ``MatMulNBits`` gets them wrong) is reshaped to its own shape after
+  dequantization (``W_dequantized_2d``, ``W_Reshape``, ``W_shape``), which stops that fusion (:func:`cet_onnx.quant.sizes.stored_form`):
   a per-channel or per-tensor scale becomes one block spanning the whole reduction axis, and a
   Conv kernel is dequantized flattened to 2-D into ``W_dequantized_2d`` and reshaped back by
   ``W_Reshape`` to the shape in initializer ``W_shape``. onnxruntime's QDQ selectors exclude 4-
@@ -21,7 +24,7 @@ taken gets a numeric suffix. A weight that was also a graph input stops being on
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -36,20 +39,22 @@ from cet_onnx.quant.sizes import stored_form
 class WeightQDQPass(ir.passes.InPlacePass):
     """Quantized weights become packed initializers and DequantizeLinear (see the module docstring)."""
 
-    def __init__(self, qweights: Mapping[str, QuantizedWeight]) -> None:
+    def __init__(self, qweights: Mapping[str, QuantizedWeight], plain_int2: Collection[str] = ()) -> None:
         super().__init__()
         self.qweights = qweights
+        self.plain_int2 = frozenset(plain_int2)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
         for name, qw in self.qweights.items():
-            insert_front(graph, self._dequantize(graph, names, name, qw))
+            insert_front(graph, self._dequantize(graph, names, name, qw, name not in self.plain_int2))
         return ir.passes.PassResult(model, modified=bool(self.qweights))
 
     @staticmethod
-    def _dequantize(graph: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight) -> list[ir.Node]:
-        q, scale, zp, axis, block, reshape = stored_form(qw)
+    def _dequantize(graph: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight,
+                    int2_blocked: bool = True) -> list[ir.Node]:
+        q, scale, zp, axis, block, reshape = stored_form(qw, int2_blocked)
         dtype = graph.initializers[name].dtype
         inputs = []
         for suffix, tensor in (("quantized", lambda n: int_tensor(n, q, qw.fmt.bits)),
