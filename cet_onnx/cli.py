@@ -586,8 +586,17 @@ def evaluate(fp32_model, quant_model, calib, calib_size, batch_size, image_size,
     s = result["file_bytes"]
     click.echo(f"file size: float {s['fp32']:,} B, quantized {s['quantized']:,} B ({s['fp32'] / s['quantized']:.2f}x)")
     lat = result["latency_ms"]
+    ratio = lat["quantized"] / lat["fp32"]
     click.echo(f"median latency (batch {lat['batch']}): float {lat['fp32']:.3f} ms, quantized {lat['quantized']:.3f} ms "
-               f"({lat['fp32'] / lat['quantized']:.2f}x)")
+               f"({ratio:.2f}x the float latency)")
+    slow = result["kernels"]["dequantized_at_run_time"]
+    if ratio > 1.0:
+        why = (f"{len(slow)} weight(s) are dequantized on every run ("
+               + ", ".join(sorted({s['consumer_op'] for s in slow})) + "): onnxruntime has no fast kernel for their "
+               f"format" if slow else "no weight is dequantized on every run; the Q/DQ of its activations cost more "
+               f"than they save here")
+        click.echo(f"slower than float: {why}. README 'Speed' explains how to choose speed "
+                   f"(INT8, or --max-latency-ratio with a size budget).")
 
 
 if __name__ == "__main__":

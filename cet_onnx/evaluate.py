@@ -11,6 +11,7 @@ from cet_onnx.calibration.samples import effective_batch_size, load_labels
 from cet_onnx.errors import InputError
 from cet_onnx.io.load import load_model
 from cet_onnx.io.sizes import model_file_bytes
+from cet_onnx.kernels import inspect_kernels
 from cet_onnx.runner import select_providers
 from cet_onnx.verify import compare_models
 
@@ -39,4 +40,5 @@ def evaluate_models(fp32_path: str | os.PathLike, quant_path: str | os.PathLike,
     if label_arr is not None:
         result["accuracy"] = c.accuracy(label_arr)
     result["latency_ms"] = c.latency_ms
+    result["kernels"] = inspect_kernels(quant_path, providers).as_dict()
     return result
