@@ -591,10 +591,10 @@ def evaluate(fp32_model, quant_model, calib, calib_size, batch_size, image_size,
                f"({ratio:.2f}x the float latency)")
     slow = result["kernels"]["dequantized_at_run_time"]
     if ratio > 1.0:
-        why = (f"{len(slow)} weight(s) are dequantized on every run ("
-               + ", ".join(sorted({s['consumer_op'] for s in slow})) + "): onnxruntime has no fast kernel for their "
-               f"format" if slow else "no weight is dequantized on every run; the Q/DQ of its activations cost more "
-               f"than they save here")
+        ops = ", ".join(sorted({s["consumer_op"] for s in slow}))
+        why = (f"{len(slow)} weight(s) are dequantized on every run ({ops}): onnxruntime has no fast kernel for "
+               "their format" if slow else
+               "no weight is dequantized on every run; the Q/DQ of its activations cost more than they save here")
         click.echo(f"slower than float: {why}. README 'Speed' explains how to choose speed "
                    f"(INT8, or --max-latency-ratio with a size budget).")
 
