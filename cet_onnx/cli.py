@@ -25,7 +25,7 @@ from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import CetError, InputError
 from cet_onnx.kernels import FAST_KERNELS
 from cet_onnx.options import ActivationOptions, AllocationOptions, DataOptions, QuantizeOptions, RoundingOptions, \
-    RunOptions, WeightOptions, candidate_block as candidate_block_for
+    DEFAULT_ACCURACY_LEVEL, RunOptions, WeightOptions, candidate_block as candidate_block_for
 from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
 from cet_onnx.report import strict_json
 from cet_onnx.rounding.plan import ROUNDING_METHODS
@@ -261,6 +261,13 @@ def main() -> None:
                    "--device) must stay <= MS; each layer's formats are timed in onnxruntime.")
 @click.option("--max-latency-ratio", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
               help="Like --max-latency, relative to the float model's measured latency (1.0: no slower than float).")
+@click.option("--emit-contrib", is_flag=True,
+              help="Write low-bit MatMul weights as com.microsoft.MatMulNBits nodes instead of plain ONNX "
+                   "DequantizeLinear -> MatMul (which onnxruntime fuses into the same kernel at load time). "
+                   "The file then needs onnxruntime.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, metavar="0-4",
+              help=f"With --emit-contrib: MatMulNBits' accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+                   f"input compute) [default: {DEFAULT_ACCURACY_LEVEL}, as onnxruntime's own fusion].")
 @click.option("--allocator", type=click.Choice(ALLOCATORS), default="cet", show_default=True,
               help="How a budget is spent: CET probes, Hessian-trace proxy, layer SQNR, or one bit-width for all.")
 @click.option("--refine-rounds", type=click.IntRange(min=0), default=3, show_default=True,
@@ -277,7 +284,8 @@ def main() -> None:
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
-             latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, allocator, refine_rounds, bits,
+             latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, accuracy_level, allocator,
+             refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
@@ -311,13 +319,23 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
                                        max_loss=max_loss, refine_rounds=refine_rounds, max_latency_ms=max_latency,
                                        max_latency_ratio=max_latency_ratio),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible,
-                       latency_batch=latency_batch, latency_threads=latency_threads))
+                       latency_batch=latency_batch, latency_threads=latency_threads,
+                       emit_contrib=_contrib_level(emit_contrib, accuracy_level)))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement,
                           max_latency_ratio=verify_max_latency_ratio)
     if as_json:
         emit_json({"ok": True, **report})
         return
     _print_quantize_summary(report, report_path(output))
+
+
+def _contrib_level(emit_contrib: bool, accuracy_level: int | None) -> int | None:
+    """``--emit-contrib`` / ``--accuracy-level`` as the options' one field (None: plain ONNX)."""
+    if accuracy_level is not None and not emit_contrib:
+        raise InputError("--accuracy-level sets com.microsoft.MatMulNBits' accuracy; it needs --emit-contrib")
+    if not emit_contrib:
+        return None
+    return DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
 
 
 def _allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics, probe_size,
@@ -427,6 +445,10 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
             say(f"  latency budget ({lb['constraint']}, batch {lb['batch']}): float {lb['float_ms']:.3f} ms, "
                 f"budget {lb['budget_ms']:.3f} ms, predicted {lb['predicted_ms']:.3f} ms "
                 f"(every layer's formats timed; anchored on the fastest assignment, measured {lb['fastest_assignment_ms']:.3f} ms)")
+            loop = lb.get("closed_loop") or []
+            if loop:
+                say("  latency closed loop: " + ", ".join(f"predicted {h['predicted_ms']:.3f} / measured "
+                                                          f"{h['measured_ms']:.3f} ms" for h in loop))
             lat = report.get("latency") or {}
             ratio_budget = lb.get("max_ratio")
             over = (lat.get("ratio", 0) > ratio_budget if ratio_budget is not None

@@ -37,14 +37,16 @@ def check_output_path(model_path: str | os.PathLike, out_path: Path) -> None:
         raise InputError(f"{out_path}: output folder '{out_path.parent}' does not exist")
 
 
-def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os.PathLike) -> Emitted:
-    """Rewrite the graph with Q/DQ and the quantized weights.
+def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os.PathLike,
+         contrib_level: int | None = None) -> Emitted:
+    """Rewrite the graph with Q/DQ and the quantized weights (``contrib_level``: MatMul weights in the
+    ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with that ``accuracy_level``, ``--emit-contrib``).
 
     Unchanged initializers left on disk: small ones are read into the output; large ones
     (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
     """
     result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path),
-                     dynamic=p.act_mode == "dynamic")
+                     dynamic=p.act_mode == "dynamic", contrib_level=contrib_level)
     qmodel = result.model
     if external_data.external_nbytes(qmodel) < external_data.STREAM_BYTES:
         external_data.load_into(qmodel)

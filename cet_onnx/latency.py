@@ -20,9 +20,12 @@ import onnxruntime as ort
 from cet_onnx.runner import Feed, make_session
 
 WARMUP = 3
-MIN_ROUNDS = 10
-MAX_ROUNDS = 100
-MAX_SECONDS = 5.0
+#: runs per turn: the first is run untimed, so that the previous session's still-spinning thread pool
+#: (onnxruntime's default threads spin after each run) does not land on a timed one
+BLOCK = 4
+MIN_ROUNDS = 5
+MAX_ROUNDS = 1000
+SECONDS = 1.0   # past MIN_ROUNDS, rounds go on this long: a sub-millisecond model's median needs many runs
 
 
 def latency_feed(batches: Sequence[Feed], samples: int) -> Feed:
@@ -49,9 +52,10 @@ def latency_feed(batches: Sequence[Feed], samples: int) -> Feed:
 
 
 def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequence[Feed], min_rounds: int = MIN_ROUNDS,
-                   max_rounds: int = MAX_ROUNDS, max_seconds: float = MAX_SECONDS) -> tuple[list[float], int]:
-    """Median milliseconds of ``session.run`` per session, runs taking turns (at least ``min_rounds``, then
-    until ``max_seconds`` or ``max_rounds``); and the rounds run. ``feed``: one for all, or one per session."""
+                   max_rounds: int = MAX_ROUNDS, seconds: float = SECONDS) -> tuple[list[float], int]:
+    """Median milliseconds of ``session.run`` per session, and the rounds run. Each round every session takes a
+    turn of :data:`BLOCK` runs (the order rotated each round); at least ``min_rounds`` rounds, then more until
+    ``seconds`` have passed or ``max_rounds`` are run. ``feed``: one for all, or one per session."""
     feeds = list(feed) if isinstance(feed, (list, tuple)) else [feed] * len(sessions)
     for s, f in zip(sessions, feeds):
         for _ in range(WARMUP):
@@ -59,11 +63,15 @@ def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequen
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < max_seconds):
-        for k, (s, f) in enumerate(zip(sessions, feeds)):
-            t0 = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - t0)
+
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < seconds):
+        for j in range(len(sessions)):
+            k = (rounds + j) % len(sessions)
+            sessions[k].run(None, feeds[k])
+            for _ in range(BLOCK - 1):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                times[k].append(time.perf_counter() - t0)
         rounds += 1
     return [float(np.median(t) * 1e3) for t in times], rounds
 
@@ -76,7 +84,7 @@ def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers:
     (fp32, quant), rounds = interleaved_ms(sessions, feed)
     return {"batch": samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],
             "fp32_ms": round(fp32, 4), "quantized_ms": round(quant, 4), "ratio": round(quant / fp32, 4),
-            "interleaved_runs": rounds}
+            "interleaved_runs": rounds * (BLOCK - 1)}
 
 
 def cpu_name() -> str:

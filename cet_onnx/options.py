@@ -121,6 +121,7 @@ class RunOptions:
     reproducible: bool = False      # leave wall-clock fields out of the report (byte-identical reruns)
     latency_batch: int = 1          # samples per run when timing float vs quantized (0: not timed)
     latency_threads: int = 0        # onnxruntime intra-op threads when timing (0: onnxruntime's default)
+    emit_contrib: int | None = None  # write com.microsoft.MatMulNBits with this accuracy_level (None: plain ONNX)
 
 
 GROUPS = {"data": DataOptions, "weights": WeightOptions, "activations": ActivationOptions,
@@ -245,6 +246,9 @@ def validate(opts: QuantizeOptions) -> None:
             raise InputError(f"{flag} needs a probed allocator (cet, hawq or sqnr), not uniform")
         if not opts.run.latency_batch:
             raise InputError(f"{flag} times the model at --latency-batch samples; it cannot be 0")
+    level = opts.run.emit_contrib
+    if level is not None and (isinstance(level, bool) or level not in ACCURACY_LEVELS):
+        raise InputError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got '{level}'")
     for flag, v in (("--latency-batch", opts.run.latency_batch), ("--latency-threads", opts.run.latency_threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise InputError(f"{flag} must be a whole number of at least 0, got '{v}'")
@@ -258,6 +262,12 @@ def validate(opts: QuantizeOptions) -> None:
 #: finest that pays on CNNs; 128 costs 0.28 bits/weight of scales against 1.1 at 32, and on
 #: all-MiniLM-L6-v2 at ``--avg-bits 4`` raised the cosine to FP32 from 0.880 (32 only) to 0.956
 DEFAULT_CANDIDATE_BLOCKS = (32, 128)
+
+#: ``accuracy_level`` of ``com.microsoft.MatMulNBits``: the smallest type its input may be computed in
+#: (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8). 4 is what onnxruntime 1.32's own load-time fusion writes
+#: (read from its optimised graph), so ``--emit-contrib`` defaults to it and runs the same kernel.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
 
 
 def candidate_block(requested: tuple[int, ...] | int | None, block_size: int | None) -> tuple[int, ...]:

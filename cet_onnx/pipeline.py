@@ -119,7 +119,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
             allocation["measured_loss"] = measured_loss(session, qweights)
         del session  # its onnxruntime session holds the float weights
     with timer.stage("rewrite"):
-        emitted = emit(p, qweights, model_path)
+        emitted = emit(p, qweights, model_path, opts.run.emit_contrib)
         rows = weight_rows(p.weights, qweights, allocation)
         del qweights  # the codes now live in the emitted model; keep one copy while checking and verifying
         check(emitted)

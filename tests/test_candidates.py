@@ -27,3 +27,12 @@ def test_embedding_tables_take_only_their_fast_lookup_formats():
     table = WeightInfo("e", (1000, 384), "Gather", 0, 1)
     assert format_available(table, WeightFormat(8)) and format_available(table, WeightFormat(4, "block", 128))
     assert not format_available(table, WeightFormat(4)) and not format_available(table, WeightFormat(2, "block", 32))
+
+
+def test_conv_kernels_take_no_int8_blocks():
+    # onnxruntime fuses a blocked INT8 kernel into QLinearConv and then fails at run time
+    conv = WeightInfo("c", (64, 64, 1, 1), "Conv", 0, 1)
+    fc = WeightInfo("f", (64, 64), "MatMul", 1, 0)
+    b32 = WeightFormat(8, "block", 32)
+    assert not format_available(conv, b32) and format_available(fc, b32)
+    assert format_available(conv, WeightFormat(8)) and format_available(conv, WeightFormat(4, "block", 32))

@@ -86,8 +86,9 @@ def test_candidate_sizes_are_real_bytes(cnn_session):
             if cand.available[i, j]:
                 assert cand.sizes[i, j] == quantize_weight(values[w.name], f, w.channel_axis, w.reduction_axis).nbytes()
                 assert cand.sizes[i, j] == cand.quantize(i, j).nbytes()
-            else:  # blocks of 4 need at least 4 input channels
-                assert f.granularity == "block" and w.shape[w.reduction_axis] < 4
+            else:  # blocks of 4 need at least 4 input channels; Conv kernels take no INT8 blocks
+                assert f.granularity == "block"
+                assert w.shape[w.reduction_axis] < 4 or (w.op_type == "Conv" and f.bits == 8)
 
 
 def test_analyze_writes_tables_and_second_run_hits_the_cache(tmp_path):

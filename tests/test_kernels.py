@@ -72,6 +72,52 @@ def test_small_mlp_int8_weight_only_and_the_2d_matmul_add_relu_onnxruntime_turns
     assert report["kernels"]["dequantized_at_run_time"] == [{"weight": "w1", "consumer_op": "FusedGemm"}]
 
 
+def _contrib_nodes(path):
+    return [n for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"]
+
+
+def test_emit_contrib_writes_matmulnbits_with_its_accuracy_level_and_matches_the_plain_form(encoder, tmp_path):
+    """Level 4 (the default) is the kernel onnxruntime's own fusion picks for the plain form; level 0 computes in
+    float, as the plain form does with graph optimisations off."""
+    import onnxruntime as ort
+    args = ("--weight-bits", "4", "--block-size", "32", "--act-mode", "none", "--latency-batch", "0")
+    runs = {name: _quantize(encoder / "encoder.onnx", tmp_path / f"{name}.onnx", encoder / "calib.npz", *args, *extra)
+            for name, extra in (("plain", ()), ("c4", ("--emit-contrib",)),
+                                ("c0", ("--emit-contrib", "--accuracy-level", "0")))}
+    assert not _contrib_nodes(tmp_path / "plain.onnx")
+    for name, level in (("c4", 4), ("c0", 0)):
+        nodes = _contrib_nodes(tmp_path / f"{name}.onnx")
+        assert len(nodes) == 6
+        assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes} == {level}
+        onnx.checker.check_model(str(tmp_path / f"{name}.onnx"))
+        k = runs[name]["kernels"]
+        assert k["ops"].get("MatMulNBits") == 6 and not k["dequantized_at_run_time"]
+        assert runs[name]["totals"]["weight_bytes"] == runs["plain"]["totals"]["weight_bytes"]
+    feeds = encoder_feeds(8, seed=5)
+    unfused = ort.SessionOptions()
+    unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def out(name, so=None):
+        return ort.InferenceSession(str(tmp_path / f"{name}.onnx"), so).run(None, feeds)[0]
+    np.testing.assert_allclose(out("c4"), out("plain"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out("c0"), out("plain", unfused), rtol=1e-4, atol=1e-4)
+
+
+def test_emit_contrib_closes_the_fusedgemm_gap_of_the_plain_form(tmp_path):
+    onnx.save(small_mlp(), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
+    report = _quantize(tmp_path / "mlp.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", "--weight-only",
+                       "--emit-contrib")
+    assert report["kernels"]["ops"].get("MatMulNBits") == 2 and not report["kernels"]["dequantized_at_run_time"]
+    assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in _contrib_nodes(tmp_path / "q.onnx")} == {4}
+
+
+def test_accuracy_level_without_emit_contrib_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["quantize", str(DIGITS / "model.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                    "--calib", str(DIGITS / "calib.npz"), "--accuracy-level", "4"])
+    assert res.exit_code == 2 and "needs --emit-contrib" in res.output and not (tmp_path / "q.onnx").exists()
+
+
 def test_inspect_kernels_reads_a_file_too():
     k = inspect_kernels(DIGITS / "model.onnx", ["CPUExecutionProvider"])
     assert k.ops.get("Conv", 0) + k.ops.get("FusedConv", 0) == 8 and not k.dequantized_at_run_time

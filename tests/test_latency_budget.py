@@ -80,15 +80,80 @@ def test_a_latency_budget_is_met_in_the_prediction_and_reported(tmp_path):
     lb = report["allocation"]["latency_budget"]
     assert lb["constraint"] == "--max-latency-ratio 1.0" and lb["batch"] == 16
     assert lb["predicted_ms"] <= lb["budget_ms"] + 1e-6
+    loop = lb["closed_loop"]   # every solve's choice measured as a whole model
+    assert 1 <= len(loop) <= 3 and all(h["measured_ms"] > 0 for h in loop)
+    assert lb["met_when_measured"] == (loop[-1]["measured_ms"] <= lb["budget_ms"])
     assert report["latency"]["batch"] == 16 and report["latency"]["ratio"] > 0
     assert set(lb["per_weight"]) == {w["name"] for w in report["weights"]}
 
 
-def test_an_unreachable_latency_budget_says_which_size_it_allows(tmp_path):
+def test_the_closed_loop_fits_layer_costs_to_whole_model_measurements():
+    from cet_onnx.allocation.latency_budget import LatencyBudget
+    lb = object.__new__(LatencyBudget)   # the fit alone: no model, no timing
+    lb.delta = np.array([[0.0, 1.0, 3.0], [0.0, 2.0, 5.0]])
+    lb.fastest_ms, lb.fastest_sum, lb.scale, lb.points, lb.budget_ms, lb.flag = 10.0, 0.0, 1.0, [], 13.0, "test"
+    a, b = np.array([1, 1]), np.array([2, 0])
+    assert lb.predict(a) == 13.0 and lb.limit.holds(a)
+    lb._fit(a, 16.0)             # the whole model is twice as slow as its layers say
+    assert lb.scale == 2.0 and lb.predict(a) == 16.0 and not lb.limit.holds(a)
+    assert lb.limit.holds(np.array([1, 0]))          # 10 + 2 * 1 <= 13
+    lb._fit(b, 14.0)             # least squares through the anchor over both measurements
+    assert lb.scale == pytest.approx((3 * 6 + 3 * 4) / (9 + 9))
+    lb._fit(np.array([0, 0]), 30.0)                  # the anchor itself: nothing to fit
+    assert len(lb.points) == 2
+
+
+def test_a_latency_budget_below_the_fastest_assignment_says_what_was_measured(tmp_path):
     res = _quantize(tmp_path, "--avg-bits", "2.5", "--max-latency-ratio", "0.05", "--latency-batch", "16")
     assert res.exit_code == 2
-    assert "--max-latency-ratio 0.05 cannot be met" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "q.onnx").exists()
+    assert "--max-latency-ratio 0.05 cannot be met: the fastest assignment of formats measured" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "q.onnx").exists()
+
+
+def _budget_without_a_model(measured: list[float]):
+    """A LatencyBudget over two weights × (slow small, fast large) formats whose whole-model timings are given."""
+    from types import SimpleNamespace
+
+    from cet_onnx.allocation.latency_budget import LatencyBudget
+    lb = object.__new__(LatencyBudget)
+    lb.delta = np.array([[1.0, 0.0], [1.0, 0.0]])
+    lb.cand = SimpleNamespace(available=np.ones((2, 2), bool), sizes=np.array([[1.0, 4.0], [1.0, 4.0]]))
+    lb.fastest, lb.fastest_ms, lb.fastest_sum, lb.scale, lb.points, lb.history = np.array([1, 1]), 10.0, 0.0, 1.0, [], []
+    lb.budget_ms, lb.float_ms, lb.flag, lb.report = 11.0, 12.0, "--max-latency-ratio 0.92", {"batch": 1}
+    timings = iter(measured)
+    lb.measure = lambda choice: (lb.float_ms, next(timings))
+    return lb
+
+
+def _too_small(limits):
+    from cet_onnx.errors import InputError
+    raise InputError("--avg-bits 1 together with the latency budget cannot be met")
+
+
+def test_an_infeasible_size_stops_once_the_smallest_within_the_latency_budget_is_measured_within_it():
+    from cet_onnx.errors import InputError
+    lb = _budget_without_a_model([10.9])
+    with pytest.raises(InputError, match="cannot be met"):
+        lb.closed_loop(_too_small)
+    assert len(lb.history) == 1 and lb.history[0]["solved"] == "smallest within the latency budget"
+
+
+def test_an_infeasible_size_refits_when_the_smallest_within_measures_over_the_budget():
+    from cet_onnx.errors import InputError
+    lb = _budget_without_a_model([13.0])   # one small weight: predicted 11 ms, measured 13
+    with pytest.raises(InputError, match="cannot be met"):
+        lb.closed_loop(_too_small)         # after the refit only the all-fast anchor fits: not timed again
+    assert lb.scale == pytest.approx(3.0)
+    assert [h["measured_ms"] for h in lb.history] == [13.0, 10.0]
+
+
+def test_a_budget_below_the_measured_anchor_needs_no_solve_to_fail():
+    from cet_onnx.errors import InputError
+    lb = _budget_without_a_model([])
+    lb.budget_ms = 9.0
+    with pytest.raises(InputError, match="fastest assignment of formats measured 10 ms against a budget of 9 ms"):
+        lb.closed_loop(_too_small)
+    assert lb.history == []
 
 
 @pytest.mark.parametrize("args, message", [

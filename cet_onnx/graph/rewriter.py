@@ -3,7 +3,9 @@
 1. :class:`~.passes.upgrade_opset.UpgradeOpsetPass` — the opset the emitted types need
    (:func:`required_opset`), and the IR version with it;
    then :class:`~.passes.matmul_nbits_form.MatMulNBitsFormPass` — low-bit MatMul / Gemm weights in the
-   form onnxruntime fuses into ``MatMulNBits`` (those nodes keep float activations and bias);
+   form onnxruntime fuses into ``MatMulNBits`` (those nodes keep float activations and bias), and with
+   ``contrib_level`` :class:`~.passes.matmul_nbits_contrib.MatMulNBitsContribPass` writes them as
+   ``com.microsoft.MatMulNBits`` directly (``--emit-contrib``);
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
    under the transformer rule (:func:`transformer_rules`);
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
@@ -44,6 +46,7 @@ from cet_onnx.graph.passes.gather_rows import GatherRowsPass
 from cet_onnx.graph.passes.int2_float_bias import Int2FloatBiasPass
 from cet_onnx.graph.passes.half_bias_add import HalfBiasAddPass
 from cet_onnx.graph.passes.int32_bias import Int32BiasPass
+from cet_onnx.graph.passes.matmul_nbits_contrib import MatMulNBitsContribPass
 from cet_onnx.graph.passes.matmul_nbits_form import MatMulNBitsFormPass
 from cet_onnx.graph.passes.stable_sort import StableTopologicalSortPass
 from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
@@ -111,12 +114,14 @@ def _half_precision_opset(model: Model, qweights: dict[str, QuantizedWeight],
 
 def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
             act_params: dict[str, ActivationParams] | None, source: str = "model",
-            dynamic: bool = False) -> RewriteResult[Model]:
+            dynamic: bool = False, contrib_level: int | None = None) -> RewriteResult[Model]:
     """Return a QDQ copy of ``model`` (the input is not modified).
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
-    quantization. ``dynamic``: INT8-weight MatMuls quantize their input at run time. Unsigned activation parameters turn on Relu folding. Initializers that stay
+    quantization. ``dynamic``: INT8-weight MatMuls quantize their input at run time. ``contrib_level``: write
+    MatMul weights in the ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with this ``accuracy_level``
+    (None: plain ONNX, fused by onnxruntime at load time). Unsigned activation parameters turn on Relu folding. Initializers that stay
     unchanged keep referring to their external data. The result has no value_info.
     """
     act_params = act_params or {}
@@ -133,6 +138,10 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     nbits = MatMulNBitsFormPass(qweights, all_bits=not act_params and not dynamic)
     for p in (UpgradeOpsetPass(target, source), nbits):
         p(m)
+    if contrib_level is not None:
+        contrib = MatMulNBitsContribPass(qweights, nbits.weights - nbits.guarded, contrib_level)
+        contrib(m)
+        qweights = {k: v for k, v in qweights.items() if k not in contrib.converted}
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
         passes.append(FoldReluPass(nbits.float_nodes))
