@@ -25,7 +25,7 @@ on every run).
 
 Writes ``tools/results/latency_bench.md`` and ``.json``. ``--reuse`` keeps quantized models of an
 earlier run found in ``tools/results/cache/latency_bench/`` (their recorded quantize timings are
-kept; the latency is always measured again). MiniLM needs torch and transformers (the export).
+kept; the latency is always measured again) and the earlier results of models not named in ``--models``. MiniLM needs torch and transformers (the export).
 """
 
 from __future__ import annotations
@@ -291,7 +291,8 @@ def main() -> None:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
-    results = {}
+    earlier = RESULTS / "latency_bench.json"
+    results = json.loads(earlier.read_text()) if args.reuse and earlier.exists() else {}   # other models kept
     for name in names:
         results[name] = bench(name, args.repeats, args.reuse)
         write(results, args.repeats)
