@@ -30,6 +30,7 @@ from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
 from cet_onnx.report import strict_json
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES
+from cet_onnx.tensor_errors import worst
 
 
 
@@ -405,6 +406,21 @@ def _say_speed(say: Callable, report: dict) -> None:
         say(f"latency: {lat['skipped']}")
 
 
+def _say_tensor_errors(say: Callable[[str], None], report: dict) -> None:
+    """The few worst activations and weights by SQNR against the float model."""
+    te = report.get("tensor_errors") or {}
+    rows = te.get("tensors") or []
+    if not rows:
+        return
+    where = {"verify": "held-out", "calibration": "calibration"}.get(te.get("batches"), "")
+    say(f"worst tensors (SQNR against the float model{', ' + where + ' data' if where else ''}; "
+        f"all {len(rows)} in the report's tensor_errors):")
+    for r in worst(rows, "activation") + worst(rows, "weight"):
+        own = (f", its quantizer alone {_fmt_sqnr(r['quantizer_sqnr_db'])}"
+               if r["kind"] == "activation" and r.get("quantizer_sqnr_db") is not None else "")
+        say(f"  {r['kind']} '{r['name']}' ({r['precision']}, {r['role']}): {_fmt_sqnr(r['sqnr_db'])}{own}")
+
+
 def _print_quantize_summary(report: dict, report_file: Path) -> None:
     """The short human summary of a quantize run, on stderr (stdout is kept for --json)."""
     say = functools.partial(click.echo, err=True)
@@ -423,6 +439,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
     if v.get("accuracy"):
         say(f"  top-1 accuracy on them: float {100 * v['accuracy']['fp32']:.2f} %, "
             f"quantized {100 * v['accuracy']['quantized']:.2f} %")
+    _say_tensor_errors(say, report)
     a = report.get("allocation")
     if a:
         counts: dict[str, int] = {}

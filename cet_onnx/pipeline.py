@@ -28,6 +28,7 @@ from cet_onnx.report import add_file_sizes, build_report, check_gates, pareto_fi
     weight_rows
 from cet_onnx.rounding.plan import choose_format, ensure_hessians, plan_rounding, quantize_all
 from cet_onnx.runner import select_providers
+from cet_onnx.tensor_errors import activation_errors, weight_errors
 from cet_onnx.timer import Timer
 from cet_onnx.verify import verify
 
@@ -80,6 +81,21 @@ def add_speed(report: dict[str, Any], p: Prepared, emitted: Any, opts: QuantizeO
         report["latency"] = {"skipped": "--latency-batch 0" if batches else "no data to run on"}
 
 
+def add_tensor_errors(report: dict[str, Any], p: Prepared, emitted: Any, timer: Timer) -> None:
+    """Per-tensor SQNR against the float model (:mod:`cet_onnx.tensor_errors`) on the held-out batches
+    (the calibration batches without any); activations skipped for a model whose weights stay on disk."""
+    weights = weight_errors(report["weights"])
+    if emitted.large:
+        report["tensor_errors"] = {"activations": "not measured: the model is too large to hold twice",
+                                   "tensors": weights}
+        return
+    batches = p.verify_batches or p.calib_batches
+    with timer.stage("tensor errors"):
+        acts = activation_errors(p.model, emitted.model, p.weights, batches, p.providers)
+    report["tensor_errors"] = {"batches": "verify" if p.verify_batches else "calibration",
+                               "tensors": acts + weights}
+
+
 def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
             allocators: tuple[str, ...] = ("cet",)) -> dict[str, Any]:
     """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL."""
@@ -120,13 +136,14 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         del session  # its onnxruntime session holds the float weights
     with timer.stage("rewrite"):
         emitted = emit(p, qweights, model_path, opts.run.emit_contrib)
-        rows = weight_rows(p.weights, qweights, allocation)
+        rows = weight_rows(p.weights, qweights, allocation, p.values)
         del qweights  # the codes now live in the emitted model; keep one copy while checking and verifying
         check(emitted)
     with timer.stage("verify"):
         verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels())
     report = build_report(model_path, out_path, calib, opts, p, emitted.rewritten, emitted.model, rows,
                           verification, allocation, timer.stages.get("hessians", 0.0))
+    add_tensor_errors(report, p, emitted, timer)
     add_speed(report, p, emitted, opts, timer)
     check_gates(report, min_sqnr, min_agreement, max_latency_ratio)
     extra = pareto_files(report, model_path, out_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -19,6 +19,7 @@ from cet_onnx.options import QuantizeOptions
 from cet_onnx.plot import pareto_path, pareto_png
 from cet_onnx.prepared import Prepared
 from cet_onnx.quant.quantizer import QuantizedWeight
+from cet_onnx.tensor_errors import array_sqnr_db, quantizers
 
 #: fields that depend on the wall clock or on the probe cache (left out with ``--reproducible``)
 WALL_CLOCK_KEYS = frozenset({"timings_s", "probe_seconds", "forward_passes_per_second", "seconds", "file_bytes",
@@ -33,15 +34,23 @@ def report_path(out: str | os.PathLike) -> Path:
 
 
 def weight_rows(weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
-                allocation: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per quantized weight: shape, format, bytes (and the allocator's predicted ΔL)."""
+                allocation: dict[str, Any] | None, values: Mapping[str, np.ndarray] | None = None
+                ) -> list[dict[str, Any]]:
+    """One row per quantized weight: shape, format, bytes, SQNR of the dequantized weight against
+    ``values`` (the float weights, when given) and the allocator's predicted ΔL."""
     predicted = (allocation or {}).get("per_weight_predicted")
     return [
         {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
          "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
          "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
+         **({"sqnr_db": _weight_sqnr(values[w.name], qweights[w.name])} if values is not None else {}),
          **({"predicted_delta_loss": predicted[w.name]} if predicted is not None else {})}
         for w in weights]
+
+
+def _weight_sqnr(weight: np.ndarray, qw: QuantizedWeight) -> float:
+    deq = qw.dequantize()
+    return array_sqnr_db(weight, deq if deq.shape == weight.shape else deq.T)
 
 
 def options_view(opts: QuantizeOptions) -> dict[str, Any]:
@@ -85,7 +94,7 @@ def build_report(model_path: str | os.PathLike, out_path: Path, calib: str | Non
         "quantized_biases": rewritten.quantized_biases,
         "activation_mode": {"mode": p.act_mode, "why": p.act_mode_why,
                             "dynamic_matmuls": len(rewritten.dynamic_matmuls)},
-        "activation_tensors": len(p.act_params or {}),
+        "activation_tensors": sum(1 for kind, _ in quantizers(qmodel).values() if kind.endswith("static")),
         "activations_left_float": dict(p.float_activations),
         "float_ops": float_ops(qmodel),
         "totals": _totals(rows),

@@ -13,6 +13,9 @@ Rules, for every tensor ``t`` of the plan (in plan order):
 * the nodes named in ``float_nodes`` (MatMuls fused into ``MatMulNBits``,
   :mod:`.matmul_nbits_form`) keep reading float inputs, and a planned tensor one of them
   produces gets no pair;
+* a pair whose dequantized output nothing reads after the rewiring (every consumer of ``t`` is
+  one of ``float_nodes`` or outside ``activation_ops``) is removed again, with its scale and
+  zero point: it would cost a run-time quantization for nothing;
 * the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
   graph input. This is the order the rewriter's stable topological sort always gave.
@@ -112,6 +115,15 @@ def transformer_activation_tensors(graph: ir.Graph) -> list[str]:
     return list(seen)
 
 
+def _remove_pair(graph: ir.Graph, pair: list[ir.Node]) -> None:
+    """Remove a Q/DQ pair nothing reads, and its scale and zero point initializers."""
+    params = [v for v in pair[0].inputs[1:] if v is not None]
+    graph.remove(pair[::-1], safe=True)
+    for v in params:
+        if not v.uses() and v.name in graph.initializers:
+            graph.initializers.pop(v.name)
+
+
 class ActivationQDQPass(ir.passes.InPlacePass):
     """Adds the Q/DQ pairs of ``act_params`` and points the consumers at them (module docstring)."""
 
@@ -129,6 +141,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         original = [n for n in graph if not n.meta.get(FRONT)]
         dequantized: dict[str, ir.Value] = {}
         after: dict[ir.Node, ir.Node] = {}
+        pairs: dict[str, list[ir.Node]] = {}
         for t, p in self.act_params.items():
             value = values.get(t) or ir.Value(name=t)
             if value.producer() is not None and value.producer().name in self.float_nodes:
@@ -141,7 +154,11 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 graph.insert_after(after.get(producer, producer), pair)
                 after[producer] = pair[-1]
             dequantized[t] = pair[-1].outputs[0]
+            pairs[t] = pair
         self._rewire(original, dequantized)
+        for t, pair in pairs.items():
+            if not pair[-1].outputs[0].uses() and not pair[-1].outputs[0].is_graph_output():
+                _remove_pair(graph, pair)
         return ir.passes.PassResult(model, modified=bool(self.act_params))
 
     @staticmethod

@@ -84,3 +84,13 @@ def test_transformer_plan_keeps_residual_attention_and_matmul_outputs_float_and_
     assert node_named(m, "residual").inputs[0].name == "x"             # the residual Add reads float x
     assert node_named(m, "proj").inputs[0].name == "x_DequantizeLinear_Output"
     assert node_named(m, "head").inputs[1].name == "w2t"              # a Transpose of a weight is no activation
+
+
+def test_a_pair_nothing_reads_is_removed_with_its_parameters():
+    # x's only consumer is a MatMul fused into MatMulNBits (float_nodes): quantizing x would be wasted work
+    m = _model()
+    ActivationQDQPass({"x": P, "a": P}, float_nodes={"mm"})(m)
+    assert node_named(m, "mm").inputs[0].name == "x"
+    assert ops(m) == ["MatMul", "Neg", "Add", "QuantizeLinear", "DequantizeLinear", "Exp", "Sigmoid"]
+    assert "x_scale" not in m.graph.initializers and "x_zero_point" not in m.graph.initializers
+    assert "a_scale" in m.graph.initializers

@@ -1,0 +1,174 @@
+"""Per-tensor error of a quantized model against its float model: where the accuracy goes.
+
+When the output drifts, the question is which tensor did it. For every weight and every
+activation tensor around a weight's layer this gives the SQNR of the quantized model's tensor
+against the float model's, the way onnxruntime's ``qdq_loss_debug`` and AIMET's QuantAnalyzer do:
+
+* **weights**: the dequantized weight against the float weight (exact, from the codes);
+* **activations**: every activation input of a weight's layer, every output of such a layer and
+  every other tensor the emitted graph quantizes (static Q/DQ, or the dynamic MatMul's run-time
+  quantizer), found under the same name in both graphs, run on the same batches (both sessions side by
+  side, error sums accumulated batch by batch, so no batch is held after its turn). Two SQNRs:
+
+  - ``sqnr_db``: the quantized model's tensor (for a quantized one: its dequantized value, what
+    its consumers read) against the float model's — the error accumulated up to that tensor;
+  - ``quantizer_sqnr_db`` (quantized activations only): the tensor's own quantizer, its
+    dequantized value against its input in the quantized model — the error that point adds
+    (where the rewrite folded a Relu into the quantizer's range, the input is taken after the Relu).
+
+Both graphs run as written (onnxruntime's graph optimisations off): its QDQ fusions would compute
+an exposed intermediate tensor along another path than the graph says. Positions where either value is non-finite (``-inf`` attention masks) are not counted.
+``precision`` says what the emitted graph does with the tensor: ``int8 static`` /
+``int16 static`` (a QuantizeLinear → DequantizeLinear pair), ``int8 dynamic``
+(``DynamicQuantizeLinear``), or ``float``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from cet_onnx.graph.passes.extra_outputs import with_outputs
+from cet_onnx.graph.weights import WeightInfo
+from cet_onnx.runner import Feed, make_session
+
+_STATIC_BITS = {ir.DataType.UINT8: 8, ir.DataType.INT8: 8, ir.DataType.UINT16: 16, ir.DataType.INT16: 16}
+
+
+class _Sums:
+    """Running ‖ref‖² and ‖ref − test‖² over the positions finite in both."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: np.ndarray, test: np.ndarray) -> None:
+        ref, test = np.asarray(ref), np.asarray(test)
+        if ref.shape != test.shape:
+            raise ValueError(f"shapes differ: {ref.shape} vs {test.shape}")
+        ref, test = ref.astype(np.float32, copy=False).reshape(-1), test.astype(np.float32, copy=False).reshape(-1)
+        if not (np.isfinite(ref).all() and np.isfinite(test).all()):
+            keep = np.isfinite(ref) & np.isfinite(test)
+            ref, test = ref[keep], test[keep]
+        err = ref - test
+        self.signal += float(np.dot(ref, ref))   # float32 BLAS: ample for a figure in dB
+        self.noise += float(np.dot(err, err))
+
+    def db(self) -> float:
+        if self.noise == 0.0:
+            return float("inf")
+        if self.signal == 0.0:
+            return float("-inf")
+        return float(10.0 * np.log10(self.signal / self.noise))
+
+
+def array_sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """SQNR in dB of ``test`` against ``ref`` over the positions finite in both (+inf when identical)."""
+    s = _Sums()
+    s.add(ref, test)
+    return s.db()
+
+
+def layer_tensors(model: ir.Model, weights: Sequence[WeightInfo]) -> dict[str, str]:
+    """Float activation tensors around each weight's layer → their role, in graph order:
+    every non-weight float input of a consumer node, then its float outputs."""
+    weight_names = {w.name for w in weights}
+    consumers = {c for w in weights for c in w.consumers}
+    roles: dict[str, str] = {}
+    for node in model.graph:
+        if node.name not in consumers:
+            continue
+        where = f"{node.op_type} '{node.name}'"
+        for v in node.inputs:
+            if v is not None and v.name not in weight_names and not v.is_initializer() and _is_float(v):
+                roles.setdefault(v.name, f"input of {where}")
+        for v in node.outputs:
+            if _is_float(v):
+                roles.setdefault(v.name, f"output of {where}")
+    return roles
+
+
+def _is_float(v: ir.Value) -> bool:
+    return v.dtype is None or v.dtype.is_floating_point()
+
+
+def quantizers(qmodel: ir.Model) -> dict[str, tuple[str, list[str]]]:
+    """Tensor → (precision, the names whose value reconstructs its quantized form) in the emitted graph:
+    ``[dq_output]`` for a static Q/DQ pair, ``[codes, scale, zero_point]`` for DynamicQuantizeLinear."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for node in qmodel.graph:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.name in found:
+            continue
+        if node.op_type == "DynamicQuantizeLinear":
+            found[x.name] = ("int8 dynamic", [o.name for o in node.outputs])
+        elif node.op_type == "QuantizeLinear" and not x.is_initializer():
+            dq = next((c for c, _ in node.outputs[0].uses() if c.op_type == "DequantizeLinear"), None)
+            if dq is not None:
+                bits = _STATIC_BITS.get(node.outputs[0].dtype, 8)
+                found[x.name] = (f"int{bits} static", [dq.outputs[0].name])
+    return found
+
+
+def _dequantized(values: list[np.ndarray]) -> np.ndarray:
+    """The quantized form of a tensor from its exposed values (see :func:`quantizers`)."""
+    if len(values) == 1:
+        return values[0]
+    codes, scale, zero_point = values
+    return (codes.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def _folded_relus(model: ir.Model, qmodel: ir.Model, quant: dict[str, Any]) -> set[str]:
+    """Quantized tensors whose float producer is a Relu that the rewrite folded into the quantizer's range:
+    in the quantized graph the name carries the Relu's input, and the quantizer's clamp at 0 is the Relu."""
+    def producers(m: ir.Model) -> dict[str, str]:
+        return {v.name: node.op_type for node in m.graph for v in node.outputs}
+    fp, qp = producers(model), producers(qmodel)
+    return {t for t in quant if fp.get(t) == "Relu" and qp.get(t) != "Relu"}
+
+
+def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[WeightInfo],
+                      batches: Sequence[Feed], providers: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per activation tensor around a weight's layer present in both graphs (see the module doc)."""
+    qnames = {v.name for node in qmodel.graph for v in node.outputs} | {v.name for v in qmodel.graph.inputs}
+    fnames = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    quant = {t: q for t, q in quantizers(qmodel).items() if t in fnames}
+    roles = {t: r for t, r in layer_tensors(model, weights).items() if t in qnames}
+    roles.update({t: "quantized activation" for t in quant if t not in roles})
+    if not roles or not batches:
+        return []
+    extra = [n for _, names in quant.values() for n in names]
+    ref_sess = make_session(with_outputs(model, roles), providers, optimize=False)
+    q_sess = make_session(with_outputs(qmodel, [*roles, *extra], typed=False), providers, optimize=False)
+    folded = _folded_relus(model, qmodel, quant)
+    to_float, own = {t: _Sums() for t in roles}, {t: _Sums() for t in quant}
+    for feed in batches:
+        ref = dict(zip(roles, ref_sess.run(list(roles), feed)))
+        got = dict(zip([*roles, *extra], q_sess.run([*roles, *extra], feed)))
+        for t in roles:
+            if t not in quant:
+                to_float[t].add(ref[t], got[t])
+                continue
+            seen = _dequantized([got[n] for n in quant[t][1]])
+            to_float[t].add(ref[t], seen)
+            own[t].add(np.maximum(got[t], 0) if t in folded else got[t], seen)
+    return [{"name": t, "kind": "activation", "role": role,
+             "precision": quant[t][0] if t in quant else "float",
+             "sqnr_db": to_float[t].db(),
+             "quantizer_sqnr_db": own[t].db() if t in own else None}
+            for t, role in roles.items()]
+
+
+def weight_errors(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The weight rows of the report (each with its ``sqnr_db``) in the per-tensor form."""
+    return [{"name": r["name"], "kind": "weight", "role": f"weight of {r['op']}", "precision": r["format"],
+             "sqnr_db": r["sqnr_db"], "quantizer_sqnr_db": r["sqnr_db"],
+             **({"sensitivity": r["predicted_delta_loss"]} if "predicted_delta_loss" in r else {})}
+            for r in rows if "sqnr_db" in r]
+
+
+def worst(rows: Sequence[dict[str, Any]], kind: str, n: int = 3) -> list[dict[str, Any]]:
+    """The ``n`` rows of ``kind`` with the lowest SQNR against the float model."""
+    return sorted((r for r in rows if r["kind"] == kind), key=lambda r: float(r["sqnr_db"]))[:n]   # "inf" in JSON

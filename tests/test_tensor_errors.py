@@ -1,0 +1,78 @@
+"""Per-tensor error report: SQNR of every weight and of the activations around each weight's layer."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cet_onnx.cli import main
+from cet_onnx.tensor_errors import array_sqnr_db, worst
+from models import encoder_feeds, small_cnn, tiny_encoder
+
+
+def _quantize(model, out, calib, *extra):
+    res = CliRunner().invoke(main, [str(a) for a in ("quantize", model, "-o", out, "--calib", calib, "-q", *extra)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.loads((out.parent / f"{out.stem}.report.json").read_text()), res.output
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cnn")
+    onnx.save(small_cnn(), d / "m.onnx")
+    np.savez(d / "calib.npz", x=np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32))
+    return d
+
+
+def _rows(report, kind):
+    return {r["name"]: r for r in report["tensor_errors"]["tensors"] if r["kind"] == kind}
+
+
+def test_sqnr_counts_only_positions_finite_in_both():
+    ref = np.array([1.0, -np.inf, 2.0, 3.0], np.float32)
+    test = np.array([1.0, -np.inf, 2.0, 2.0], np.float32)
+    assert array_sqnr_db(ref, test) == pytest.approx(10 * np.log10(14.0 / 1.0))
+    assert array_sqnr_db(ref, ref) == float("inf")
+
+
+def test_every_weight_and_the_activations_around_its_layer_get_an_sqnr(cnn, tmp_path):
+    w8, _ = _quantize(cnn / "m.onnx", tmp_path / "w8.onnx", cnn / "calib.npz")
+    w4, _ = _quantize(cnn / "m.onnx", tmp_path / "w4.onnx", cnn / "calib.npz", "--weight-bits", "4")
+    weights8, weights4 = _rows(w8, "weight"), _rows(w4, "weight")
+    assert set(weights8) == {w["name"] for w in w8["weights"]}
+    for name, row in weights8.items():
+        assert row["sqnr_db"] > 35.0                         # 8-bit per-channel on a normal weight: ~40 dB
+        assert weights4[name]["sqnr_db"] < row["sqnr_db"] - 10.0   # ~6 dB per bit
+    acts = _rows(w8, "activation")
+    quantized = [r for r in acts.values() if r["precision"] == "int8 static"]
+    assert len(quantized) == w8["activation_tensors"] > 0
+    for r in quantized:
+        # the quantizer's own error at 8 bits (none where its input is already on its grid: Flatten of a
+        # dequantized tensor); a Relu folded into its range is not counted as error
+        assert float(r["quantizer_sqnr_db"]) > 25.0, r
+        assert float(r["sqnr_db"]) <= float(r["quantizer_sqnr_db"]) + 1e-6 or r["role"].startswith("input of Conv 'conv1'")
+    assert acts["logits"]["precision"] == "float" and acts["logits"]["quantizer_sqnr_db"] is None
+
+
+def test_the_summary_names_the_worst_tensors(cnn, tmp_path):
+    report, stderr = _quantize(cnn / "m.onnx", tmp_path / "w4.onnx", cnn / "calib.npz", "--weight-bits", "4")
+    rows = report["tensor_errors"]["tensors"]
+    assert "worst tensors (SQNR against the float model, held-out data" in stderr
+    for r in worst(rows, "activation") + worst(rows, "weight"):
+        assert f"{r['kind']} '{r['name']}' ({r['precision']}" in stderr
+    assert worst(rows, "weight", 1)[0]["sqnr_db"] == min(float(r["sqnr_db"]) for r in rows if r["kind"] == "weight")
+
+
+def test_dynamic_matmul_inputs_are_reported_with_their_run_time_quantizer(tmp_path):
+    onnx.save(tiny_encoder(mask_value=-np.inf), tmp_path / "enc.onnx")
+    np.savez(tmp_path / "calib.npz", **encoder_feeds(48))
+    report, _ = _quantize(tmp_path / "enc.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz")
+    assert report["activation_mode"]["mode"] == "dynamic"
+    dynamic = [r for r in _rows(report, "activation").values() if r["precision"] == "int8 dynamic"]
+    runtime_quantizers = [n for n in onnx.load(tmp_path / "q.onnx").graph.node if n.op_type == "DynamicQuantizeLinear"]
+    assert len(dynamic) == len(runtime_quantizers) > 0
+    for r in dynamic:
+        assert r["role"].startswith("input of ") and 20.0 < r["quantizer_sqnr_db"] < 60.0, r
