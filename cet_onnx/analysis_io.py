@@ -28,6 +28,29 @@ def sensitivity_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+ACTIVATION_CSV_FIELDS = ("tensor", "precision", "delta_loss", "quantizer_sqnr_db", "range_lo", "range_hi", "left_float")
+
+
+def activation_csv(result: dict[str, Any]) -> str:
+    """One row per activation point × precision, then one per point left float (with the reason)."""
+    from cet_onnx.report import strict_json
+    acts = result["activations"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ACTIVATION_CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in strict_json(acts["points"]):
+        writer.writerow({**row, "range_lo": row["range"][0], "range_hi": row["range"][1]})
+    for tensor, why in acts["left_float"].items():
+        writer.writerow({"tensor": tensor, "precision": "float", "left_float": why})
+    return buf.getvalue()
+
+
+def activation_ranking(result: dict[str, Any], precision: str = "int8 static") -> list[dict[str, Any]]:
+    """The points at ``precision``, most sensitive first."""
+    return sorted((r for r in result["activations"]["points"] if r["precision"] == precision),
+                  key=lambda r: r["delta_loss"], reverse=True)
+
+
 def sensitivity_ranking(result: dict[str, Any], allocators: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
     """(the lowest-bit format, the weights that have it, most sensitive first) from cet's table, else the first's."""
     rows = result.get("cet") or result[allocators[0]]
@@ -38,12 +61,12 @@ def sensitivity_ranking(result: dict[str, Any], allocators: tuple[str, ...]) -> 
 
 
 def write_analysis(result: dict[str, Any], prefix: str) -> list[Path]:
-    """``PREFIX.json`` and ``PREFIX.csv``."""
+    """``PREFIX.json`` and ``PREFIX.csv`` (the weight table, or with ``activations`` the activation table)."""
     from cet_onnx.report import strict_json
     base = Path(prefix)
     if not base.parent.is_dir():
         raise RuntimeFailure(f"{prefix}: output folder '{base.parent}' does not exist")
     paths = [base.with_name(base.name + ".json"), base.with_name(base.name + ".csv")]
     write_atomic(paths[0], json.dumps(strict_json(result), indent=2))
-    write_atomic(paths[1], sensitivity_csv(result))
+    write_atomic(paths[1], activation_csv(result) if "activations" in result else sensitivity_csv(result))
     return paths

@@ -500,22 +500,27 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @probe_options
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many most / least sensitive weights to print.")
+@click.option("--activations", is_flag=True,
+              help="Probe the activation quantizers instead of the weights: per tensor static mode would "
+                   "quantize, the loss change when it alone takes 8 / 16 bits, and its own SQNR.")
 @seed_option
 @json_option
 @quiet_option
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, seed,
+            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
     Writes a JSON and a CSV table and prints the most and least sensitive weights, plus the
-    fidelity of the additive prediction on random assignments.
+    fidelity of the additive prediction on random assignments. With --activations, the same for
+    every activation quantizer static mode would place (8 and 16 bits, each point alone).
 
     \b
     Example:
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
+      cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz --activations
     """
     from cet_onnx.analysis_io import sensitivity_ranking, write_analysis
     from cet_onnx.pipeline import analyze as run_analyze
@@ -534,11 +539,15 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        probes=probes or "full", workers=workers, ray=ray),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
-    result = run_analyze(model, calib, opts, names)
-    prefix = output or str(Path(model).with_suffix("")) + ".sensitivity"
+    result = run_analyze(model, calib, opts, names, activations)
+    prefix = output or str(Path(model).with_suffix("")) + (".activations" if activations else ".sensitivity")
     paths = write_analysis(result, prefix)
     if as_json:
         emit_json({"ok": True, "files": [str(p) for p in paths], **result})
+        return
+    if activations:
+        _print_activation_analysis(result, top)
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
         return
     click.echo(f"loss {result['loss']} on '{result['loss_output']}' over {result['probe_samples']} samples; "
                f"float-weight loss {result['base_loss']:.4g}; {result['probe_runs']} forward passes in "
@@ -555,6 +564,26 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
         click.echo(f"fidelity over {len(fid['assignments'])} random assignments: Spearman {fid['spearman']:.3f}, "
                    f"median measured/predicted {fid['median_measured_over_predicted']:.2f}")
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _print_activation_analysis(result: dict, top: int) -> None:
+    from cet_onnx.analysis_io import activation_ranking
+    acts = result["activations"]
+    click.echo(f"loss {result['loss']} on '{result['loss_output']}' over {result['probe_samples']} samples; "
+               f"{len(acts['points'])} activation probes ({acts['calib_method']} ranges) in {result['probe_seconds']:.1f}s")
+    ranked = activation_ranking(result)
+    click.echo("most sensitive activations at int8 static (each alone quantized; weights float):")
+    sixteen = {r["tensor"]: r for r in acts["points"] if r["precision"] == "int16 static"}
+    for r in ranked[:top]:
+        alt = sixteen.get(r["tensor"])
+        alt_text = f"; int16: dL {alt['delta_loss']:.4g}" if alt else ""
+        click.echo(f"  {r['tensor']}: dL {r['delta_loss']:.4g}, its quantizer {_fmt_sqnr(r['quantizer_sqnr_db'])}{alt_text}")
+    for tensor, why in acts["left_float"].items():
+        click.echo(f"  left float: {tensor} ({why})")
+    fid = acts.get("fidelity")
+    if fid:
+        click.echo(f"fidelity over {len(fid['assignments'])} random sets of 8-bit points: Spearman "
+                   f"{fid['spearman']:.3f}, median measured/predicted {fid['median_measured_over_predicted']:.2f}")
 
 
 @main.command()

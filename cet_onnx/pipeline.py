@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cet_onnx import __version__
-from cet_onnx.allocation.stage import allocate, measured_loss, sensitivity_report
+from cet_onnx.allocation.activation_probes import activation_sensitivities
+from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
@@ -97,11 +98,22 @@ def add_tensor_errors(report: dict[str, Any], p: Prepared, emitted: Any, timer: 
 
 
 def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
-            allocators: tuple[str, ...] = ("cet",)) -> dict[str, Any]:
-    """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL."""
+            allocators: tuple[str, ...] = ("cet",), activations: bool = False) -> dict[str, Any]:
+    """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL;
+    with ``activations``, per activation quantizer and precision instead (:mod:`.allocation.activation_probes`)."""
     t0 = time.perf_counter()
     p = prepare(model_path, calib, opts, mixed=True)
-    result = sensitivity_report(p, opts, allocators, {"tool": f"cet-onnx {__version__}", "model": str(model_path)})
+    header = {"tool": f"cet-onnx {__version__}", "model": str(model_path)}
+    if activations:
+        with p.timer.stage("activation probes"):
+            session, info = probe_session(p, opts)
+            runs0, t1 = session.runs, time.perf_counter()
+            acts = activation_sensitivities(p, session, opts.activations.method, opts.activations.symmetric,
+                                            fidelity_samples=opts.allocation.fidelity_samples, seed=opts.run.seed)
+        result = {**header, **info, "activations": acts, "probe_runs": session.runs - runs0,
+                  "probe_seconds": round(time.perf_counter() - t1, 3)}
+    else:
+        result = sensitivity_report(p, opts, allocators, header)
     result["timings_s"] = {**p.timer.stages, "total": round(time.perf_counter() - t0, 3)}
     return result
 

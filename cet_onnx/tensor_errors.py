@@ -37,7 +37,7 @@ from cet_onnx.runner import Feed, make_session
 _STATIC_BITS = {ir.DataType.UINT8: 8, ir.DataType.INT8: 8, ir.DataType.UINT16: 16, ir.DataType.INT16: 16}
 
 
-class _Sums:
+class SqnrSums:
     """Running ‖ref‖² and ‖ref − test‖² over the positions finite in both."""
 
     def __init__(self) -> None:
@@ -66,7 +66,7 @@ class _Sums:
 
 def array_sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     """SQNR in dB of ``test`` against ``ref`` over the positions finite in both (+inf when identical)."""
-    s = _Sums()
+    s = SqnrSums()
     s.add(ref, test)
     return s.db()
 
@@ -143,7 +143,7 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
     ref_sess = make_session(with_outputs(model, roles), providers, optimize=False)
     q_sess = make_session(with_outputs(qmodel, [*roles, *extra], typed=False), providers, optimize=False)
     folded = _folded_relus(model, qmodel, quant)
-    to_float, own = {t: _Sums() for t in roles}, {t: _Sums() for t in quant}
+    to_float, own = {t: SqnrSums() for t in roles}, {t: SqnrSums() for t in quant}
     for feed in batches:
         ref = dict(zip(roles, ref_sess.run(list(roles), feed)))
         got = dict(zip([*roles, *extra], q_sess.run([*roles, *extra], feed)))

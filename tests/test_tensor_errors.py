@@ -76,3 +76,24 @@ def test_dynamic_matmul_inputs_are_reported_with_their_run_time_quantizer(tmp_pa
     assert len(dynamic) == len(runtime_quantizers) > 0
     for r in dynamic:
         assert r["role"].startswith("input of ") and 20.0 < r["quantizer_sqnr_db"] < 60.0, r
+
+
+def test_analyze_activations_measures_each_quantizer_alone(cnn, tmp_path):
+    prefix = tmp_path / "acts"
+    res = CliRunner().invoke(main, [str(a) for a in ("analyze", cnn / "m.onnx", "--calib", cnn / "calib.npz",
+                                                     "--activations", "-o", prefix, "-q")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    acts = json.loads((tmp_path / "acts.json").read_text())["activations"]
+    by = {(r["tensor"], r["precision"]): r for r in acts["points"]}
+    tensors = {t for t, _ in by}
+    assert tensors and all((t, "int16 static") in by for t in tensors)
+    for t in tensors:
+        a8, a16 = by[(t, "int8 static")], by[(t, "int16 static")]
+        # 8 more bits: ~256x smaller error, ~65536x smaller second-order loss change
+        assert a16["quantizer_sqnr_db"] > a8["quantizer_sqnr_db"] + 40.0
+        assert abs(a16["delta_loss"]) < 0.01 * a8["delta_loss"]
+        assert a8["delta_loss"] > 0
+    assert len(acts["fidelity"]["assignments"]) == 12
+    rows = (tmp_path / "acts.csv").read_text().splitlines()
+    assert rows[0].startswith("tensor,precision,delta_loss,quantizer_sqnr_db") and len(rows) == 1 + len(by)
+    assert "most sensitive activations at int8 static" in res.output

@@ -281,6 +281,11 @@ class ProbeSession:
         """Loss of the model with ``overrides`` (name → float array) replacing the float weights."""
         return self._score(self.outputs(overrides))
 
+    def outputs_loss(self, test: np.ndarray) -> float:
+        """The loss of outputs ``test`` of ``loss_output`` computed elsewhere on the probe batches
+        (a model with other changes than weights: activation quantizers)."""
+        return self._score(test)
+
     def _score(self, test: np.ndarray) -> float:
         """The loss of outputs ``test`` (real tokens only, see :mod:`cet_onnx.calibration.padding`)."""
         return loss_value(self.loss_name, self._scored_reference, padding.select(test, self.positions),

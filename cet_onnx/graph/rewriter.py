@@ -7,7 +7,7 @@
    ``contrib_level`` :class:`~.passes.matmul_nbits_contrib.MatMulNBitsContribPass` writes them as
    ``com.microsoft.MatMulNBits`` directly (``--emit-contrib``);
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
-   under the transformer rule (:func:`transformer_rules`);
+   under the transformer rule (:func:`transformer_rules`); only Relus whose output is planned;
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
    DequantizeLinear, then :class:`~.passes.gather_rows.GatherRowsPass` — embedding tables are
    looked up before they are dequantized;
@@ -144,7 +144,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         qweights = {k: v for k, v in qweights.items() if k not in contrib.converted}
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
-        passes.append(FoldReluPass(nbits.float_nodes))
+        passes.append(FoldReluPass(nbits.float_nodes, planned=act_params))
     biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes)
     dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights, nbits.weights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,

@@ -41,3 +41,14 @@ def test_relu_output_that_is_a_graph_output_keeps_its_place():
     m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y", [1, 4])], {"w": W})
     FoldReluPass()(m)
     assert ops(m) == ["MatMul"] and m.graph.outputs[0].name == "y" and m.graph.outputs[0].producer() is m.graph.node(0)
+
+
+def test_with_a_plan_only_relus_whose_output_is_planned_fold():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Neg", ["r2"], ["y"])]
+    m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y")], {"w": W})
+    p = FoldReluPass(planned={"r2"})
+    p(m)
+    assert p.folded == 1 and ops(m) == ["MatMul", "Relu", "MatMul", "Neg"]
+    assert m.graph.node(1).outputs[0].name == "r1"
