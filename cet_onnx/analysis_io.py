@@ -28,7 +28,7 @@ def sensitivity_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-ACTIVATION_CSV_FIELDS = ("tensor", "precision", "delta_loss", "quantizer_sqnr_db", "range_lo", "range_hi", "left_float")
+ACTIVATION_CSV_FIELDS = ("tensor", "precision", "method", "delta_loss", "quantizer_sqnr_db", "range_lo", "range_hi", "left_float")
 
 
 def activation_csv(result: dict[str, Any]) -> str:
@@ -46,8 +46,9 @@ def activation_csv(result: dict[str, Any]) -> str:
 
 
 def activation_ranking(result: dict[str, Any], precision: str = "int8 static") -> list[dict[str, Any]]:
-    """The points at ``precision``, most sensitive first."""
-    return sorted((r for r in result["activations"]["points"] if r["precision"] == precision),
+    """The points at ``precision`` with the ``--calib-method`` range, most sensitive first."""
+    acts = result["activations"]
+    return sorted((r for r in acts["points"] if r["precision"] == precision and r["method"] == acts["calib_method"]),
                   key=lambda r: r["delta_loss"], reverse=True)
 
 

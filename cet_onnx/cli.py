@@ -503,13 +503,17 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @click.option("--activations", is_flag=True,
               help="Probe the activation quantizers instead of the weights: per tensor static mode would "
                    "quantize, the loss change when it alone takes 8 / 16 bits, and its own SQNR.")
+@click.option("--compare-methods", is_flag=True,
+              help="With --activations: also probe every 8-bit point with each range method "
+                   f"({', '.join(METHODS)}) and name the best per tensor.")
 @seed_option
 @json_option
 @quiet_option
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations, seed,
+            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations,
+            compare_methods, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
@@ -539,7 +543,9 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        probes=probes or "full", workers=workers, ray=ray),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
-    result = run_analyze(model, calib, opts, names, activations)
+    if compare_methods and not activations:
+        raise InputError("--compare-methods compares activation range methods: it needs --activations")
+    result = run_analyze(model, calib, opts, names, activations, METHODS if compare_methods else ())
     prefix = output or str(Path(model).with_suffix("")) + (".activations" if activations else ".sensitivity")
     paths = write_analysis(result, prefix)
     if as_json:
@@ -580,6 +586,12 @@ def _print_activation_analysis(result: dict, top: int) -> None:
         click.echo(f"  {r['tensor']}: dL {r['delta_loss']:.4g}, its quantizer {_fmt_sqnr(r['quantizer_sqnr_db'])}{alt_text}")
     for tensor, why in acts["left_float"].items():
         click.echo(f"  left float: {tensor} ({why})")
+    best = acts.get("best_method")
+    if best:
+        other = {t: m for t, m in best.items() if m != acts["calib_method"]}
+        counts = {m: list(best.values()).count(m) for m in dict.fromkeys(best.values())}
+        click.echo(f"best 8-bit range method per tensor: " + ", ".join(f"{m} x{n}" for m, n in counts.items())
+                   + f" ({len(other)} of {len(best)} differ from --calib-method {acts['calib_method']})")
     fid = acts.get("fidelity")
     if fid:
         click.echo(f"fidelity over {len(fid['assignments'])} random sets of 8-bit points: Spearman "

@@ -98,7 +98,8 @@ def add_tensor_errors(report: dict[str, Any], p: Prepared, emitted: Any, timer: 
 
 
 def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
-            allocators: tuple[str, ...] = ("cet",), activations: bool = False) -> dict[str, Any]:
+            allocators: tuple[str, ...] = ("cet",), activations: bool = False,
+            compare_methods: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL;
     with ``activations``, per activation quantizer and precision instead (:mod:`.allocation.activation_probes`)."""
     t0 = time.perf_counter()
@@ -109,7 +110,8 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             session, info = probe_session(p, opts)
             runs0, t1 = session.runs, time.perf_counter()
             acts = activation_sensitivities(p, session, opts.activations.method, opts.activations.symmetric,
-                                            fidelity_samples=opts.allocation.fidelity_samples, seed=opts.run.seed)
+                                            fidelity_samples=opts.allocation.fidelity_samples, seed=opts.run.seed,
+                                            compare=compare_methods)
         result = {**header, **info, "activations": acts, "probe_runs": session.runs - runs0,
                   "probe_seconds": round(time.perf_counter() - t1, 3)}
     else:

@@ -95,5 +95,27 @@ def test_analyze_activations_measures_each_quantizer_alone(cnn, tmp_path):
         assert a8["delta_loss"] > 0
     assert len(acts["fidelity"]["assignments"]) == 12
     rows = (tmp_path / "acts.csv").read_text().splitlines()
-    assert rows[0].startswith("tensor,precision,delta_loss,quantizer_sqnr_db") and len(rows) == 1 + len(by)
+    assert rows[0].startswith("tensor,precision,method,delta_loss,quantizer_sqnr_db") and len(rows) == 1 + len(by)
     assert "most sensitive activations at int8 static" in res.output
+
+
+def test_analyze_activations_compares_range_methods_per_tensor(cnn, tmp_path):
+    prefix = tmp_path / "acts"
+    res = CliRunner().invoke(main, [str(a) for a in ("analyze", cnn / "m.onnx", "--calib", cnn / "calib.npz",
+                                                     "--activations", "--compare-methods", "--fidelity-samples", "0",
+                                                     "-o", prefix, "-q")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    acts = json.loads((tmp_path / "acts.json").read_text())["activations"]
+    eight = [r for r in acts["points"] if r["precision"] == "int8 static"]
+    tensors = {r["tensor"] for r in eight}
+    assert {r["method"] for r in eight} == {"minmax", "percentile", "entropy", "mse"}
+    assert set(acts["best_method"]) == tensors
+    for t, m in acts["best_method"].items():
+        losses = {r["method"]: r["delta_loss"] for r in eight if r["tensor"] == t}
+        assert losses[m] == min(losses.values())
+    assert "best 8-bit range method per tensor:" in res.output
+
+
+def test_compare_methods_without_activations_is_a_usage_error(cnn):
+    res = CliRunner().invoke(main, ["analyze", str(cnn / "m.onnx"), "--compare-methods"])
+    assert res.exit_code == 2 and "needs --activations" in res.output

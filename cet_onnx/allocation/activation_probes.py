@@ -6,7 +6,8 @@ the CNN plan, or the transformer plan on a graph with attention or LayerNorm) an
 in ``bits`` (8 and 16 by default):
 
 * the range comes from the calibration batches with ``--calib-method`` (computed once, for 8 bits;
-  the 16-bit candidate uses the same range);
+  the 16-bit candidate uses the same range); with ``compare`` methods, the 8-bit point is also
+  probed with each of their ranges, and ``best_method`` names the one whose ΔL is lowest;
 * the model with that one Q/DQ pair and everything else float (weights too) is emitted by the
   rewriter exactly as it would deploy it, run on the probe batches in a fresh onnxruntime session,
   and scored with the probe loss against the float model's outputs: ``delta_loss``;
@@ -53,42 +54,60 @@ def _loss_with(p: Prepared, session: ProbeSession, params: dict[str, ActivationP
     return session.outputs_loss(out)
 
 
-def _quantizer_sqnr(p: Prepared, session: ProbeSession, params: dict[tuple[str, int], ActivationParams]
-                    ) -> dict[tuple[str, int], float]:
-    """SQNR of each point's Q/DQ against its float value on the probe batches (float model, one run per batch)."""
-    names = list(dict.fromkeys(t for t, _ in params))
+def _quantizer_sqnr(p: Prepared, session: ProbeSession, params: dict[tuple[str, int, str], ActivationParams]
+                    ) -> dict[tuple[str, int, str], float]:
+    """SQNR of each (point, bits, range method)'s Q/DQ against its float value on the probe batches
+    (float model, one run per batch)."""
+    names = list(dict.fromkeys(k[0] for k in params))
     sess = make_session(with_outputs(p.model, names), p.providers, optimize=False)
     sums = {k: SqnrSums() for k in params}
     for feed in session.batches:
         values = dict(zip(names, sess.run(names, feed)))
-        for (t, bits), prm in params.items():
-            sums[(t, bits)].add(values[t], quantize_activation(values[t], prm))
+        for key, prm in params.items():
+            sums[key].add(values[key[0]], quantize_activation(values[key[0]], prm))
     return {k: s.db() for k, s in sums.items()}
 
 
 def activation_sensitivities(p: Prepared, session: ProbeSession, method: str = "minmax", symmetric: bool = False,
-                             bits: Sequence[int] = (8, 16), fidelity_samples: int = 8, seed: int = 0
-                             ) -> dict[str, Any]:
-    """Per point × precision: ΔL when it alone is quantized and its own SQNR; the points left float; fidelity."""
+                             bits: Sequence[int] = (8, 16), fidelity_samples: int = 8, seed: int = 0,
+                             compare: Sequence[str] = ()) -> dict[str, Any]:
+    """Per point × precision (× range method, with ``compare``): ΔL when it alone is quantized and its own SQNR;
+    the points left float; fidelity of the additive prediction at 8 bits with ``method``."""
     ranges, left_float = activation_ranges(p, method, symmetric)
-    params = {(t, b): activation_params(lo, hi, b, symmetric) for t, (lo, hi) in ranges.items() for b in bits}
+    probes = {(t, b, method): ranges[t] for t in ranges for b in bits}
+    for other in dict.fromkeys(m for m in compare if m != method):
+        other_ranges, _ = activation_ranges(p, other, symmetric)
+        probes.update({(t, 8, other): other_ranges[t] for t in ranges if t in other_ranges})
+    params = {k: activation_params(lo, hi, k[1], symmetric) for k, (lo, hi) in probes.items()}
     own = _quantizer_sqnr(p, session, params) if params else {}
     rows = []
     bar = Progress(len(params), "activation probes", "probe")
     try:
-        for (t, b), prm in params.items():
-            rows.append({"tensor": t, "precision": f"int{b} static", "range": list(ranges[t]),
+        for (t, b, m), prm in params.items():
+            rows.append({"tensor": t, "precision": f"int{b} static", "method": m, "range": list(probes[(t, b, m)]),
                          "delta_loss": _loss_with(p, session, {t: prm}) - session.base_loss,
-                         "quantizer_sqnr_db": own[(t, b)]})
+                         "quantizer_sqnr_db": own[(t, b, m)]})
             bar.update()
     finally:
         bar.close()
     result: dict[str, Any] = {"points": rows, "left_float": left_float, "base_loss": session.base_loss,
                               "calib_method": method}
-    eight = {r["tensor"]: r["delta_loss"] for r in rows if r["precision"] == "int8 static"}
+    if len({r["method"] for r in rows}) > 1:
+        result["best_method"] = _best_methods(rows)
+    eight = {r["tensor"]: r["delta_loss"] for r in rows if r["precision"] == "int8 static" and r["method"] == method}
     if fidelity_samples and len(eight) >= 2:
-        result["fidelity"] = _fidelity(p, session, {t: params[(t, 8)] for t in eight}, eight, fidelity_samples, seed)
+        result["fidelity"] = _fidelity(p, session, {t: params[(t, 8, method)] for t in eight}, eight,
+                                       fidelity_samples, seed)
     return result
+
+
+def _best_methods(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Point → the range method whose 8-bit probe lost least."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["precision"] == "int8 static" and (r["tensor"] not in best or r["delta_loss"] < best[r["tensor"]]["delta_loss"]):
+            best[r["tensor"]] = r
+    return {t: r["method"] for t, r in best.items()}
 
 
 def _fidelity(p: Prepared, session: ProbeSession, params: dict[str, ActivationParams], delta: dict[str, float],
