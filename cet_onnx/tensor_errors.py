@@ -34,6 +34,10 @@ from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.runner import Feed, make_session
 
+_CHUNK = 1 << 20   # elements per step of an SQNR sum
+#: float weight bytes up to which both sessions run side by side; above, the float model's tensors are
+#: computed first and held, and its session dropped before the quantized one is built
+SIDE_BY_SIDE_MAX_BYTES = 2**30
 _STATIC_BITS = {ir.DataType.UINT8: 8, ir.DataType.INT8: 8, ir.DataType.UINT16: 16, ir.DataType.INT16: 16}
 
 
@@ -48,13 +52,16 @@ class SqnrSums:
         ref, test = np.asarray(ref), np.asarray(test)
         if ref.shape != test.shape:
             raise ValueError(f"shapes differ: {ref.shape} vs {test.shape}")
-        ref, test = ref.astype(np.float32, copy=False).reshape(-1), test.astype(np.float32, copy=False).reshape(-1)
-        if not (np.isfinite(ref).all() and np.isfinite(test).all()):
-            keep = np.isfinite(ref) & np.isfinite(test)
-            ref, test = ref[keep], test[keep]
-        err = ref - test
-        self.signal += float(np.dot(ref, ref))   # float32 BLAS: ample for a figure in dB
-        self.noise += float(np.dot(err, err))
+        ref, test = ref.reshape(-1), test.reshape(-1)
+        for start in range(0, ref.size, _CHUNK):   # temporaries stay small on a large weight
+            r = ref[start:start + _CHUNK].astype(np.float32, copy=False)
+            t = test[start:start + _CHUNK].astype(np.float32, copy=False)
+            if not (np.isfinite(r).all() and np.isfinite(t).all()):
+                keep = np.isfinite(r) & np.isfinite(t)
+                r, t = r[keep], t[keep]
+            err = r - t
+            self.signal += float(np.dot(r, r))   # float32 BLAS: ample for a figure in dB
+            self.noise += float(np.dot(err, err))
 
     def db(self) -> float:
         if self.noise == 0.0:
@@ -141,11 +148,15 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
         return []
     extra = [n for _, names in quant.values() for n in names]
     ref_sess = make_session(with_outputs(model, roles), providers, optimize=False)
+    stored = None
+    if 4 * sum(w.size for w in weights) > SIDE_BY_SIDE_MAX_BYTES:
+        stored = [ref_sess.run(list(roles), feed) for feed in batches]
+        ref_sess = None   # one model in onnxruntime at a time, as verify does: hold the tensors instead
     q_sess = make_session(with_outputs(qmodel, [*roles, *extra], typed=False), providers, optimize=False)
     folded = _folded_relus(model, qmodel, quant)
     to_float, own = {t: SqnrSums() for t in roles}, {t: SqnrSums() for t in quant}
-    for feed in batches:
-        ref = dict(zip(roles, ref_sess.run(list(roles), feed)))
+    for i, feed in enumerate(batches):
+        ref = dict(zip(roles, stored[i] if stored is not None else ref_sess.run(list(roles), feed)))
         got = dict(zip([*roles, *extra], q_sess.run([*roles, *extra], feed)))
         for t in roles:
             if t not in quant:

@@ -119,3 +119,18 @@ def test_analyze_activations_compares_range_methods_per_tensor(cnn, tmp_path):
 def test_compare_methods_without_activations_is_a_usage_error(cnn):
     res = CliRunner().invoke(main, ["analyze", str(cnn / "m.onnx"), "--compare-methods"])
     assert res.exit_code == 2 and "needs --activations" in res.output
+
+
+def test_a_large_model_runs_one_session_at_a_time_with_the_same_result(cnn, tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    from cet_onnx import tensor_errors
+    from cet_onnx.graph.weights import find_weights
+    _quantize(cnn / "m.onnx", tmp_path / "q.onnx", cnn / "calib.npz")
+    model, qmodel = ir.load(cnn / "m.onnx"), ir.load(tmp_path / "q.onnx")
+    weights, _ = find_weights(model)
+    batches = [{"x": np.random.default_rng(i).normal(size=(8, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    side_by_side = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"])
+    monkeypatch.setattr(tensor_errors, "SIDE_BY_SIDE_MAX_BYTES", 0)
+    one_at_a_time = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"])
+    assert side_by_side and one_at_a_time == side_by_side
