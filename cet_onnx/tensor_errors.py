@@ -7,8 +7,10 @@ against the float model's, the way onnxruntime's ``qdq_loss_debug`` and AIMET's 
 * **weights**: the dequantized weight against the float weight (exact, from the codes);
 * **activations**: every activation input of a weight's layer, every output of such a layer and
   every other tensor the emitted graph quantizes (static Q/DQ, or the dynamic MatMul's run-time
-  quantizer), found under the same name in both graphs, run on the same batches (both sessions side by
-  side, error sums accumulated batch by batch, so no batch is held after its turn). Two SQNRs:
+  quantizer), found under the same name in both graphs, run on the same batches: both sessions
+  side by side, error sums accumulated batch by batch; above :data:`SIDE_BY_SIDE_MAX_BYTES` of
+  weights the float model's tensors are computed first and held, so that onnxruntime never holds
+  both models. Two SQNRs:
 
   - ``sqnr_db``: the quantized model's tensor (for a quantized one: its dequantized value, what
     its consumers read) against the float model's — the error accumulated up to that tensor;
@@ -17,7 +19,8 @@ against the float model's, the way onnxruntime's ``qdq_loss_debug`` and AIMET's 
     (where the rewrite folded a Relu into the quantizer's range, the input is taken after the Relu).
 
 Both graphs run as written (onnxruntime's graph optimisations off): its QDQ fusions would compute
-an exposed intermediate tensor along another path than the graph says. Positions where either value is non-finite (``-inf`` attention masks) are not counted.
+an exposed intermediate tensor along another path than the graph says. Positions where either
+value is non-finite (``-inf`` attention masks) are not counted.
 ``precision`` says what the emitted graph does with the tensor: ``int8 static`` /
 ``int16 static`` (a QuantizeLinear → DequantizeLinear pair), ``int8 dynamic``
 (``DynamicQuantizeLinear``), or ``float``.
@@ -114,7 +117,8 @@ def quantizers(qmodel: ir.Model) -> dict[str, tuple[str, list[str]]]:
         elif node.op_type == "QuantizeLinear" and not x.is_initializer():
             dq = next((c for c, _ in node.outputs[0].uses() if c.op_type == "DequantizeLinear"), None)
             if dq is not None:
-                bits = _STATIC_BITS.get(node.outputs[0].dtype, 8)
+                zp = node.inputs[2] if len(node.inputs) > 2 else None   # the codes' type, also without value_info
+                bits = _STATIC_BITS.get(zp.dtype if zp is not None else node.outputs[0].dtype, 8)
                 found[x.name] = (f"int{bits} static", [dq.outputs[0].name])
     return found
 
