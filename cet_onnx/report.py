@@ -134,7 +134,8 @@ def pareto_files(report: dict[str, Any], model_path: str | os.PathLike, out_path
     chosen = {"avg_bits": report["totals"]["avg_bits"], "predicted_loss": allocation["predicted_loss"],
               "measured_loss": allocation["measured_loss"]}
     png = pareto_png(allocation["pareto_front"], chosen, f"{Path(model_path).name}: {allocation['allocator']}, "
-                                                       f"{allocation['budget']}")
+                                                       f"{allocation['budget']}",
+                     allocation.get("pareto_front_without_latency_budget"))
     if png is None:
         allocation["pareto_png"] = "not drawn: matplotlib is not installed (pip install 'cet-onnx[plot]')"
         return {}

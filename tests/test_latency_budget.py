@@ -86,6 +86,11 @@ def test_a_latency_budget_is_met_in_the_prediction_and_reported(tmp_path):
     assert lb["met_when_measured"] == (loop[-1]["measured_ms"] <= lb["budget_ms"])
     assert report["latency"]["batch"] == 16 and report["latency"]["ratio"] > 0
     assert set(lb["per_weight"]) == {w["name"] for w in report["weights"]}
+    # the latency axis of the Pareto front: within the budget, and the front without it beside
+    front, free = report["allocation"]["pareto_front"], report["allocation"]["pareto_front_without_latency_budget"]
+    assert front and all(pt["predicted_latency_ms"] <= lb["budget_ms"] + 1e-6 for pt in front)
+    assert free and all("predicted_latency_ms" in pt for pt in free)
+    assert min(pt["predicted_loss"] for pt in free) <= min(pt["predicted_loss"] for pt in front) + 1e-12
 
 
 def test_the_closed_loop_fits_layer_costs_to_whole_model_measurements():

@@ -267,9 +267,14 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
         report["latency_budget"] = lb.finish(sol)
     if sens is not None:
         report["per_weight_predicted"] = {w.name: float(sens.costs[i, sol.choice[i]]) for i, w in enumerate(p.weights)}
-        front = pareto_front(sens.costs, cand.sizes, a.pareto_points, limits)
-        report["pareto_front"] = [{"bytes": s.size, "predicted_loss": session.base_loss + s.cost,
-                                   "avg_bits": 8 * s.size / total_params} for s in front]
+        def point(s: Solution) -> dict[str, Any]:
+            return {"bytes": s.size, "predicted_loss": session.base_loss + s.cost, "avg_bits": 8 * s.size / total_params,
+                    **({"predicted_latency_ms": lb.predict(s.choice)} if lb is not None else {})}
+
+        report["pareto_front"] = [point(s) for s in pareto_front(sens.costs, cand.sizes, a.pareto_points, limits)]
+        if lb is not None:   # the latency axis: the front without the latency row, each point's predicted ms
+            report["pareto_front_without_latency_budget"] = [point(s) for s in pareto_front(sens.costs, cand.sizes,
+                                                                                           a.pareto_points)]
         if a.fidelity_samples:
             report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed, corrected)
     formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
