@@ -369,7 +369,7 @@ def _smallest_within(cand: Candidates, limits: Sequence[Limit], total_params: in
     """What the limits alone allow: the smallest assignment that meets them, as a size budget to ask for."""
     sol = smallest_within(cand, limits)
     if sol is None:
-        return "no assignment meets the latency limit alone (every format is slower than it allows)"
+        return "no assignment meets the latency limit alone (even the fastest formats are predicted above it)"
     bits = 8 * sol.size / total_params
     return (f"the smallest assignment within it has {sol.size:,.0f} bytes, {bits:.2f} bits/weight "
             f"(ask for --avg-bits {np.ceil(bits * 100) / 100:.2f} or more)")
