@@ -49,8 +49,7 @@ def weight_rows(weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
 
 
 def _weight_sqnr(weight: np.ndarray, qw: QuantizedWeight) -> float:
-    deq = qw.dequantize()
-    return array_sqnr_db(weight, deq if deq.shape == weight.shape else deq.T)
+    return array_sqnr_db(weight, qw.dequantize())
 
 
 def options_view(opts: QuantizeOptions) -> dict[str, Any]:

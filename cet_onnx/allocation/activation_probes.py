@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cet_onnx.allocation.allocate import rank_agreement
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.calibration.observe import collect_ranges
 from cet_onnx.graph.passes.extra_outputs import with_outputs
@@ -113,7 +114,6 @@ def _best_methods(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 def _fidelity(p: Prepared, session: ProbeSession, params: dict[str, ActivationParams], delta: dict[str, float],
               samples: int, seed: int) -> dict[str, Any]:
     """Measured loss of random sets of 8-bit points against the sum of their single-point ΔL."""
-    from scipy.stats import spearmanr  # slow to import; only needed here
     rng = np.random.default_rng(seed)
     names = list(params)
     rows = []
@@ -127,9 +127,5 @@ def _fidelity(p: Prepared, session: ProbeSession, params: dict[str, ActivationPa
             bar.update()
     finally:
         bar.close()
-    pred = np.array([r["predicted"] for r in rows])
-    meas = np.array([r["measured"] for r in rows])
-    varied = np.ptp(pred) > 0 and np.ptp(meas) > 0
-    ratio = meas / np.where(pred > 0, pred, np.nan)
-    return {"assignments": rows, "spearman": float(spearmanr(pred, meas).statistic) if varied else float("nan"),
-            "median_measured_over_predicted": float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else float("nan")}
+    rho, ratio = rank_agreement(np.array([r["predicted"] for r in rows]), np.array([r["measured"] for r in rows]))
+    return {"assignments": rows, "spearman": rho, "median_measured_over_predicted": ratio}

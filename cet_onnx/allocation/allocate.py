@@ -543,15 +543,15 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
         bar.close()
     meas = np.array([r["measured"] for r in rows]) - session.base_loss
     pred = np.array([r["predicted"] for r in rows]) - session.base_loss
-    rho, ratio = _rank_agreement(pred, meas)
+    rho, ratio = rank_agreement(pred, meas)
     out = {"assignments": rows, "spearman": rho, "median_measured_over_predicted": ratio}
     if corrected is not None:
-        out["spearman_corrected"], out["median_measured_over_corrected"] = _rank_agreement(
+        out["spearman_corrected"], out["median_measured_over_corrected"] = rank_agreement(
             np.array([r["corrected"] for r in rows]) - session.base_loss, meas)
     return out
 
 
-def _rank_agreement(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
+def rank_agreement(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
     """(Spearman rank correlation, median measured / predicted); nan where undefined."""
     from scipy.stats import spearmanr  # slow to import; only needed here
     ok = len(pred) >= 3 and np.ptp(pred) > 0 and np.ptp(meas) > 0

@@ -139,7 +139,6 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         names = UniqueNames(graph)
         values = values_by_name(graph)
         original = [n for n in graph if not n.meta.get(FRONT)]
-        dequantized: dict[str, ir.Value] = {}
         after: dict[ir.Node, ir.Node] = {}
         pairs: dict[str, list[ir.Node]] = {}
         for t, p in self.act_params.items():
@@ -153,9 +152,8 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             else:
                 graph.insert_after(after.get(producer, producer), pair)
                 after[producer] = pair[-1]
-            dequantized[t] = pair[-1].outputs[0]
             pairs[t] = pair
-        self._rewire(original, dequantized)
+        self._rewire(original, {t: pair[-1].outputs[0] for t, pair in pairs.items()})
         for t, pair in pairs.items():
             if not pair[-1].outputs[0].uses() and not pair[-1].outputs[0].is_graph_output():
                 _remove_pair(graph, pair)
