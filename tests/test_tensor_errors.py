@@ -117,8 +117,10 @@ def test_analyze_activations_compares_range_methods_per_tensor(cnn, tmp_path):
 
 
 def test_compare_methods_without_activations_is_a_usage_error(cnn):
+    before = set(cnn.iterdir())
     res = CliRunner().invoke(main, ["analyze", str(cnn / "m.onnx"), "--compare-methods"])
     assert res.exit_code == 2 and "needs --activations" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and set(cnn.iterdir()) == before   # nothing written
 
 
 def test_a_large_model_runs_one_session_at_a_time_with_the_same_result(cnn, tmp_path, monkeypatch):
