@@ -195,6 +195,24 @@ seed_option = click.option("--seed", type=int, default=0, show_default=True,
                            help="Seed for random data and random probes.")
 
 
+def _name_value_pairs(_ctx: click.Context, _param: click.Parameter, given: tuple[str, ...]) -> tuple:
+    """``NAME=VALUE`` texts as (name, value) pairs."""
+    pairs = []
+    for text in given:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise click.BadParameter(f"expected NAME=VALUE, got '{text}'")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+fix_input_option = click.option(
+    "--fix-input", "fix_inputs", multiple=True, metavar="NAME=VALUE", callback=_name_value_pairs,
+    help="Freeze model input NAME to VALUE (a scalar, or comma-separated values for a fixed shape) before "
+         "simplification, so that what depends on it (an If on a sample rate or mode flag) folds away. "
+         "Repeatable. Calibration data may leave the input out.")
+
+
 def weight_only_option(help: str) -> Callable:
     return click.option("--weight-only", is_flag=True, help=help)
 
@@ -238,6 +256,10 @@ def main() -> None:
 @click.option("--percentile", type=click.FloatRange(50, 100), default=99.999, show_default=True,
               help="Percentile for --calib-method percentile.")
 @no_simplify_option
+@fix_input_option
+@click.option("--keep-fixed-inputs", is_flag=True,
+              help="With --fix-input: the quantized model still declares the fixed inputs (callers keep feeding "
+                   "them; the value fed is ignored).")
 @click.option("--verify-size", type=click.IntRange(min=0), default=64, show_default=True,
               help="Held-out samples (taken from the end of the data, never used to calibrate) to verify on.")
 @click.option("--verify-min-sqnr", type=float, default=None, metavar="DB",
@@ -284,7 +306,7 @@ def main() -> None:
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
-             verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
+             fix_inputs, keep_fixed_inputs, verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
              latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, accuracy_level, allocator,
              refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
@@ -320,7 +342,8 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
                                        max_loss=max_loss, refine_rounds=refine_rounds, max_latency_ms=max_latency,
                                        max_latency_ratio=max_latency_ratio),
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible,
-                       latency_batch=latency_batch, latency_threads=latency_threads,
+                       latency_batch=latency_batch, latency_threads=latency_threads, fix_inputs=fix_inputs,
+                       keep_fixed_inputs=keep_fixed_inputs,
                        emit_contrib=_contrib_level(emit_contrib, accuracy_level)))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement,
                           max_latency_ratio=verify_max_latency_ratio)
@@ -497,6 +520,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @click.option("--allocators", default="cet", show_default=True, metavar="A[,A]",
               help="Sensitivities to measure: cet, hawq, sqnr.")
 @no_simplify_option
+@fix_input_option
 @probe_options
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many most / least sensitive weights to print.")
@@ -511,7 +535,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @quiet_option
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
-            act_symmetric, calib_method, block_size, allocators, no_simplify, bits, candidate_block, loss, loss_output,
+            act_symmetric, calib_method, block_size, allocators, no_simplify, fix_inputs, bits, candidate_block, loss, loss_output,
             labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations,
             compare_methods, seed,
             as_json, quiet):
@@ -542,7 +566,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
                                        probes=probes or "full", workers=workers, ray=ray),
-        run=RunOptions(device=device, simplify=not no_simplify, seed=seed))
+        run=RunOptions(device=device, simplify=not no_simplify, seed=seed, fix_inputs=fix_inputs))
     if compare_methods and not activations:
         raise InputError("--compare-methods compares activation range methods: it needs --activations")
     result = run_analyze(model, calib, opts, names, activations, METHODS if compare_methods else ())

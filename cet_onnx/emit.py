@@ -10,6 +10,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from cet_onnx.calibration.data import ModelInput
 from cet_onnx.errors import InputError, RuntimeFailure, first_line
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.io import external_data
@@ -52,6 +53,15 @@ def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os
         external_data.load_into(qmodel)
     large = bool(external_data.external_tensors(qmodel)) or not fits_protobuf(qmodel)
     return Emitted(qmodel, result, large)
+
+
+def declare_inputs(model: ir.Model, inputs: list[ModelInput]) -> None:
+    """Declare ``inputs`` (fixed by ``--fix-input``, read by nothing any more) as graph inputs again, so that
+    the model keeps its signature (``--keep-fixed-inputs``); whatever is fed to them is ignored."""
+    for inp in inputs:
+        shape = ir.Shape([d for d in inp.shape]) if inp.rank_known else None
+        model.graph.inputs.append(ir.Value(name=inp.name, type=ir.TensorType(ir.DataType.from_numpy(inp.dtype)),
+                                           shape=shape))
 
 
 def check(emitted: Emitted) -> None:

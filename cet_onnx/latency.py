@@ -28,10 +28,14 @@ MAX_ROUNDS = 1000
 SECONDS = 1.0   # past MIN_ROUNDS, rounds go on this long: a sub-millisecond model's median needs many runs
 
 
-def latency_feed(batches: Sequence[Feed], samples: int) -> Feed:
+def latency_feed(batches: Sequence[Feed], samples: int, runs: bool = False) -> Feed:
     """The first ``samples`` samples of ``batches`` as one feed (inputs sliced along axis 0; an input whose
-    first axis is not the batch, such as a scalar, is taken from the first batch as it is)."""
+    first axis is not the batch, such as a scalar, is taken from the first batch as it is). ``runs``: the
+    batches are runs that cannot be stacked (:func:`~cet_onnx.calibration.data.run_reason`); the first one
+    is the feed."""
     first = batches[0]
+    if runs:
+        return dict(first)
     n = len(next(iter(first.values())))
     feed = {}
     for name, value in first.items():
@@ -77,12 +81,13 @@ def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequen
 
 
 def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers: Sequence[str],
-                    samples: int = 1, threads: int = 0) -> dict[str, Any]:
-    """Median latency of the float model and the quantized one on ``samples`` samples, and their ratio."""
-    feed = latency_feed(batches, samples)
+                    samples: int = 1, threads: int = 0, runs: bool = False) -> dict[str, Any]:
+    """Median latency of the float model and the quantized one on ``samples`` samples (``runs``: on the
+    first run's feed), and their ratio."""
+    feed = latency_feed(batches, samples, runs)
     sessions = [make_session(model, providers, threads=threads), make_session(qmodel, providers, threads=threads)]
     (fp32, quant), rounds = interleaved_ms(sessions, feed)
-    return {"batch": samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],
+    return {"batch": "one run's feed" if runs else samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],
             "fp32_ms": round(fp32, 4), "quantized_ms": round(quant, 4), "ratio": round(quant / fp32, 4),
             "interleaved_runs": rounds * (BLOCK - 1)}
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from cet_onnx.calibration.data import ModelInput, model_inputs
+from cet_onnx.calibration.data import ModelInput, model_input, model_inputs
 from cet_onnx.errors import InputError
+from cet_onnx.graph.passes.fix_inputs import FixInputsPass
 from cet_onnx.graph.passes.split_hardswish import SplitHardSwishPass
 from cet_onnx.graph.prepare import infer_shapes, prepare_model
 from cet_onnx.progress import warn
@@ -16,14 +18,21 @@ from cet_onnx.graph.weights import WeightInfo, find_weights, subgraph_weights
 from cet_onnx.io import external_data
 from cet_onnx.io.external_data import LazyValues
 
+#: inputs frozen by ``--fix-input``: name → (the input as the model declared it, its value)
+FixedInputs = dict[str, tuple[ModelInput, np.ndarray]]
 
-def load_graph(model_path: str | os.PathLike, simplify: bool,
-               weight_only: bool) -> tuple[ir.Model, list[ModelInput]]:
-    """Load and simplify; with quantized activations HardSwish is split so its parts can be quantized."""
-    model = prepare_model(model_path, simplify)
+
+def load_graph(model_path: str | os.PathLike, simplify: bool, weight_only: bool,
+               fix_inputs: Mapping[str, str] | None = None) -> tuple[ir.Model, list[ModelInput], FixedInputs]:
+    """Load, fix the inputs in ``fix_inputs`` (name → value text, ``--fix-input``) and simplify; with quantized
+    activations HardSwish is split so its parts can be quantized. Also the fixed inputs: name → (their
+    declaration, value)."""
+    fix = FixInputsPass(fix_inputs) if fix_inputs else None
+    model = prepare_model(model_path, simplify, fix)
     if not weight_only and SplitHardSwishPass()(model).modified:
         model = infer_shapes(model, str(model_path))
-    return model, model_inputs(model)
+    fixed = {name: (model_input(value), array) for name, (value, array) in fix.fixed.items()} if fix else {}
+    return model, model_inputs(model), fixed
 
 
 def load_weights(model: ir.Model, model_path: str | os.PathLike

@@ -122,6 +122,8 @@ class RunOptions:
     latency_batch: int = 1          # samples per run when timing float vs quantized (0: not timed)
     latency_threads: int = 0        # onnxruntime intra-op threads when timing (0: onnxruntime's default)
     emit_contrib: int | None = None  # write com.microsoft.MatMulNBits with this accuracy_level (None: plain ONNX)
+    fix_inputs: tuple[tuple[str, str], ...] = ()  # --fix-input NAME=VALUE: (name, value text) pairs
+    keep_fixed_inputs: bool = False  # the emitted model still declares the fixed inputs (their value is ignored)
 
 
 GROUPS = {"data": DataOptions, "weights": WeightOptions, "activations": ActivationOptions,
@@ -230,6 +232,11 @@ def validate(opts: QuantizeOptions) -> None:
             raise InputError(f"--ray must be auto or a Ray cluster address, got '{a.ray}'")
         require_ray()
     _choice("--calib-method", opts.activations.method, METHODS)
+    if opts.run.keep_fixed_inputs and not opts.run.fix_inputs:
+        raise InputError("--keep-fixed-inputs keeps the inputs --fix-input froze; give --fix-input too")
+    names = [name for name, _ in opts.run.fix_inputs]
+    if len(set(names)) < len(names):
+        raise InputError(f"--fix-input: input '{next(n for n in names if names.count(n) > 1)}' is fixed twice")
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--act-mode", opts.activations.mode, ACT_MODES)
     if opts.activations.weight_only and opts.activations.mode not in ("auto", "none"):

@@ -15,13 +15,14 @@ from typing import Any
 from cet_onnx import __version__
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
+from cet_onnx.calibration.data import run_reason
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.rewriter import transformer_rules
 from cet_onnx.kernels import inspect_kernels
 from cet_onnx.latency import compare_latency
-from cet_onnx.emit import check, check_output_path, emit, save
+from cet_onnx.emit import check, check_output_path, declare_inputs, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
 from cet_onnx.prepared import Prepared
@@ -45,13 +46,14 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     timer = Timer()
     providers = select_providers(opts.run.device)
     with timer.stage("load"):
-        model, inputs = load_graph(model_path, opts.run.simplify, opts.activations.requested_mode == "none")
+        model, inputs, fixed = load_graph(model_path, opts.run.simplify, opts.activations.requested_mode == "none",
+                                          dict(opts.run.fix_inputs))
     act_mode, act_mode_why = choose_act_mode(opts.activations.requested_mode, model.graph)
     if act_mode == "static" and transformer_rules(model.graph):
         act_mode_why += ("; a transformer graph: only weight MatMul / Gemm inputs are quantized, LayerNorm, "
                          "Softmax, GELU and residual Add inputs stay float")
     with timer.stage("data"):
-        data = read_samples(calib, inputs, opts.data, opts.run.seed)
+        data = read_samples(calib, inputs, opts.data, opts.run.seed, fixed)
     weights, skipped, values = load_weights(model, model_path)
     act_params, left_float = None, {}
     if act_mode == "static":
@@ -59,7 +61,7 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
             act_params, left_float = calibrate(model, opts.activations, data.calib_batches, providers)
     p = Prepared(model, inputs, weights, skipped, values, data.calib_samples, data.verify_samples, data.batch_size,
                  data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer,
-                 float_activations=left_float, act_mode=act_mode, act_mode_why=act_mode_why)
+                 float_activations=left_float, act_mode=act_mode, act_mode_why=act_mode_why, fixed_inputs=fixed)
     plan_rounding(p, opts, calib, mixed)
     return p
 
@@ -77,7 +79,8 @@ def add_speed(report: dict[str, Any], p: Prepared, emitted: Any, opts: QuantizeO
     if opts.run.latency_batch and batches:
         with timer.stage("latency"):
             report["latency"] = compare_latency(p.model, emitted.model, batches, p.providers,
-                                                opts.run.latency_batch, opts.run.latency_threads)
+                                                opts.run.latency_batch, opts.run.latency_threads,
+                                                runs=run_reason(p.inputs) is not None)
     else:
         report["latency"] = {"skipped": "--latency-batch 0" if batches else "no data to run on"}
 
@@ -164,6 +167,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
     report["timings_s"] = {**timer.stages, "total": round(time.perf_counter() - t_start, 4)}
     report["peak_rss_mb"] = dict(timer.peak_mb)
     extra[report_path(out_path).name] = report_bytes(report, opts.run.reproducible)
+    if opts.run.keep_fixed_inputs:
+        declare_inputs(emitted.model, [inp for inp, _ in p.fixed_inputs.values()])
     save(emitted, out_path, extra)
     add_file_sizes(report, model_path, out_path)
     return report

@@ -39,6 +39,7 @@ class Prepared:
     float_activations: dict = field(default_factory=dict)  # planned activation → why it stays float
     act_mode: str = "static"                             # static | dynamic | none (cet_onnx.graph.act_mode)
     act_mode_why: str = "as requested"
+    fixed_inputs: dict = field(default_factory=dict)     # --fix-input: name → (declaration, value)
 
     @property
     def disjoint(self) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx import __version__
+from cet_onnx.calibration.data import run_reason
 from cet_onnx.errors import RuntimeFailure
 from cet_onnx.graph.rewriter import ACTIVATION_OPS
 from cet_onnx.graph.weights import WeightInfo
@@ -82,7 +83,9 @@ def build_report(model_path: str | os.PathLike, out_path: Path, calib: str | Non
         "options": options_view(opts),
         "calibration": {"source": calib or "random", "calib_samples": len(p.calib_samples),
                         "verify_samples": len(p.verify_samples), "batch_size": p.batch_size,
-                        "disjoint": p.disjoint},
+                        "disjoint": p.disjoint, "feeds_are_runs": run_reason(p.inputs)},
+        "fixed_inputs": {name: {"value": value.tolist(), "kept_in_signature": opts.run.keep_fixed_inputs}
+                         for name, (_inp, value) in p.fixed_inputs.items()},
         "opset": rewritten.opset,
         "weights": rows,
         "skipped_weights": p.skipped,

@@ -30,14 +30,23 @@ Array rules, common to every source:
   width are cast if every value fits; float vs integer vs bool is an error.
 * NaN or Inf in float data is an error.
 * ``.npy`` / ``.npz`` files are always loaded with ``allow_pickle=False``.
-* Scalar (rank-0) model inputs are not supported: they have no sample axis.
 
 Feeds are split into samples with a leading batch axis of 1 so that ``limit``
 counts samples whatever the source; :func:`batched` puts them back together.
+
+**Runs.**  Some models' inputs cannot be split along axis 0 and stacked again: a
+scalar input (a sample rate), a recurrent state whose batch axis is not axis 0
+(``state [2, batch, 128]``), inputs whose first dimensions disagree.  For those
+(:func:`run_reason` says why), every feed is *one run*: it is run exactly as
+given, never split or stacked, each array has the input's full rank, ``limit``
+counts runs and a batch is one run.  A stateful streaming model is calibrated
+with a reader whose feeds carry the state the previous run returned (see the
+README, "Stateful and streaming models").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -83,6 +92,7 @@ class ModelInput:
     dtype: np.dtype
     shape: tuple[Dim, ...]
     rank_known: bool = True
+    optional: bool = False      # data may leave it out (an input fixed by --fix-input)
 
 
 def model_inputs(model: ir.Model) -> list[ModelInput]:
@@ -91,10 +101,10 @@ def model_inputs(model: ir.Model) -> list[ModelInput]:
     Older exporters list weights among the graph inputs too; those have an
     initializer and need no calibration data, so they are left out.
     """
-    return [_model_input(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
+    return [model_input(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def _model_input(value: ir.Value) -> ModelInput:
+def model_input(value: ir.Value) -> ModelInput:
     """Translate one graph input into a :class:`ModelInput`."""
     if value.type is not None and not isinstance(value.type, ir.TensorType):
         raise InputError(f"model input '{value.name}' is a {type(value.type).__name__}, "
@@ -224,7 +234,7 @@ def _check_names(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str)
             hint = "; save arrays by name, e.g. np.savez(path, input_name=array)"
         raise InputError(f"{_where(origin)}: unknown input '{unknown[0]}' "
                          f"(model inputs: {', '.join(wanted)}){hint}")
-    missing = [name for name in wanted if name not in feed]
+    missing = [inp.name for inp in inputs if inp.name not in feed and not inp.optional]
     if missing:
         raise InputError(f"{_where(origin)}: missing input '{missing[0]}' "
                          f"(model inputs: {', '.join(wanted)})")
@@ -286,7 +296,8 @@ def validate_feed(feed: dict[str, np.ndarray], inputs: list[ModelInput], origin:
                              f"got {_dtype_text(arr.dtype)}")
         _check_shape(arr, inp, origin, exact_batch)
         _check_finite(arr, inp, origin)
-    _sample_count(feed, origin)
+    if run_reason(inputs) is None:
+        _sample_count(feed, origin)
 
 
 def _as_array(value: Any, inp: ModelInput, origin: str) -> np.ndarray:
@@ -327,9 +338,62 @@ def conform_feed(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str)
         raise InputError(f"{_where(origin)}: expected a dict mapping input names to arrays, "
                          f"got {type(feed).__name__}")
     _check_names(feed, inputs, origin)
-    out = {inp.name: _conform_array(feed[inp.name], inp, origin) for inp in inputs}
+    out = {inp.name: _conform_array(feed[inp.name], inp, origin) for inp in inputs if inp.name in feed}
     _sample_count(out, origin)
     return out
+
+
+def run_reason(inputs: list[ModelInput]) -> str | None:
+    """Why feeds for ``inputs`` cannot be split into samples along axis 0 and stacked again, or None.
+
+    Axis 0 is a common sample axis only if every input has one (no scalars) and the inputs agree on
+    it: all dynamic, or all the same fixed size, and no dynamic axis-0 name (``batch``) appears at
+    another axis of some input (a state ``[layers, batch, hidden]``).
+    """
+    ranked = [inp for inp in inputs if inp.rank_known]
+    scalar = next((inp for inp in ranked if not inp.shape), None)
+    if scalar is not None:
+        return f"input '{scalar.name}' is a scalar"
+    firsts = {inp.name: inp.shape[0] for inp in ranked}
+    fixed = {name: d for name, d in firsts.items() if isinstance(d, int)}
+    if fixed and len(fixed) < len(firsts):
+        dyn = next(name for name in firsts if name not in fixed)
+        name, d = next(iter(fixed.items()))
+        return f"input '{name}' has a fixed first dimension ({d}) and input '{dyn}' a dynamic one"
+    if len(set(fixed.values())) > 1:
+        return "inputs have different fixed first dimensions (" + ", ".join(
+            f"'{n}' {d}" for n, d in fixed.items()) + ")"
+    batch_names = {d for d in firsts.values() if isinstance(d, str)}
+    for inp in ranked:
+        for axis, d in enumerate(inp.shape[1:], start=1):
+            if isinstance(d, str) and d in batch_names:
+                return f"the batch dimension '{d}' is axis {axis} of input '{inp.name}'"
+    return None
+
+
+def conform_run(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str) -> Feed:
+    """Raw user data for one run -> a validated feed, every array at the input's full rank (no batch axis
+    added, none split off)."""
+    if not isinstance(feed, Mapping):
+        raise InputError(f"{_where(origin)}: expected a dict mapping input names to arrays, "
+                         f"got {type(feed).__name__}")
+    _check_names(feed, inputs, origin)
+    out = {}
+    for inp in (inp for inp in inputs if inp.name in feed):
+        arr = _cast(_as_array(feed[inp.name], inp, origin), inp, origin)
+        if inp.rank_known and not _dims_match(arr.shape, inp.shape):
+            raise InputError(f"{_where(origin)}: input '{inp.name}' expects shape {_fmt_shape(inp.shape)} "
+                             f"({inp.dtype.name}) in each run's feed, got {_fmt_shape(arr.shape)}")
+        _check_finite(arr, inp, origin)
+        out[inp.name] = arr
+    return out
+
+
+def _conform(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str) -> Feed:
+    """:func:`conform_run` where feeds are runs (:func:`run_reason`), else :func:`conform_feed`."""
+    if run_reason(inputs) is not None:
+        return conform_run(feed, inputs, origin)
+    return conform_feed(feed, inputs, origin)
 
 
 def _split(feed: Feed) -> Iterator[Feed]:
@@ -368,12 +432,13 @@ def _numpy_file_feed(path: Path, inputs: list[ModelInput]) -> Feed:
     if suffix == ".npy" and isinstance(data, dict):
         raise InputError(f"{_where(origin)}: not a .npy array (it is an .npz archive)")
     if isinstance(data, dict):
-        return conform_feed(data, inputs, origin)
-    if len(inputs) != 1:
-        names = ", ".join(inp.name for inp in inputs)
+        return _conform(data, inputs, origin)
+    required = [inp for inp in inputs if not inp.optional]
+    if len(required) != 1:
+        names = ", ".join(inp.name for inp in required)
         raise InputError(f"{_where(origin)}: a .npy file only works for a single-input model "
                          f"(model inputs: {names}); use .npz files keyed by input name")
-    return conform_feed({inputs[0].name: data}, inputs, origin)
+    return _conform({required[0].name: data}, inputs, origin)
 
 
 def _numpy_dir_feeds(files: list[Path], inputs: list[ModelInput]) -> Iterator[Feed]:
@@ -487,11 +552,12 @@ def _load_image(path: Path, plan: _ImagePlan, image_module: Any) -> np.ndarray:
 def _image_feeds(files: list[Path], inputs: list[ModelInput], options: ImageOptions | None,
                  source: str) -> Iterator[Feed]:
     """Feeds of a folder of images (single-input models only), in name order."""
-    if len(inputs) != 1:
-        names = ", ".join(inp.name for inp in inputs)
+    required = [inp for inp in inputs if not inp.optional]
+    if len(required) != 1:
+        names = ", ".join(inp.name for inp in required)
         raise InputError(f"{_where(source)}: image folders only work for single-input models "
                          f"(model inputs: {names})")
-    inp = inputs[0]
+    inp = required[0]
     plan = _image_plan(options or ImageOptions(), inp, source)
     image_module = _import_pillow()
     for path in files:
@@ -601,18 +667,21 @@ def _callable_feeds(spec: str, inputs: list[ModelInput]) -> Iterator[Feed]:
     if not is_reader_instance and callable(obj):
         obj = _call_user(obj, spec, "calling it")
     for index, item in enumerate(_reader_items(obj, spec)):
-        yield conform_feed(item, inputs, f"{spec} item {index}")
+        yield _conform(item, inputs, f"{spec} item {index}")
 
 
 # --------------------------------------------------------------------------- random data
 
 
-def _random_array(inp: ModelInput, rng: np.random.Generator) -> np.ndarray:
-    """One random sample (batch axis 1) for an input: N(0,1), ints in [0,10), bools."""
+def _random_array(inp: ModelInput, rng: np.random.Generator, runs: bool = False) -> np.ndarray:
+    """One random sample (batch axis 1; with ``runs`` one run, dynamic dims 1) for an input: N(0,1),
+    ints in [0,10), bools."""
     if not inp.rank_known:
         raise InputError(f"random calibration data: input '{inp.name}' declares no shape; "
                          "provide calibration data")
-    shape = (1,) + tuple(d if isinstance(d, int) else 1 for d in inp.shape[1:])
+    shape = tuple(d if isinstance(d, int) else 1 for d in inp.shape)
+    if not runs:
+        shape = (1,) + shape[1:]
     kind = _kind(inp.dtype)
     if kind == "float":
         return rng.standard_normal(shape, dtype=np.float32).astype(inp.dtype)
@@ -626,15 +695,15 @@ def _random_array(inp: ModelInput, rng: np.random.Generator) -> np.ndarray:
 
 def _random_samples(inputs: list[ModelInput], count: int, seed: int) -> list[Feed]:
     """``count`` random samples; warns loudly on stderr, including about guessed dims."""
-    _reject_scalars(inputs, "random data")
+    runs = run_reason(inputs) is not None
     rng = np.random.default_rng(seed)
-    samples = [{inp.name: _random_array(inp, rng) for inp in inputs} for _ in range(count)]
+    samples = [{inp.name: _random_array(inp, rng, runs) for inp in inputs} for _ in range(count)]
     sys.stderr.write(
         f"WARNING: no calibration data given: using {count} samples of RANDOM data "
         f"(seed {seed}). Quantization ranges from random data are NOT meaningful; "
         "accuracy of the result says nothing. Provide real calibration data.\n")
     guessed = [f"{inp.name}{_fmt_shape(inp.shape)}" for inp in inputs
-               if any(not isinstance(d, int) for d in inp.shape[1:])]
+               if any(not isinstance(d, int) for d in (inp.shape if runs else inp.shape[1:]))]
     if guessed:
         sys.stderr.write(f"WARNING: dynamic non-batch dimensions set to 1 for random data: "
                          f"{', '.join(guessed)}\n")
@@ -642,14 +711,6 @@ def _random_samples(inputs: list[ModelInput], count: int, seed: int) -> list[Fee
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def _reject_scalars(inputs: list[ModelInput], origin: str) -> None:
-    """Rank-0 inputs have no sample axis, so they cannot be split or batched."""
-    for inp in inputs:
-        if inp.rank_known and len(inp.shape) == 0:
-            raise InputError(f"{_where(origin)}: model input '{inp.name}' is a scalar; "
-                             "scalar inputs are not supported for calibration")
 
 
 def _dir_files(directory: Path) -> tuple[list[Path], list[Path]]:
@@ -694,7 +755,8 @@ def _is_dotted_name(text: str) -> bool:
 
 
 def load_samples(source: str | None, inputs: list[ModelInput], *, limit: int | None = None,
-                 image: ImageOptions | None = None, seed: int = 0) -> list[Feed]:
+                 image: ImageOptions | None = None, seed: int = 0,
+                 fixed: Mapping[str, tuple[ModelInput, np.ndarray]] | None = None) -> list[Feed]:
     """Load, validate and split calibration data into samples of batch size 1.
 
     ``source`` is a directory, a ``.npz``/``.npy`` file, ``module:callable``
@@ -703,22 +765,43 @@ def load_samples(source: str | None, inputs: list[ModelInput], *, limit: int | N
     maps every model input to an array of the input's dtype with a leading
     axis of size 1.  ``limit`` keeps the first N samples (sources are read
     lazily, so later files are not even opened).  Raises InputError for
-    anything wrong, including an empty source.
+    anything wrong, including an empty source.  Where feeds are runs (:func:`run_reason`) each feed is
+    one sample, as given.  ``fixed`` (``--fix-input``: name → (declaration, value)): those inputs may be in
+    the data (they are dropped), but only with their fixed value.
     """
     if limit is not None and limit < 1:
         raise InputError(f"calibration sample limit must be at least 1, got {limit}")
     if source is None:
         return _random_samples(inputs, limit or DEFAULT_RANDOM_SAMPLES, seed)
-    _reject_scalars(inputs, source)
     samples: list[Feed] = []
-    for feed in _source_feeds(source, inputs, image):
-        for sample in _split(feed):
+    declared = inputs + [dataclasses.replace(inp, optional=True) for inp, _ in (fixed or {}).values()]
+    runs = run_reason(declared) is not None
+    for index, feed in enumerate(_source_feeds(source, declared, image)):
+        feed = _without_fixed(feed, fixed or {}, f"{source} feed {index}")
+        for sample in ([feed] if runs else _split(feed)):
             samples.append(sample)
             if limit is not None and len(samples) >= limit:
                 return samples
     if not samples:
         raise InputError(f"{_where(source)}: no samples found")
     return samples
+
+
+def _without_fixed(feed: Feed, fixed: Mapping[str, tuple[ModelInput, np.ndarray]], origin: str) -> Feed:
+    """``feed`` without the fixed inputs, which must hold the fixed value where the data gives them."""
+    for name, (_inp, value) in fixed.items():
+        if name in feed and not _holds(feed[name], value):
+            raise InputError(f"{_where(origin)}: input '{name}' is fixed to {value.tolist()} by --fix-input, "
+                             f"but the data gives {np.unique(feed[name]).tolist()[:4]}")
+    return {k: v for k, v in feed.items() if k not in fixed}
+
+
+def _holds(given: np.ndarray, value: np.ndarray) -> bool:
+    """Whether every sample in ``given`` equals ``value`` (broadcast over a batch axis)."""
+    try:
+        return bool(np.all(np.broadcast_to(given, np.broadcast_shapes(given.shape, value.shape)) == value))
+    except ValueError:
+        return False
 
 
 def batched(samples: list[Feed], batch_size: int, *,
@@ -728,12 +811,17 @@ def batched(samples: list[Feed], batch_size: int, *,
     The last batch may be smaller.  With ``inputs`` given, each batch is also
     checked with ``validate_feed(exact_batch=True)``: if an input's batch
     dimension is a fixed int, ``batch_size`` must equal it (a fixed batch of 1
-    means batch_size=1) and a final partial batch is dropped.  Samples whose
+    means batch_size=1) and a final partial batch is dropped.  Where feeds are runs
+    (:func:`run_reason`) every run is a batch of its own, whatever ``batch_size``.  Samples whose
     dynamic dims differ cannot share a batch: that is an InputError asking for
     batch size 1.
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if inputs is not None and run_reason(inputs) is not None:
+        for index, run in enumerate(samples):
+            validate_feed(run, inputs, f"run {index}", exact_batch=True)
+        return [dict(run) for run in samples]
     fixed = _fixed_batch(inputs or [])
     if fixed is not None and fixed != batch_size:
         raise InputError(f"the model's batch dimension is fixed at {fixed}; "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from cet_onnx.calibration.data import ModelInput, batched, load_samples
+from cet_onnx.calibration.data import ModelInput, batched, load_samples, run_reason
 from cet_onnx.errors import InputError, first_line
 from cet_onnx.progress import warn
 
@@ -27,10 +27,12 @@ class Samples:
     labels: np.ndarray | None
 
 
-def read_samples(calib: str | None, inputs: list[ModelInput], data: DataOptions, seed: int) -> Samples:
-    """Samples from ``calib`` (random data without it), the last ones held out to verify on."""
+def read_samples(calib: str | None, inputs: list[ModelInput], data: DataOptions, seed: int,
+                 fixed: Mapping[str, tuple[ModelInput, np.ndarray]] | None = None) -> Samples:
+    """Samples from ``calib`` (random data without it), the last ones held out to verify on. ``fixed``: inputs
+    frozen by ``--fix-input``, dropped from the data."""
     limit = data.calib_size + data.verify_size if data.calib_size else None
-    samples = load_samples(calib, inputs, limit=limit, image=data.image, seed=seed)
+    samples = load_samples(calib, inputs, limit=limit, image=data.image, seed=seed, fixed=fixed)
     labels = load_labels(data.labels, len(samples), truncated=limit is not None) if data.labels else None
     calib_samples, verify_samples = split_samples(samples, data.verify_size)
     bs = effective_batch_size(inputs, data.batch_size)
@@ -39,7 +41,10 @@ def read_samples(calib: str | None, inputs: list[ModelInput], data: DataOptions,
 
 
 def effective_batch_size(inputs: list[ModelInput], requested: int) -> int:
-    """The requested batch size, unless an input fixes its first dimension."""
+    """The requested batch size, unless an input fixes its first dimension; 1 (one run per batch) where
+    feeds are runs (:func:`~cet_onnx.calibration.data.run_reason`)."""
+    if run_reason(inputs) is not None:
+        return 1
     fixed = {d for i in inputs for d in i.shape[:1] if isinstance(d, int) and d > 0}
     if fixed:
         b = min(fixed)

@@ -1,5 +1,5 @@
-"""The graph as the stages need it: Constant weights lifted, simplified by onnxsim, tied copies
-of a table tied again, shapes inferred.
+"""The graph as the stages need it: Constant weights lifted (those inside If / Loop / Scan bodies
+too), simplified by onnxsim, tied copies of a table tied again, shapes inferred.
 
 onnxsim and onnx's shape inference work on protobufs: the model is serialized for them and read
 back. A model whose weights stay on disk is not simplified (onnxsim would load them all); shape
@@ -16,6 +16,9 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from cet_onnx.errors import first_line
 from cet_onnx.graph.passes.constants_to_initializers import ConstantsToInitializersPass
+from cet_onnx.graph.passes.fold_constant_if import FoldConstantIfPass
+from cet_onnx.graph.passes.fix_inputs import FixInputsPass
+from cet_onnx.graph.passes.lift_subgraph_weights import LiftSubgraphWeightsPass
 from cet_onnx.graph.passes.tie_transposed import TieTransposedCopiesPass
 from cet_onnx.io import external_data
 from cet_onnx.io.load import load_model
@@ -56,12 +59,18 @@ def infer_shapes(model: ir.Model, source: str) -> ir.Model:
         return model
 
 
-def prepare_model(path: str | os.PathLike, do_simplify: bool = True) -> ir.Model:
-    """Load → Constant weights to initializers → simplify → tie transposed copies → shape inference."""
+def prepare_model(path: str | os.PathLike, do_simplify: bool = True,
+                  fix: FixInputsPass | None = None) -> ir.Model:
+    """Load → fix inputs (``fix``, :mod:`.passes.fix_inputs`) and fold the Ifs they decide → Constant weights to initializers → simplify →
+    subgraph weights to main-graph initializers → tie transposed copies → shape inference."""
     model = load_model(path)
+    if fix is not None:
+        fix(model)
+        FoldConstantIfPass()(model)
     ConstantsToInitializersPass()(model)
     if do_simplify:
         model = simplify(model, str(path))
         ConstantsToInitializersPass()(model)
+    LiftSubgraphWeightsPass()(model)
     TieTransposedCopiesPass()(model)
     return infer_shapes(model, str(path))

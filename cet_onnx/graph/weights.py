@@ -17,7 +17,9 @@ reduction axis (block-wise scales run along it):
   (for the tied table ``E [vocab, width]``: channel 0, reduction 1, as its Gather use).
 
 A weight shared by several nodes is quantized once if every use agrees on the axes;
-otherwise it stays float and is listed as skipped.
+otherwise it stays float and is listed as skipped. Nodes inside If / Loop / Scan bodies count as
+uses of the main-graph initializers they read (:mod:`.passes.lift_subgraph_weights` puts the
+weights of subgraph layers there).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from cet_onnx.graph import boundary
 from cet_onnx.graph.passes._graph import is_onnx
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+#: the inputs of each weight op that may be a weight
+WEIGHT_POSITIONS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Gather": (0,)}
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
 
@@ -104,9 +108,9 @@ def _add_use(found: dict[str, WeightInfo], skipped: dict[str, str], name: str, t
 def _transposed_weight_uses(graph: ir.Graph) -> dict[ir.Node, tuple[str, str, tuple[int, int], list[str]]]:
     """2-D Transposes of an initializer read only as a MatMul / Gemm weight →
     (initializer, consumer op type, the initializer's axes, consumer labels)."""
-    index = {node: i for i, node in enumerate(graph)}
+    index = {node: i for i, node in enumerate(all_nodes(graph))}
     out = {}
-    for node in graph:
+    for node in index:
         src = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         if src is None or not src.is_initializer() or src.const_value is None or len(src.const_value.shape) != 2:
             continue
@@ -132,7 +136,7 @@ def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], d
     skipped: dict[str, str] = {}
     other_uses: set[str] = set()
     through = _transposed_weight_uses(graph)
-    for i, node in enumerate(graph):
+    for i, node in enumerate(all_nodes(graph)):
         names = [v.name if v is not None else "" for v in node.inputs]
         if node.domain not in ("", "ai.onnx"):
             other_uses.update(names)
@@ -165,19 +169,27 @@ def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], d
     return list(found.values()), skipped
 
 
-def subgraph_weights(model: onnx.ModelProto | ir.Model) -> list[str]:
-    """Weights of Conv / ConvTranspose / Gemm / MatMul nodes inside If / Loop / Scan bodies.
+def all_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes of ``graph`` and, after each node, those of its subgraphs (at any depth)."""
+    return list(ir.traversal.RecursiveGraphIterator(graph))
 
-    They are left in float (the rewriter works on the main graph); the caller warns and reports.
+
+def subgraph_weights(model: onnx.ModelProto | ir.Model) -> list[str]:
+    """Constant weights of Conv / ConvTranspose / Gemm / MatMul nodes inside If / Loop / Scan bodies that
+    are still held there (:mod:`.passes.lift_subgraph_weights` moves those it can to the main graph).
+
+    They are left in float; the caller warns and reports.
     """
     found: list[str] = []
 
     def visit(graph: ir.Graph, top: bool) -> None:
-        consts = set(graph.initializers) | {n.outputs[0].name for n in graph if n.op_type == "Constant"}
+        consts = {name for name, v in graph.initializers.items() if _is_float(v)}
+        consts |= {n.outputs[0].name for n in graph if n.op_type == "Constant" and _is_float(n.outputs[0])}
         for node in graph:
             if not top and node.op_type in WEIGHT_OPS:
-                found.extend(f"{node.name or node.op_type}:{v.name}" for v in node.inputs
-                             if v is not None and v.name in consts)
+                positions = WEIGHT_POSITIONS[node.op_type]
+                found.extend(f"{node.name or node.op_type}:{v.name}" for i, v in enumerate(node.inputs)
+                             if i in positions and v is not None and v.name in consts)
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
                     visit(attr.as_graph(), False)
@@ -187,3 +199,8 @@ def subgraph_weights(model: onnx.ModelProto | ir.Model) -> list[str]:
 
     visit(boundary.to_ir(model).graph, True)
     return found
+
+
+def _is_float(value: ir.Value) -> bool:
+    """A value whose element type is float (or unknown: a Constant's output may not be typed yet)."""
+    return value.dtype is None or int(value.dtype) in _FLOAT_TYPES
