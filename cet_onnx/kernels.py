@@ -66,18 +66,34 @@ def inspect_kernels(model: ir.Model | onnx.ModelProto | str | Path, providers: S
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         graph = onnx.load(str(optimized), load_external_data=False).graph
-    return Kernels(dict(collections.Counter(n.op_type for n in graph.node).most_common()), _unfused(graph))
+    nodes = _nodes(graph)
+    return Kernels(dict(collections.Counter(n.op_type for n in nodes).most_common()), _unfused(graph, nodes))
 
 
-def _unfused(graph: onnx.GraphProto) -> list[dict[str, str]]:
-    """Every ``DequantizeLinear`` of an initializer whose result (through Reshape / Transpose) feeds a weight op."""
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = collections.defaultdict(list)
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its If / Loop / Scan bodies, at any depth."""
+    found = [graph]
     for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found.extend(_graphs(sub))
+    return found
+
+
+def _nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [node for g in _graphs(graph) for node in g.node]
+
+
+def _unfused(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[dict[str, str]]:
+    """Every ``DequantizeLinear`` of an initializer whose result (through Reshape / Transpose) feeds a weight op
+    (in any graph: ``nodes`` holds those of the subgraphs too)."""
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = collections.defaultdict(list)
+    for node in nodes:
         for k, name in enumerate(node.input):
             consumers[name].append((node, k))
-    initializers = {t.name for t in graph.initializer}
+    initializers = {t.name for g in _graphs(graph) for t in g.initializer}
     found = []
-    for node in graph.node:
+    for node in nodes:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         frontier, seen = [node.output[0]], set()

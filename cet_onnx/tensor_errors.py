@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from cet_onnx.graph.passes._graph import branch_nodes
 from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.runner import Feed, make_session
@@ -87,7 +88,7 @@ def layer_tensors(model: ir.Model, weights: Sequence[WeightInfo]) -> dict[str, s
     weight_names = {w.name for w in weights}
     consumers = {c for w in weights for c in w.consumers}
     roles: dict[str, str] = {}
-    for node in model.graph:
+    for node in branch_nodes(model.graph):
         if node.name not in consumers:
             continue
         where = f"{node.op_type} '{node.name}'"
@@ -108,7 +109,7 @@ def quantizers(qmodel: ir.Model) -> dict[str, tuple[str, list[str]]]:
     """Tensor → (precision, the names whose value reconstructs its quantized form) in the emitted graph:
     ``[dq_output]`` for a static Q/DQ pair, ``[codes, scale, zero_point]`` for DynamicQuantizeLinear."""
     found: dict[str, tuple[str, list[str]]] = {}
-    for node in qmodel.graph:
+    for node in branch_nodes(qmodel.graph):
         x = node.inputs[0] if node.inputs else None
         if x is None or x.name in found:
             continue
@@ -135,7 +136,7 @@ def _folded_relus(model: ir.Model, qmodel: ir.Model, quant: dict[str, Any]) -> s
     """Quantized tensors whose float producer is a Relu that the rewrite folded into the quantizer's range:
     in the quantized graph the name carries the Relu's input, and the quantizer's clamp at 0 is the Relu."""
     def producers(m: ir.Model) -> dict[str, str]:
-        return {v.name: node.op_type for node in m.graph for v in node.outputs}
+        return {v.name: node.op_type for node in branch_nodes(m.graph) for v in node.outputs}
     fp, qp = producers(model), producers(qmodel)
     return {t for t in quant if fp.get(t) == "Relu" and qp.get(t) != "Relu"}
 
@@ -143,8 +144,8 @@ def _folded_relus(model: ir.Model, qmodel: ir.Model, quant: dict[str, Any]) -> s
 def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[WeightInfo],
                       batches: Sequence[Feed], providers: Sequence[str]) -> list[dict[str, Any]]:
     """One row per activation tensor around a weight's layer present in both graphs (see the module doc)."""
-    qnames = {v.name for node in qmodel.graph for v in node.outputs} | {v.name for v in qmodel.graph.inputs}
-    fnames = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    qnames = {v.name for node in branch_nodes(qmodel.graph) for v in node.outputs} | {v.name for v in qmodel.graph.inputs}
+    fnames = {v.name for node in branch_nodes(model.graph) for v in node.outputs} | {v.name for v in model.graph.inputs}
     quant = {t: q for t, q in quantizers(qmodel).items() if t in fnames}
     roles = {t: r for t, r in layer_tensors(model, weights).items() if t in qnames}
     roles.update({t: "quantized activation" for t in quant if t not in roles})

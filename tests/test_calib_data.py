@@ -18,6 +18,7 @@ from cet_onnx.calibration.data import (
     conform_feed,
     load_samples,
     model_inputs,
+    run_reason,
     validate_feed,
 )
 from cet_onnx.errors import InputError
@@ -360,10 +361,67 @@ def test_unreadable_and_empty_sources(tmp_path):
     assert _error(load_samples, str(tmp_path / "one.npy"), inputs, limit=0)
 
 
-def test_scalar_inputs_rejected(tmp_path):
-    inputs = model_inputs(_identity_model([("s", TensorProto.FLOAT, [])]))
-    np.save(tmp_path / "s.npy", np.float32(1.0))
-    assert "scalar" in _error(load_samples, str(tmp_path / "s.npy"), inputs)
+def test_scalar_inputs_make_every_feed_one_run(tmp_path):
+    inputs = model_inputs(_identity_model([("x", TensorProto.FLOAT, ["N", 4]), ("s", TensorProto.INT64, [])]))
+    assert run_reason(inputs) == "input 's' is a scalar"
+    for k in range(3):
+        np.savez(tmp_path / f"run{k}.npz", x=_rand(k + 1, 4), s=np.int64(16000))
+    samples = load_samples(str(tmp_path), inputs)
+    assert [s["x"].shape for s in samples] == [(1, 4), (2, 4), (3, 4)] and samples[0]["s"].shape == ()
+    assert batched(samples, 16, inputs=inputs) == samples   # runs are never stacked
+    assert len(load_samples(str(tmp_path), inputs, limit=2)) == 2
+    np.savez(tmp_path / "run3.npz", x=_rand(4), s=np.int64(1))
+    assert "expects shape [N,4] (float32) in each run's feed, got [4]" in _error(load_samples, str(tmp_path), inputs)
+
+
+def test_a_state_with_its_batch_on_axis_1_makes_feeds_runs():
+    state = model_inputs(_identity_model([("x", TensorProto.FLOAT, ["batch", 8]),
+                                          ("state", TensorProto.FLOAT, [2, "batch", 4])]))
+    assert run_reason(state) == "input 'state' has a fixed first dimension (2) and input 'x' a dynamic one"
+    named = model_inputs(_identity_model([("x", TensorProto.FLOAT, ["batch", 8]),
+                                          ("h", TensorProto.FLOAT, ["layers", "batch", 4])]))
+    assert run_reason(named) == "the batch dimension 'batch' is axis 1 of input 'h'"
+    assert run_reason(model_inputs(_identity_model([("x", TensorProto.FLOAT, ["N", 8]),
+                                                    ("m", TensorProto.INT64, ["N", 8])]))) is None
+    samples = load_samples(None, state, limit=2)
+    assert samples[0]["state"].shape == (2, 1, 4) and samples[0]["x"].shape == (1, 8)
+
+
+def test_a_stateful_reader_feeds_each_run_the_previous_runs_state(tmp_path):
+    """The README's recipe: a reader that runs the float model itself to carry the state."""
+    reader = tmp_path / "stream_reader.py"
+    reader.write_text(textwrap.dedent("""
+        import numpy as np
+
+        class Stream:
+            def __init__(self):
+                self.k, self.state = 0, np.zeros((2, 1, 4), np.float32)
+
+            def get_next(self):
+                if self.k == 3:
+                    return None
+                feed = {"x": np.full((1, 8), self.k, np.float32), "state": self.state}
+                self.state = self.state + 1      # what the model's stateN output would be
+                self.k += 1
+                return feed
+    """))
+    inputs = model_inputs(_identity_model([("x", TensorProto.FLOAT, ["batch", 8]),
+                                           ("state", TensorProto.FLOAT, [2, "batch", 4])]))
+    samples = load_samples(f"{reader}:Stream", inputs)
+    assert [float(s["state"].mean()) for s in samples] == [0.0, 1.0, 2.0]
+
+
+def test_fixed_inputs_may_be_left_out_of_the_data_or_must_hold_the_value(tmp_path):
+    model = _identity_model([("x", TensorProto.FLOAT, ["N", 4]), ("sr", TensorProto.INT64, [])])
+    x_only, sr = model_inputs(model)[:1], model_inputs(model)[1]
+    fixed = {"sr": (sr, np.array(16000, np.int64))}
+    np.savez(tmp_path / "a.npz", x=_rand(3, 4), sr=np.int64(16000))
+    np.savez(tmp_path / "b.npz", x=_rand(2, 4))
+    samples = load_samples(str(tmp_path), x_only, fixed=fixed)
+    assert [sorted(s) for s in samples] == [["x"], ["x"]]
+    np.savez(tmp_path / "c.npz", x=_rand(2, 4), sr=np.int64(8000))
+    assert "input 'sr' is fixed to 16000 by --fix-input, but the data gives [8000]" in _error(
+        load_samples, str(tmp_path), x_only, fixed=fixed)
 
 
 # --------------------------------------------------------------------------- validate/conform

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -99,7 +100,7 @@ def test_two_inputs_two_outputs_and_an_int64_input(tmp_path):
     assert res.exit_code == 2 and "'k'" in res.stderr and not (tmp_path / "q2.onnx").exists()
 
 
-def test_weights_inside_if_subgraphs_stay_float_with_a_warning(tmp_path):
+def test_weights_inside_if_subgraphs_are_quantized_in_place(tmp_path):
     wt = numpy_helper.from_array(RNG.normal(size=(8, 8)).astype(np.float32), "wt")
     branch = helper.make_graph([helper.make_node("MatMul", ["h", "wt"], ["b"])], "then", [],
                                [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 8])], [wt])
@@ -120,9 +121,14 @@ def test_weights_inside_if_subgraphs_stay_float_with_a_warning(tmp_path):
     res = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--calib", data, "--json", "-q", "--no-simplify")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert [w["name"] for w in rep["weights"]] == ["w"]
-    assert any("subgraph" in why for why in rep["skipped_weights"].values())
-    assert "If/Loop/Scan subgraph" in res.stderr
+    assert [w["name"] for w in rep["weights"]] == ["w", "wt"] and not rep["skipped_weights"]
+    q = onnx.load(tmp_path / "q.onnx")
+    then = next(a.g for n in q.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert {n.op_type for n in then.node} >= {"DequantizeLinear", "MatMul"}   # the branch reads its own DQ
+    x = RNG.normal(size=(4, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_opset_conversion_failure_names_the_op():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cet_onnx.latency import cpu_name  # noqa: F401  (re-exported for the tools)
+from cet_onnx.latency import cpu_name, interleaved_ms  # noqa: F401  (re-exported for the tools)
 import onnxruntime as ort
 
 from cet_onnx import __version__ as CET_VERSION  # noqa: F401  (re-exported)
@@ -33,7 +33,7 @@ from cet_onnx.verify import accuracy, sqnr_db, top1_agreement  # noqa: F401  (re
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["CET_VERSION", "ROOT", "QuantizeOptions", "accuracy", "analyze", "cet_options", "cpu_name", "extra_activation_ops", "interleaved_latency",
+__all__ = ["CET_VERSION", "ROOT", "QuantizeOptions", "accuracy", "analyze", "cet_options", "cpu_name", "extra_activation_ops", "interleaved_latency", "interleaved_ms",
            "json_default", "model_file_bytes", "option_names", "optimized_graph", "prepare", "quantize", "quiet",
            "rel", "report_path", "run_measured", "run_model", "session", "sqnr_db", "top1_agreement", "with_options"]
 

@@ -59,6 +59,7 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
                  for t in tensors}
     names = list(tensors)
     excluded: dict[str, str] = {}
+    observed: set[str] = set()
     for feed in track(batches, desc=f"calibrating ({method})", unit="batch"):
         try:
             values = session.run(names, feed)
@@ -68,6 +69,8 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
             if name in excluded:
                 continue
             value = np.asarray(value, dtype=np.float32)
+            if not value.size:
+                continue    # inside an If branch this run did not take
             why = _unquantizable(value)
             if why is not None:
                 if left_float is None:
@@ -75,8 +78,15 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
                 excluded[name] = why
                 continue
             observers[name].update(value)
+            observed.add(name)
+    for name in names:
+        if name not in excluded and name not in observed:
+            excluded[name] = "never computed on the calibration data (inside an If branch no run took)"
     if left_float is not None:
         left_float.update(excluded)
+    elif excluded:
+        name, why = next(iter(excluded.items()))
+        raise RuntimeFailure(f"activation '{name}': {why}")
     return {t: observers[t].range() for t in names if t not in excluded}
 
 

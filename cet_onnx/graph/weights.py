@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from cet_onnx.graph import boundary
-from cet_onnx.graph.passes._graph import is_onnx
+from cet_onnx.graph.passes._graph import all_nodes, is_onnx
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 #: the inputs of each weight op that may be a weight
@@ -167,11 +167,6 @@ def find_weights(model: onnx.ModelProto | ir.Model) -> tuple[list[WeightInfo], d
         if name in skipped:
             del found[name]
     return list(found.values()), skipped
-
-
-def all_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """The nodes of ``graph`` and, after each node, those of its subgraphs (at any depth)."""
-    return list(ir.traversal.RecursiveGraphIterator(graph))
 
 
 def subgraph_weights(model: onnx.ModelProto | ir.Model) -> list[str]:

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.progress import track
+from cet_onnx.graph.passes._graph import branch_nodes
 from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.runner import Feed, make_session
 from cet_onnx.graph.weights import WeightInfo
@@ -61,7 +62,7 @@ def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
     through; a Gather use is passed over when another use has a layer input.
     """
     target, gather = w.name, False
-    for node in model.graph:
+    for node in branch_nodes(model.graph):
         names = [v.name if v is not None else "" for v in node.inputs]
         if target not in names:
             continue
@@ -92,7 +93,7 @@ def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
                 return LayerSpec(w.name, "linear", names[0]), ""
             return LayerSpec(w.name, "linear", names[1], transpose_input=True, weight_is_a=True), ""
         return None, f"{node.op_type} weight"
-    return None, "Gather weight" if gather else "no consumer"
+    return None, "Gather weight" if gather else "no consumer outside Loop / Scan bodies"
 
 
 def to_rows(w: np.ndarray, info: WeightInfo) -> np.ndarray:
@@ -230,7 +231,9 @@ def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Seque
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first_line(exc)}") from None
         for layer in layers.values():
-            layer.update(np.asarray(values[layer.spec.input_tensor], dtype=np.float32), rng, max_rows)
+            x = np.asarray(values[layer.spec.input_tensor], dtype=np.float32)
+            if x.size:   # empty: inside an If branch this batch did not take
+                layer.update(x, rng, max_rows)
     del session  # it holds the model's weights
     return layers
 

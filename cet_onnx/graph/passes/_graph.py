@@ -48,18 +48,44 @@ def is_constant(value: ir.Value) -> bool:
             and node.inputs[0] is not None and node.inputs[0].is_initializer())
 
 
-def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    """Every named value of the main graph: inputs, initializers and node outputs."""
+def values_by_name(graph: ir.Graph, subgraphs: bool = False) -> dict[str, ir.Value]:
+    """Every named value of the main graph: inputs, initializers and node outputs (with ``subgraphs``,
+    those of If / Loop / Scan bodies too, after the main graph's)."""
     found: dict[str, ir.Value] = {}
-    for v in graph.inputs:
-        found.setdefault(v.name, v)
-    for name, v in graph.initializers.items():
-        found.setdefault(name, v)
-    for node in graph:
-        for v in node.outputs:
-            if v.name:
-                found.setdefault(v.name, v)
+    for g in (graph, *(graph.subgraphs() if subgraphs else ())):
+        for v in g.inputs:
+            found.setdefault(v.name, v)
+        for name, v in g.initializers.items():
+            found.setdefault(name, v)
+        for node in g:
+            for v in node.outputs:
+                if v.name:
+                    found.setdefault(v.name, v)
     return found
+
+
+def all_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes of ``graph`` and, after each node, those of its subgraphs (at any depth)."""
+    return list(ir.traversal.RecursiveGraphIterator(graph))
+
+
+def branch_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes of ``graph`` and, after each If, those of its branches (at any depth of Ifs)."""
+    nodes = []
+    for node in graph:
+        nodes.append(node)
+        if node.op_type == "If" and is_onnx(node):
+            for attr in ("then_branch", "else_branch"):
+                if attr in node.attributes:
+                    nodes.extend(branch_nodes(node.attributes[attr].as_graph()))
+    return nodes
+
+
+def home_graph(main: ir.Graph, value: ir.Value) -> ir.Graph:
+    """The one subgraph all readers of ``value`` are in, else ``main``: where the DequantizeLinear of a weight
+    (or bias) goes, since onnxruntime's QDQ fusions look for it in the graph of the node that reads it."""
+    graphs = {use.node.graph for use in value.uses()}
+    return graphs.pop() if len(graphs) == 1 and None not in graphs else main
 
 
 def uses_in(graph: ir.Graph, value: ir.Value) -> int:

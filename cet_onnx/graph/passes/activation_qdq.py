@@ -18,7 +18,9 @@ Rules, for every tensor ``t`` of the plan (in plan order):
   zero point: it would cost a run-time quantization for nothing;
 * the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
-  graph input. This is the order the rewriter's stable topological sort always gave.
+  graph input. This is the order the rewriter's stable topological sort always gave. A tensor
+  inside an If branch gets its pair, scale and zero point in that branch; readers in any graph
+  are rewired.
 
 :func:`activation_tensors` chooses the plan (the CNN rules), :func:`transformer_activation_tensors`
 the plan of a graph with attention or LayerNorm, whose pass then gets
@@ -33,7 +35,8 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import FRONT, initializer, insert_front, is_constant, is_onnx, values_by_name
+from cet_onnx.graph.passes._graph import FRONT, all_nodes, branch_nodes, initializer, insert_front, is_constant, is_onnx, \
+    values_by_name
 from cet_onnx.graph.passes.fold_relu import foldable_relus
 from cet_onnx.graph.tensors import array_tensor, float_numpy
 from cet_onnx.quant.quantizer import ActivationParams
@@ -85,7 +88,7 @@ def activation_tensors(graph: ir.Graph, remove_relus: bool,
     skip = set(foldable_relus(graph)) if remove_relus else set()
     relu_out = {relu.inputs[0]: relu.outputs[0] for relu in skip}
     seen: dict[str, None] = {}
-    for node in graph:
+    for node in branch_nodes(graph):
         if node in skip or node.op_type not in activation_ops or not is_onnx(node):
             continue
         if node.op_type in WEIGHT_OUTPUT_OPS:
@@ -107,7 +110,7 @@ def transformer_activation_tensors(graph: ir.Graph) -> list[str]:
     input of every MatMul / Gemm whose other operand is a weight."""
     cnn_ops = TRANSFORMER_ACTIVATION_OPS - set(_MATMULS)
     seen = dict.fromkeys(activation_tensors(graph, False, cnn_ops))
-    for node in graph:
+    for node in branch_nodes(graph):
         if node.op_type in _MATMULS and is_onnx(node) and len(node.inputs) >= 2 and node.inputs[1] is not None:
             a = node.inputs[0]
             if is_constant(node.inputs[1]) and a is not None and a.name and not is_constant(a) and _is_float(a):
@@ -137,26 +140,27 @@ class ActivationQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
-        values = values_by_name(graph)
-        original = [n for n in graph if not n.meta.get(FRONT)]
+        values = values_by_name(graph, subgraphs=True)
+        original = [n for n in all_nodes(graph) if not n.meta.get(FRONT)]
         after: dict[ir.Node, ir.Node] = {}
         pairs: dict[str, list[ir.Node]] = {}
         for t, p in self.act_params.items():
             value = values.get(t) or ir.Value(name=t)
             if value.producer() is not None and value.producer().name in self.float_nodes:
                 continue
-            pair = self._pair(graph, names, value, p)
             producer = value.producer()
-            if producer is None or producer.graph is not graph:
+            home = producer.graph if producer is not None and producer.graph is not None else graph
+            pair = self._pair(home, names, value, p)
+            if producer is None or producer.graph is None:
                 insert_front(graph, pair)
             else:
-                graph.insert_after(after.get(producer, producer), pair)
+                home.insert_after(after.get(producer, producer), pair)
                 after[producer] = pair[-1]
             pairs[t] = pair
         self._rewire(original, {t: pair[-1].outputs[0] for t, pair in pairs.items()})
         for t, pair in pairs.items():
             if not pair[-1].outputs[0].uses() and not pair[-1].outputs[0].is_graph_output():
-                _remove_pair(graph, pair)
+                _remove_pair(pair[0].graph, pair)
         return ir.passes.PassResult(model, modified=bool(self.act_params))
 
     @staticmethod

@@ -14,8 +14,9 @@ tensor ``b`` again — when all of these hold:
 * ``b`` is a float32 1-D initializer with one value per output channel, read by this node only;
 * every scale is positive and every code fits in INT32.
 
-The new nodes go to the front of the graph, after the weight DequantizeLinear nodes; names
-already taken get a numeric suffix. ``quantized_biases`` lists the biases converted, in graph
+The new nodes go to the front of the graph, after the weight DequantizeLinear nodes (a bias read inside
+an If / Loop / Scan body: to the front of that body, with their initializers); names already taken get a
+numeric suffix. ``quantized_biases`` lists the biases converted, in graph
 order.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import initializer, insert_front, take_over, uses_in
+from cet_onnx.graph.passes._graph import all_nodes, home_graph, initializer, insert_front, take_over, uses_in
 from cet_onnx.graph.passes.int2_float_bias import int2_weights
 from cet_onnx.graph.tensors import array_tensor
 from cet_onnx.graph.weights import WeightInfo
@@ -51,19 +52,21 @@ class Int32BiasPass(ir.passes.InPlacePass):
         names = UniqueNames(graph)
         int2 = int2_weights(self.qweights)
         self.quantized_biases = []
-        nodes: list[ir.Node] = []
-        for node in list(graph):
+        nodes: dict[ir.Graph, list[ir.Node]] = {}
+        for node in all_nodes(graph):
             if (node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or None in node.inputs[:3]
                     or node.name in self.float_nodes):
                 continue
             x, w, b = node.inputs[:3]
             if w.name in int2 or (node.op_type == "Gemm" and x.name in self.qweights):
                 continue
-            bscale, qb = self._quantized(graph, node, x.name, w.name, b)
+            home = home_graph(graph, b)
+            bscale, qb = self._quantized(home, node, x.name, w.name, b)
             if qb is None:
                 continue
-            nodes.append(self._dequantize(graph, names, b, qb, bscale))
-        insert_front(graph, nodes)
+            nodes.setdefault(home, []).append(self._dequantize(graph, home, names, b, qb, bscale))
+        for home, dqs in nodes.items():
+            insert_front(home, dqs)
         return ir.passes.PassResult(model, modified=bool(nodes))
 
     def _quantized(self, graph: ir.Graph, node: ir.Node, x: str, w: str, b: ir.Value):
@@ -88,14 +91,14 @@ class Int32BiasPass(ir.passes.InPlacePass):
             return None, None
         return bscale, qb
 
-    def _dequantize(self, graph: ir.Graph, names: UniqueNames, b: ir.Value, qb: np.ndarray,
+    def _dequantize(self, graph: ir.Graph, home: ir.Graph, names: UniqueNames, b: ir.Value, qb: np.ndarray,
                     bscale: np.ndarray) -> ir.Node:
         name = b.name
         inputs = []
         for suffix, array in (("quantized", qb.astype(np.int32)), ("scale", bscale),
                               ("zero_point", np.zeros(qb.shape[0], np.int32))):
             fresh = names.value(f"{name}_{suffix}")
-            inputs.append(initializer(graph, fresh, array_tensor(fresh, array)))
+            inputs.append(initializer(home, fresh, array_tensor(fresh, array)))
         dq = ir.node("DequantizeLinear", inputs, {"axis": 0}, name=names.node(f"{name}_DequantizeLinear"))
         take_over(b, dq.outputs[0], graph)
         self.quantized_biases.append(name)

@@ -19,7 +19,9 @@ Rules, for every weight ``W`` in the plan (in plan order):
   then refuse to load the model; they never fuse blocked scales.
 
 The new nodes go to the front of the graph (they read initializers only); a name already
-taken gets a numeric suffix. A weight that was also a graph input stops being one.
+taken gets a numeric suffix. A weight that was also a graph input stops being one. A weight read
+only inside one If / Loop / Scan body (:mod:`.lift_subgraph_weights`) gets its initializers and
+nodes at the front of that body instead, where onnxruntime's QDQ fusions look for them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.names import UniqueNames
-from cet_onnx.graph.passes._graph import initializer, insert_front, take_over
+from cet_onnx.graph.passes._graph import home_graph, initializer, insert_front, take_over
 from cet_onnx.graph.tensors import array_tensor, float_numpy, int_tensor
 from cet_onnx.quant.quantizer import QuantizedWeight
 from cet_onnx.quant.sizes import stored_form
@@ -48,11 +50,12 @@ class WeightQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         names = UniqueNames(graph)
         for name, qw in self.qweights.items():
-            insert_front(graph, self._dequantize(graph, names, name, qw, name not in self.plain_int2))
+            home = home_graph(graph, graph.initializers[name])
+            insert_front(home, self._dequantize(graph, home, names, name, qw, name not in self.plain_int2))
         return ir.passes.PassResult(model, modified=bool(self.qweights))
 
     @staticmethod
-    def _dequantize(graph: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight,
+    def _dequantize(graph: ir.Graph, home: ir.Graph, names: UniqueNames, name: str, qw: QuantizedWeight,
                     int2_blocked: bool = True) -> list[ir.Node]:
         q, scale, zp, axis, block, reshape = stored_form(qw, int2_blocked)
         dtype = graph.initializers[name].dtype
@@ -61,8 +64,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
                                ("scale", lambda n: array_tensor(n, scale.astype(float_numpy(dtype)))),
                                ("zero_point", lambda n: int_tensor(n, zp, qw.fmt.bits))):
             fresh = names.value(f"{name}_{suffix}")
-            inputs.append(initializer(graph, fresh, tensor(fresh)))
-        nodes, out = dequantize_nodes(graph, names, name, inputs, dtype, axis, block,
+            inputs.append(initializer(home, fresh, tensor(fresh)))
+        nodes, out = dequantize_nodes(home, names, name, inputs, dtype, axis, block,
                                       tuple(qw.q.shape) if reshape else None)
         take_over(graph.initializers[name], out, graph)
         return nodes
