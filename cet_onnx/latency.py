@@ -80,6 +80,14 @@ def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequen
     return [float(np.median(t) * 1e3) for t in times], rounds
 
 
+def latency_samples(inputs: list, requested: int) -> int:
+    """Samples per timed run: ``requested``, or the batch size the model fixes (it runs no other)."""
+    from cet_onnx.calibration.data import fixed_batch, run_reason
+
+    fixed = fixed_batch(inputs) if run_reason(inputs) is None else None
+    return fixed or requested
+
+
 def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers: Sequence[str],
                     samples: int = 1, threads: int = 0, runs: bool = False) -> dict[str, Any]:
     """Median latency of the float model and the quantized one on ``samples`` samples (``runs``: on the

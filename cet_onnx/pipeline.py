@@ -21,7 +21,7 @@ from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.rewriter import transformer_rules
 from cet_onnx.kernels import inspect_kernels
-from cet_onnx.latency import compare_latency
+from cet_onnx.latency import compare_latency, latency_samples
 from cet_onnx.emit import check, check_output_path, declare_inputs, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
@@ -79,7 +79,8 @@ def add_speed(report: dict[str, Any], p: Prepared, emitted: Any, opts: QuantizeO
     if opts.run.latency_batch and batches:
         with timer.stage("latency"):
             report["latency"] = compare_latency(p.model, emitted.model, batches, p.providers,
-                                                opts.run.latency_batch, opts.run.latency_threads,
+                                                latency_samples(p.inputs, opts.run.latency_batch),
+                                                opts.run.latency_threads,
                                                 runs=run_reason(p.inputs) is not None)
     else:
         report["latency"] = {"skipped": "--latency-batch 0" if batches else "no data to run on"}

@@ -93,10 +93,10 @@ def layer_tensors(model: ir.Model, weights: Sequence[WeightInfo]) -> dict[str, s
             continue
         where = f"{node.op_type} '{node.name}'"
         for v in node.inputs:
-            if v is not None and v.name not in weight_names and not v.is_initializer() and _is_float(v):
+            if v is not None and v.name and v.name not in weight_names and not v.is_initializer() and _is_float(v):
                 roles.setdefault(v.name, f"input of {where}")
         for v in node.outputs:
-            if _is_float(v):
+            if v.name and _is_float(v):     # an omitted optional output has no name
                 roles.setdefault(v.name, f"output of {where}")
     return roles
 

@@ -822,7 +822,7 @@ def batched(samples: list[Feed], batch_size: int, *,
         for index, run in enumerate(samples):
             validate_feed(run, inputs, f"run {index}", exact_batch=True)
         return [dict(run) for run in samples]
-    fixed = _fixed_batch(inputs or [])
+    fixed = fixed_batch(inputs or [])
     if fixed is not None and fixed != batch_size:
         raise InputError(f"the model's batch dimension is fixed at {fixed}; "
                          f"use batch size {fixed}, not {batch_size}")
@@ -839,7 +839,7 @@ def batched(samples: list[Feed], batch_size: int, *,
     return batches
 
 
-def _fixed_batch(inputs: list[ModelInput]) -> int | None:
+def fixed_batch(inputs: list[ModelInput]) -> int | None:
     """The fixed size of axis 0 shared by the inputs, or None if it is dynamic."""
     sizes = {inp.shape[0] for inp in inputs
              if inp.rank_known and inp.shape and isinstance(inp.shape[0], int)}

@@ -1,4 +1,4 @@
-"""The graph as the stages need it: Constant weights lifted (those inside If / Loop / Scan bodies
+"""The graph as the stages need it: local functions holding layers inlined, Constant weights lifted (those inside If / Loop / Scan bodies
 too), simplified by onnxsim, tied copies of a table tied again, shapes inferred.
 
 onnxsim and onnx's shape inference work on protobufs: the model is serialized for them and read
@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass, ShapeInferencePass
 
 from cet_onnx.errors import first_line
 from cet_onnx.graph.passes.constants_to_initializers import ConstantsToInitializersPass
 from cet_onnx.graph.passes.fold_constant_if import FoldConstantIfPass
 from cet_onnx.graph.passes.fix_inputs import FixInputsPass
-from cet_onnx.graph.passes.lift_subgraph_weights import LiftSubgraphWeightsPass
+from cet_onnx.graph.passes.lift_subgraph_weights import LIFTED_INPUTS, LiftSubgraphWeightsPass
 from cet_onnx.graph.passes.tie_transposed import TieTransposedCopiesPass
 from cet_onnx.io import external_data
 from cet_onnx.io.load import load_model
@@ -59,18 +59,31 @@ def infer_shapes(model: ir.Model, source: str) -> ir.Model:
         return model
 
 
+def inline_weight_functions(model: ir.Model) -> list[str]:
+    """Inline the model-local functions that hold a Conv / ConvTranspose / Gemm / MatMul / Gather or recurrent
+    layer (onnx-ir's InlinePass), so that their weights are found like any other; the names of those inlined."""
+    holds = [f"{f.domain}::{f.name}" for f in model.functions.values()
+             if any(n.op_type in LIFTED_INPUTS for n in f)]
+    if holds:
+        InlinePass(criteria=lambda f: any(n.op_type in LIFTED_INPUTS for n in f))(model)
+        RemoveUnusedOpsetsPass()(model)
+    return holds
+
+
 def prepare_model(path: str | os.PathLike, do_simplify: bool = True,
                   fix: FixInputsPass | None = None) -> ir.Model:
-    """Load → fix inputs (``fix``, :mod:`.passes.fix_inputs`) and fold the Ifs they decide → Constant weights to initializers → simplify →
+    """Load → inline local functions that hold layers → fix inputs (``fix``, :mod:`.passes.fix_inputs`) and fold the Ifs they decide → Constant weights to initializers → simplify →
     subgraph weights to main-graph initializers → tie transposed copies → shape inference."""
     model = load_model(path)
+    inline_weight_functions(model)
     if fix is not None:
         fix(model)
         FoldConstantIfPass()(model)
     ConstantsToInitializersPass()(model)
+    LiftSubgraphWeightsPass()(model)    # before onnxsim, which renames what it finds in subgraphs
     if do_simplify:
         model = simplify(model, str(path))
         ConstantsToInitializersPass()(model)
-    LiftSubgraphWeightsPass()(model)
+        LiftSubgraphWeightsPass()(model)
     TieTransposedCopiesPass()(model)
     return infer_shapes(model, str(path))

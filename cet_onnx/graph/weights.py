@@ -1,7 +1,7 @@
 """Find the quantizable weights of a graph and the axes their scales run along.
 
 A weight is a float initializer used as the weight operand of Conv, ConvTranspose, Gemm
-or MatMul, or as the table of a ``Gather`` (an embedding). For each one we record its output-channel axis (per-channel scales) and its
+or MatMul, as the table of a ``Gather`` (an embedding), or as ``W`` / ``R`` of LSTM / GRU / RNN. For each one we record its output-channel axis (per-channel scales) and its
 reduction axis (block-wise scales run along it):
 
 * Conv ``W[O, I/g, k...]``: channel 0, reduction 1;
@@ -12,6 +12,8 @@ reduction axis (block-wise scales run along it):
   channel -2, reduction -1;
 * Gather (``axis`` 0) over a table ``[rows, width]``: channel 0 (a scale per row), reduction 1
   (blocks along the row);
+* LSTM / GRU / RNN ``W [directions, gates·hidden, input]`` and ``R [directions, gates·hidden, hidden]``:
+  channel 1 (a scale per gate row), reduction 2; they run as DequantizeLinear → the float recurrent op;
 * a 2-D ``Transpose`` of the initializer read only as the weight of MatMul / Gemm (a tied LM
   head ``MatMul(x, Transpose(E))``): the consumers' axes, mapped back through the transpose
   (for the tied table ``E [vocab, width]``: channel 0, reduction 1, as its Gather use).
@@ -33,9 +35,11 @@ import onnx_ir as ir
 from cet_onnx.graph import boundary
 from cet_onnx.graph.passes._graph import all_nodes, is_onnx
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", *RECURRENT_OPS)
 #: the inputs of each weight op that may be a weight
-WEIGHT_POSITIONS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Gather": (0,)}
+WEIGHT_POSITIONS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "Gather": (0,),
+                    **{op: (1, 2) for op in RECURRENT_OPS}}
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
 
@@ -84,6 +88,8 @@ def weight_axes(node: onnx.NodeProto | ir.Node, index: int, rank: int) -> tuple[
             return rank - 2, rank - 1
     if op == "Gather" and index == 0 and rank == 2 and _attr(node, "axis") == 0:
         return 0, 1
+    if op in RECURRENT_OPS and index in (1, 2) and rank == 3:
+        return 1, 2
     return None
 
 

@@ -133,7 +133,9 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
                             opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc)
     for w in only or p.weights:
         layer = hess.get(w.name)
-        if layer is not None:
+        if layer is not None and not layer.rows:
+            p.rtn_fallback[w.name] = "its layer input was never computed on the calibration data (an If branch no run took)"
+        elif layer is not None:
             # with fewer rows than columns the quadratic form (a columns³ product) costs more than probes
             keep = keep_hessians and layer.rows >= layer.columns
             p.roundings.roundings[w.name] = major_axis_rounding(w, p.specs[w.name], layer.hessians(),
