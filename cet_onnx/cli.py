@@ -444,6 +444,18 @@ def _say_tensor_errors(say: Callable[[str], None], report: dict) -> None:
         say(f"  {r['kind']} '{r['name']}' ({r['precision']}, {r['role']}): {_fmt_sqnr(r['sqnr_db'])}{own}")
 
 
+def _say_inputs(say: Callable, report: dict) -> None:
+    """Inputs fixed by --fix-input, and why calibration feeds were runs (when they were)."""
+    fixed = report.get("fixed_inputs") or {}
+    if fixed:
+        kept = next(iter(fixed.values()))["kept_in_signature"]
+        say("fixed inputs: " + ", ".join(f"{k}={v['value']}" for k, v in fixed.items())
+            + (" (still declared; their value is ignored)" if kept else " (removed from the model's inputs)"))
+    why = report["calibration"].get("feeds_are_runs")
+    if why:
+        say(f"calibration: each feed is one run ({why})")
+
+
 def _print_quantize_summary(report: dict, report_file: Path) -> None:
     """The short human summary of a quantize run, on stderr (stdout is kept for --json)."""
     say = functools.partial(click.echo, err=True)
@@ -454,9 +466,10 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         f"{t['weight_bytes_fp32']:,} B -> {t['weight_bytes']:,} B "
         f"({t['weight_compression']:.2f}x, {t['avg_bits']:.2f} bits/weight incl. scales)")
     say(f"files: {t['file_bytes_fp32']:,} B -> {t['file_bytes']:,} B")
+    _say_inputs(say, report)
     _say_activations(say, report)
     if v["samples"]:
-        say(f"verified on {v['samples']} held-out samples:")
+        say(f"verified on {v['samples']} held-out {'runs' if report['calibration'].get('feeds_are_runs') else 'samples'}:")
         for o in v["outputs"]:
             say(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{_output_metric(o)}")
     if v.get("accuracy"):

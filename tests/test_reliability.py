@@ -125,10 +125,10 @@ def test_weights_inside_if_subgraphs_are_quantized_in_place(tmp_path):
     q = onnx.load(tmp_path / "q.onnx")
     then = next(a.g for n in q.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
     assert {n.op_type for n in then.node} >= {"DequantizeLinear", "MatMul"}   # the branch reads its own DQ
-    x = RNG.normal(size=(4, 8)).astype(np.float32)
+    x = np.load(data)["x"][:4]     # in the calibrated range: 12 samples set it
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.sqrt(np.mean((got - ref) ** 2)) < 0.05 * np.sqrt(np.mean(ref ** 2))
 
 
 def test_opset_conversion_failure_names_the_op():

@@ -11,7 +11,8 @@ Rules, repeated until nothing changes (an inlined branch may hold another such I
   reference evaluator);
 * the taken branch's nodes move, in order, to just before the If; its initializers become
   initializers of the If's graph; each If output is replaced by the branch's matching output (an
-  ``Identity`` is added where that output is a value the branch only reads from outside);
+  ``Identity`` is added where that output is a value the branch only reads from outside), which keeps the
+  If output's name, type and shape;
 * the If node is removed; ``folded`` lists ``(If name, "then" | "else")``.
 """
 
@@ -75,6 +76,8 @@ class FoldConstantIfPass(ir.passes.InPlacePass):
             out.replace_all_uses_with(result, replace_graph_outputs=True)
             out.name = None
             result.name = name
+            result.type = out.type or result.type   # the If's declared output type and shape, if any
+            result.shape = out.shape if out.shape is not None else result.shape
         graph.remove(node, safe=True)
         self.folded.append((node.name or "If", taken))
         return True
