@@ -46,7 +46,7 @@ def _cet(out: Path, name: str, args: list[str]) -> tuple[Path, dict, float]:
     dest = out / (name.replace(" ", "_").replace("=", "").replace("-", "") + ".onnx")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cet_onnx.cli", "quantize", str(out / "vad.onnx"), "-o", str(dest),
-                    "--calib", str(out / "calib"), "-q", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                    "--calib", str(out / "calib"), "-q", "--no-cache", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     return dest, json.loads(dest.with_suffix(".report.json").read_text()), wall
 
