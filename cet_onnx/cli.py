@@ -651,7 +651,8 @@ def inspect(model, as_json):
     if as_json:
         emit_json({"ok": True, **info})
         return
-    click.echo(f"{info['model']}: opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes")
+    inner = f" (+{info['subgraph_nodes']} inside If / Loop / Scan bodies)" if info["subgraph_nodes"] else ""
+    click.echo(f"{info['model']}: opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes{inner}")
     for kind in ("inputs", "outputs"):
         for io in info[kind]:
             click.echo(f"  {kind[:-1]:6s} {io['name']}: {io['dtype']} {io['shape']}")

@@ -208,3 +208,11 @@ def test_lstm_weights_are_quantized(tmp_path):
                               opset_imports=[helper.make_opsetid("", 17)])
     rep = _quantize_and_compare(tmp_path, proto, {"x": RNG.normal(size=(7, 2, inp)).astype(np.float32)})
     assert sorted(r["name"] for r in rep["weights"]) == ["lstm_R", "lstm_W"]
+
+
+def test_inspect_finds_the_weights_inside_branches(stream):
+    root, _ = stream
+    res = invoke("inspect", root / "m.onnx", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert len(info["weights"]) == 6 and info["nodes"] == 2 and info["subgraph_nodes"] > 20

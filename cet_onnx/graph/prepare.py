@@ -70,6 +70,13 @@ def inline_weight_functions(model: ir.Model) -> list[str]:
     return holds
 
 
+def lift_weights(model: ir.Model) -> None:
+    """Weights held in main-graph ``Constant`` nodes, and those of layers inside If / Loop / Scan bodies,
+    become main-graph initializers (where :func:`~cet_onnx.graph.weights.find_weights` looks)."""
+    ConstantsToInitializersPass()(model)
+    LiftSubgraphWeightsPass()(model)
+
+
 def prepare_model(path: str | os.PathLike, do_simplify: bool = True,
                   fix: FixInputsPass | None = None) -> ir.Model:
     """Load → inline local functions that hold layers → fix inputs (``fix``, :mod:`.passes.fix_inputs`) and fold the Ifs they decide → Constant weights to initializers → simplify →
@@ -79,8 +86,7 @@ def prepare_model(path: str | os.PathLike, do_simplify: bool = True,
     if fix is not None:
         fix(model)
         FoldConstantIfPass()(model)
-    ConstantsToInitializersPass()(model)
-    LiftSubgraphWeightsPass()(model)    # before onnxsim, which renames what it finds in subgraphs
+    lift_weights(model)    # before onnxsim, which renames what it finds in subgraphs
     if do_simplify:
         model = simplify(model, str(path))
         ConstantsToInitializersPass()(model)
