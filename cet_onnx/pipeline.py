@@ -15,6 +15,7 @@ from typing import Any
 from cet_onnx import __version__
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
+from cet_onnx.calibration.branches import unexercised_weights
 from cet_onnx.calibration.data import run_reason
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
@@ -62,6 +63,8 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     p = Prepared(model, inputs, weights, skipped, values, data.calib_samples, data.verify_samples, data.batch_size,
                  data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer,
                  float_activations=left_float, act_mode=act_mode, act_mode_why=act_mode_why, fixed_inputs=fixed)
+    if mixed:
+        p.unexercised = unexercised_weights(model, weights, data.calib_batches, providers)
     plan_rounding(p, opts, calib, mixed)
     return p
 

@@ -40,6 +40,7 @@ class Prepared:
     act_mode: str = "static"                             # static | dynamic | none (cet_onnx.graph.act_mode)
     act_mode_why: str = "as requested"
     fixed_inputs: dict = field(default_factory=dict)     # --fix-input: name → (declaration, value)
+    unexercised: dict = field(default_factory=dict)      # weight whose layer the data never runs → why
 
     @property
     def disjoint(self) -> bool:

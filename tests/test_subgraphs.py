@@ -143,11 +143,18 @@ def test_fix_input_folds_the_if_and_keep_fixed_inputs_keeps_the_signature(stream
 def test_mixed_precision_reaches_weights_inside_branches(stream):
     root, test = stream
     rep = _report(invoke("quantize", root / "m.onnx", "-o", root / "mix.onnx", "--calib", root / "calib",
-                         "--avg-bits", "7", "--json", "-q"))
-    assert len(rep["weights"]) == 6 and {w["format"].split("/")[0] for w in rep["weights"]} - {"int8"}
+                         "--avg-bits", "11", "--json", "-q"))
+    formats = {w["name"]: w["format"] for w in rep["weights"]}
+    assert len(formats) == 6 and any(not f.startswith("int8") for f in formats.values())
+    # the 8 kHz branch never ran on the (16 kHz) calibration data: no evidence, so its weights keep 8 bits
+    assert sorted(rep["allocation"]["unexercised_weights"]) == ["b_cell_w", "b_conv_w", "b_out_w"]
+    assert all(formats[w].startswith("int8") for w in rep["allocation"]["unexercised_weights"])
     ref, _ = _stream(_sess(root / "m.onnx"), test, 16000)
     got, _ = _stream(_sess(root / "mix.onnx"), test, 16000)
     assert np.abs(got - ref).max() < 0.15
+    tight = _report(invoke("quantize", root / "m.onnx", "-o", root / "mix7.onnx", "--calib", root / "calib",
+                           "--avg-bits", "7", "--json", "-q"))   # cannot hold them at 8 bits: allocated, and said so
+    assert all("cannot keep it at 8 bits" in why for why in tight["allocation"]["unexercised_weights"].values())
 
 
 def test_fixing_an_unknown_input_is_a_clear_error(stream):

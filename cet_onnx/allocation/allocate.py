@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -77,7 +77,9 @@ def format_available(w: WeightInfo, fmt: WeightFormat) -> bool:
 class Candidates:
     """Sizes of every weight × format, and each one quantized (once, kept in a :class:`CodeStore`).
 
-    ``on_disk``: the codes go to a temporary folder (a model whose weights stay on disk).
+    ``on_disk``: the codes go to a temporary folder (a model whose weights stay on disk). ``keep_8bit``:
+    weights offered only their 8-bit formats (layers the calibration data never runs,
+    :mod:`cet_onnx.calibration.branches`).
     :meth:`prepare` quantizes one weight in every format while its rounding (and layer Hessian)
     is at hand, so that a large model's Hessians can be collected and dropped layer by layer.
     """
@@ -88,6 +90,7 @@ class Candidates:
     clip: str = "auto"
     roundings: RoundingPlan = field(default_factory=RoundingPlan)
     on_disk: bool = False
+    keep_8bit: Collection[str] = ()         # weights offered only their 8-bit formats (where there is one)
     sizes: np.ndarray = field(init=False)   # bytes, inf where unavailable
 
     def __post_init__(self) -> None:
@@ -98,6 +101,9 @@ class Candidates:
             for j, f in enumerate(self.formats):
                 if format_available(w, f):
                     self.sizes[i, j] = format_nbytes(w.shape, f, w.channel_axis, w.reduction_axis)
+            eight = [j for j, f in enumerate(self.formats) if f.bits == 8 and np.isfinite(self.sizes[i, j])]
+            if w.name in self.keep_8bit and eight:
+                self.sizes[i, [j for j in range(len(self.formats)) if j not in eight]] = np.inf
 
     def quantize(self, i: int, j: int) -> QuantizedWeight:
         if (i, j) in self._store:

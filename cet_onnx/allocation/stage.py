@@ -20,12 +20,13 @@ from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
 from cet_onnx.allocation.latency_budget import LatencyBudget
-from cet_onnx.allocation.solver import Limit, Solution, pareto_front
+from cet_onnx.allocation.solver import Limit, Solution, min_size, pareto_front
 from cet_onnx.calibration import padding
+from cet_onnx.calibration.branches import NOT_KEPT, WHY
 from cet_onnx.calibration.data import batched
 from cet_onnx.errors import InputError
 from cet_onnx.io import external_data
-from cet_onnx.progress import Progress
+from cet_onnx.progress import Progress, warn
 from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
 from cet_onnx.rounding.plan import hessian_budget, hessian_chunks, keeps_hessians, prepare_major_axis
 from cet_onnx.timer import Timer
@@ -91,8 +92,17 @@ def candidates(p: Prepared, opts: QuantizeOptions, quadratic: bool = False, prep
     stay on disk keeps the codes on disk too.
     """
     a = opts.allocation
-    cand = Candidates(p.weights, candidate_formats(a.bits, a.candidate_block, opts.weights.grid), p.values,
-                      opts.weights.clip, p.roundings, on_disk=external_data.data_dir(p.model) is not None)
+    formats = candidate_formats(a.bits, a.candidate_block, opts.weights.grid)
+    keep = {w for w, why in p.unexercised.items() if why == WHY}
+    budget_bytes = a.budget.size_bytes(sum(w.size for w in p.weights)) if a.budget is not None else None
+    if keep and budget_bytes is not None and min_size(Candidates(p.weights, formats, {}, keep_8bit=keep).sizes) > budget_bytes:
+        warn(f"{len(keep)} weight(s) in If branches the calibration data never takes cannot stay at 8 bits within "
+             f"{a.budget.describe()}: they are allocated like the others, with no measured cost; calibrate with "
+             "runs that take those branches (or --fix-input)")
+        p.unexercised = {w: NOT_KEPT for w in keep}
+        keep = set()
+    cand = Candidates(p.weights, formats, p.values, opts.weights.clip, p.roundings,
+                      on_disk=external_data.data_dir(p.model) is not None, keep_8bit=keep)
     if not prepare:
         return cand
     index = {w.name: i for i, w in enumerate(p.weights)}
@@ -240,7 +250,8 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
     sens = None if a.allocator == "uniform" else sensitivities(p, opts, session, cand, a.allocator, info)
     probe_seconds = time.perf_counter() - t0
     report: dict[str, Any] = {"allocator": a.allocator, "budget": budget.describe(), **info,
-                              "formats": [f.label for f in cand.formats]}
+                              "formats": [f.label for f in cand.formats],
+                              "unexercised_weights": dict(p.unexercised)}
     total_params = sum(w.size for w in p.weights)
 
     def choose(limits: list[Limit]) -> tuple[Solution, list, np.ndarray | None]:
