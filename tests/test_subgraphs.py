@@ -223,3 +223,11 @@ def test_inspect_finds_the_weights_inside_branches(stream):
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert len(info["weights"]) == 6 and info["nodes"] == 2 and info["subgraph_nodes"] > 20
+
+
+def test_analyze_takes_fix_input_and_runs(stream, tmp_path):
+    root, _ = stream
+    res = invoke("analyze", root / "m.onnx", "--calib", root / "calib", "--fix-input", "sr=16000", "-o",
+                 tmp_path / "sens", "--json", "-q", "--probe-size", "8", "--fidelity-samples", "0")
+    assert res.exit_code == 0, res.output
+    assert sorted(row["name"] for row in json.loads(res.stdout)["cet"]) == ["a_cell_w", "a_conv_w", "a_out_w"]
