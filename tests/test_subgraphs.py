@@ -205,11 +205,12 @@ def test_weights_of_a_local_function_are_quantized(tmp_path):
     assert [r["name"] for r in rep["weights"]] == ["dense_w"]
 
 
-def test_lstm_weights_are_quantized(tmp_path):
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3), ("RNN", 1)])
+def test_recurrent_weights_are_quantized(tmp_path, op, gates):
     hidden, inp = 6, 5
-    W = numpy_helper.from_array(RNG.normal(size=(1, 4 * hidden, inp)).astype(np.float32) / 2, "lstm_W")
-    R = numpy_helper.from_array(RNG.normal(size=(1, 4 * hidden, hidden)).astype(np.float32) / 2, "lstm_R")
-    nodes = [helper.make_node("LSTM", ["x", "lstm_W", "lstm_R"], ["", "y"], hidden_size=hidden)]
+    W = numpy_helper.from_array(RNG.normal(size=(1, gates * hidden, inp)).astype(np.float32) / 2, "lstm_W")
+    R = numpy_helper.from_array(RNG.normal(size=(1, gates * hidden, hidden)).astype(np.float32) / 2, "lstm_R")
+    nodes = [helper.make_node(op, ["x", "lstm_W", "lstm_R"], ["", "y"], hidden_size=hidden)]
     proto = helper.make_model(helper.make_graph(nodes, "lstm", [_info("x", [7, "N", inp])],
                                                 [_info("y", [1, "N", hidden])], [W, R]),
                               opset_imports=[helper.make_opsetid("", 17)])
