@@ -27,10 +27,10 @@ from cet_onnx.io.save import temporary_copy
 
 #: ops whose float weight input (at these positions) is read from a ``DequantizeLinear`` when onnxruntime did not fuse it
 WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "FusedConv": (1,), "MatMul": (0, 1), "FusedMatMul": (0, 1),
-                 "Gemm": (0, 1), "FusedGemm": (0, 1), "Gather": (0,)}
+                 "Gemm": (0, 1), "FusedGemm": (0, 1), "Gather": (0,), "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 #: onnxruntime's integer / low-bit kernels that fused Q/DQ groups become
 FAST_KERNELS = ("MatMulNBits", "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
-                "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "GatherBlockQuantized")
+                "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "GatherBlockQuantized", "DynamicQuantizeLSTM")
 #: ops that only reshape a dequantized weight on its way to its consumer (INT2 Conv kernels)
 _PASS_THROUGH = ("Reshape", "Transpose")
 

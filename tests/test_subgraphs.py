@@ -216,6 +216,8 @@ def test_recurrent_weights_are_quantized(tmp_path, op, gates):
                               opset_imports=[helper.make_opsetid("", 17)])
     rep = _quantize_and_compare(tmp_path, proto, {"x": RNG.normal(size=(7, 2, inp)).astype(np.float32)})
     assert sorted(r["name"] for r in rep["weights"]) == ["lstm_R", "lstm_W"]
+    expected = "DynamicQuantizeLSTM" if op == "LSTM" else op   # onnxruntime's INT8 LSTM kernel; none for GRU / RNN
+    assert [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node][-1] == expected
 
 
 def test_inspect_finds_the_weights_inside_branches(stream):

@@ -6,6 +6,8 @@
    form onnxruntime fuses into ``MatMulNBits`` (those nodes keep float activations and bias), and with
    ``contrib_level`` :class:`~.passes.matmul_nbits_contrib.MatMulNBitsContribPass` writes them as
    ``com.microsoft.MatMulNBits`` directly (``--emit-contrib``);
+   then, unless activations stay float (weight-only), :class:`~.passes.dynamic_lstm.DynamicLSTMPass` — INT8
+   LSTMs as onnxruntime's ``DynamicQuantizeLSTM``;
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
    under the transformer rule (:func:`transformer_rules`); only Relus whose output is planned;
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
@@ -40,6 +42,7 @@ from cet_onnx.graph.act_mode import transformer_evidence
 from cet_onnx.graph.passes._graph import values_by_name
 from cet_onnx.graph.passes.activation_qdq import TRANSFORMER_ACTIVATION_OPS, ActivationQDQPass
 from cet_onnx.graph.passes.drop_value_info import DropValueInfoPass
+from cet_onnx.graph.passes.dynamic_lstm import DynamicLSTMPass
 from cet_onnx.graph.passes.dynamic_matmul import DynamicMatMulPass
 from cet_onnx.graph.passes.fold_relu import FoldReluPass, foldable_relus
 from cet_onnx.graph.passes.gather_rows import GatherRowsPass
@@ -119,11 +122,12 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
-    quantization. ``dynamic``: INT8-weight MatMuls quantize their input at run time. ``contrib_level``: write
+    quantization (then also no ``DynamicQuantizeLSTM``, which quantizes its input at run time). ``dynamic``: INT8-weight MatMuls quantize their input at run time. ``contrib_level``: write
     MatMul weights in the ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with this ``accuracy_level``
     (None: plain ONNX, fused by onnxruntime at load time). Unsigned activation parameters turn on Relu folding. Initializers that stay
     unchanged keep referring to their external data. The result has no value_info.
     """
+    weight_only = act_params is None and not dynamic
     act_params = act_params or {}
     known = {w.name for w in weights}
     unknown = next((name for name in qweights if name not in known), None)
@@ -142,6 +146,8 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         contrib = MatMulNBitsContribPass(qweights, nbits.weights - nbits.guarded, contrib_level)
         contrib(m)
         qweights = {k: v for k, v in qweights.items() if k not in contrib.converted}
+    if not weight_only:
+        DynamicLSTMPass(qweights)(m)
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
         passes.append(FoldReluPass(nbits.float_nodes, planned=act_params))
