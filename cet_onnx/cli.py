@@ -444,6 +444,14 @@ def _say_tensor_errors(say: Callable[[str], None], report: dict) -> None:
         say(f"  {r['kind']} '{r['name']}' ({r['precision']}, {r['role']}): {_fmt_sqnr(r['sqnr_db'])}{own}")
 
 
+def _verified_on(report: dict) -> str:
+    """``64 held-out samples``, or for runs their count (verification counts output rows), held out or not."""
+    c = report["calibration"]
+    if not c.get("feeds_are_runs"):
+        return f"{report['verification']['samples']} held-out samples"
+    return f"{c['verify_samples']} {'held-out ' if c['disjoint'] else 'calibration '}run(s)"
+
+
 def _say_inputs(say: Callable, report: dict) -> None:
     """Inputs fixed by --fix-input, and why calibration feeds were runs (when they were)."""
     fixed = report.get("fixed_inputs") or {}
@@ -469,7 +477,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
     _say_inputs(say, report)
     _say_activations(say, report)
     if v["samples"]:
-        say(f"verified on {v['samples']} held-out {'runs' if report['calibration'].get('feeds_are_runs') else 'samples'}:")
+        say(f"verified on {_verified_on(report)}:")
         for o in v["outputs"]:
             say(f"  {o['name']}: SQNR {_fmt_sqnr(o['sqnr_db'])}, max |err| {o['max_abs_error']:.4g}{_output_metric(o)}")
     if v.get("accuracy"):

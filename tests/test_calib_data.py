@@ -383,6 +383,9 @@ def test_a_state_with_its_batch_on_axis_1_makes_feeds_runs():
     assert run_reason(named) == "the batch dimension 'batch' is axis 1 of input 'h'"
     assert run_reason(model_inputs(_identity_model([("x", TensorProto.FLOAT, ["N", 8]),
                                                     ("m", TensorProto.INT64, ["N", 8])]))) is None
+    seq = model_inputs(_identity_model([("x", TensorProto.FLOAT, [40, "N", 8])]))
+    assert run_reason(seq).startswith("input 'x' has a fixed first dimension (40) and a dynamic one at axis 1")
+    assert run_reason(model_inputs(_identity_model([("img", TensorProto.FLOAT, [1, 3, "H", "W"])]))) is None
     samples = load_samples(None, state, limit=2)
     assert samples[0]["state"].shape == (2, 1, 4) and samples[0]["x"].shape == (1, 8)
 

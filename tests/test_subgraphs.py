@@ -164,13 +164,21 @@ def test_fixing_an_unknown_input_is_a_clear_error(stream):
     assert not (root / "bad.onnx").exists()
 
 
-def _quantize_and_compare(tmp_path, proto, feed, *args, tol=0.05):
+def _quantize_and_compare(tmp_path, proto, feed, *args, tol=0.05, runs=False):
+    """Quantize ``proto`` on 8 copies of ``feed`` (stacked, or with ``runs`` a folder of 8 per-run feeds) and
+    compare with the float model on ``feed``."""
     model = tmp_path / "m.onnx"
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, model)
-    np.savez(tmp_path / "d.npz", **{k: np.concatenate([v] * 8) for k, v in feed.items()})
-    rep = _report(invoke("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "d.npz", "--json", "-q",
-                         *args))
+    calib = tmp_path / "d"
+    if runs:
+        calib.mkdir()
+        for k in range(8):
+            np.savez(calib / f"run{k}.npz", **feed)
+    else:
+        calib = tmp_path / "d.npz"
+        np.savez(calib, **{k: np.concatenate([v] * 8) for k, v in feed.items()})
+    rep = _report(invoke("quantize", model, "-o", tmp_path / "q.onnx", "--calib", calib, "--json", "-q", *args))
     ref = _sess(model).run(None, feed)[0]
     got = _sess(tmp_path / "q.onnx").run(None, feed)[0]
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
@@ -214,8 +222,9 @@ def test_recurrent_weights_are_quantized(tmp_path, op, gates):
     proto = helper.make_model(helper.make_graph(nodes, "lstm", [_info("x", [7, "N", inp])],
                                                 [_info("y", [1, "N", hidden])], [W, R]),
                               opset_imports=[helper.make_opsetid("", 17)])
-    rep = _quantize_and_compare(tmp_path, proto, {"x": RNG.normal(size=(7, 2, inp)).astype(np.float32)})
+    rep = _quantize_and_compare(tmp_path, proto, {"x": RNG.normal(size=(7, 2, inp)).astype(np.float32)}, runs=True)
     assert sorted(r["name"] for r in rep["weights"]) == ["lstm_R", "lstm_W"]
+    assert rep["calibration"]["feeds_are_runs"].startswith("input 'x' has a fixed first dimension (7)")
     expected = "DynamicQuantizeLSTM" if op == "LSTM" else op   # onnxruntime's INT8 LSTM kernel; none for GRU / RNN
     assert [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node][-1] == expected
 

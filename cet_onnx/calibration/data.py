@@ -347,7 +347,8 @@ def run_reason(inputs: list[ModelInput]) -> str | None:
     """Why feeds for ``inputs`` cannot be split into samples along axis 0 and stacked again, or None.
 
     Axis 0 is a common sample axis only if every input has one (no scalars) and the inputs agree on
-    it: all dynamic, or all the same fixed size, and no dynamic axis-0 name (``batch``) appears at
+    it: all dynamic, or all the same fixed size, no input fixes it above 1 while leaving a later axis
+    dynamic (``x [seq=40, batch, 256]`` of an LSTM), and no dynamic axis-0 name (``batch``) appears at
     another axis of some input (a state ``[layers, batch, hidden]``).
     """
     ranked = [inp for inp in inputs if inp.rank_known]
@@ -363,6 +364,12 @@ def run_reason(inputs: list[ModelInput]) -> str | None:
     if len(set(fixed.values())) > 1:
         return "inputs have different fixed first dimensions (" + ", ".join(
             f"'{n}' {d}" for n, d in fixed.items()) + ")"
+    for inp in ranked:
+        first, rest = inp.shape[0], inp.shape[1:]
+        dynamic = next((axis for axis, d in enumerate(rest, start=1) if not isinstance(d, int)), None)
+        if isinstance(first, int) and first > 1 and dynamic is not None:
+            return (f"input '{inp.name}' has a fixed first dimension ({first}) and a dynamic one at axis {dynamic}: "
+                    "axis 0 is not its batch (a sequence length?)")
     batch_names = {d for d in firsts.values() if isinstance(d, str)}
     for inp in ranked:
         for axis, d in enumerate(inp.shape[1:], start=1):
@@ -383,7 +390,8 @@ def conform_run(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str) 
         arr = _cast(_as_array(feed[inp.name], inp, origin), inp, origin)
         if inp.rank_known and not _dims_match(arr.shape, inp.shape):
             raise InputError(f"{_where(origin)}: input '{inp.name}' expects shape {_fmt_shape(inp.shape)} "
-                             f"({inp.dtype.name}) in each run's feed, got {_fmt_shape(arr.shape)}")
+                             f"({inp.dtype.name}) in each run's feed, got {_fmt_shape(arr.shape)}; feeds are runs "
+                             f"here ({run_reason(inputs)}): give one .npz file per run")
         _check_finite(arr, inp, origin)
         out[inp.name] = arr
     return out
