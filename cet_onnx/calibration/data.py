@@ -41,7 +41,7 @@ scalar input (a sample rate), a recurrent state whose batch axis is not axis 0
 given, never split or stacked, each array has the input's full rank, ``limit``
 counts runs and a batch is one run.  A stateful streaming model is calibrated
 with a reader whose feeds carry the state the previous run returned (see the
-README, "Stateful and streaming models").
+README, "Streaming, stateful and branching models").
 """
 
 from __future__ import annotations
@@ -327,6 +327,14 @@ def _conform_array(value: Any, inp: ModelInput, origin: str) -> np.ndarray:
     return arr
 
 
+def _check_mapping(feed: Any, inputs: list[ModelInput], origin: str) -> None:
+    """Raw user data must be a mapping whose keys are the model's inputs (:func:`_check_names`)."""
+    if not isinstance(feed, Mapping):
+        raise InputError(f"{_where(origin)}: expected a dict mapping input names to arrays, "
+                         f"got {type(feed).__name__}")
+    _check_names(feed, inputs, origin)
+
+
 def conform_feed(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str) -> Feed:
     """Turn raw user data for one feed into a validated feed (axis 0 = samples).
 
@@ -334,10 +342,7 @@ def conform_feed(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str)
     axis, check names/shapes/finiteness) and returns arrays in model-input
     order.  The result passes :func:`validate_feed`.
     """
-    if not isinstance(feed, Mapping):
-        raise InputError(f"{_where(origin)}: expected a dict mapping input names to arrays, "
-                         f"got {type(feed).__name__}")
-    _check_names(feed, inputs, origin)
+    _check_mapping(feed, inputs, origin)
     out = {inp.name: _conform_array(feed[inp.name], inp, origin) for inp in inputs if inp.name in feed}
     _sample_count(out, origin)
     return out
@@ -381,10 +386,7 @@ def run_reason(inputs: list[ModelInput]) -> str | None:
 def conform_run(feed: Mapping[str, Any], inputs: list[ModelInput], origin: str) -> Feed:
     """Raw user data for one run -> a validated feed, every array at the input's full rank (no batch axis
     added, none split off)."""
-    if not isinstance(feed, Mapping):
-        raise InputError(f"{_where(origin)}: expected a dict mapping input names to arrays, "
-                         f"got {type(feed).__name__}")
-    _check_names(feed, inputs, origin)
+    _check_mapping(feed, inputs, origin)
     out = {}
     for inp in (inp for inp in inputs if inp.name in feed):
         arr = _cast(_as_array(feed[inp.name], inp, origin), inp, origin)

@@ -3,8 +3,9 @@
 Exporters keep a branch's or a loop body's weights in the subgraph, as its initializers or as
 ``Constant`` nodes in it. A subgraph may read any value of its outer scopes, so once these weights
 are main-graph initializers they are found, calibrated, quantized and rewritten like every other
-weight: their DequantizeLinear is computed in the main graph and the subgraph reads its output.
-Two branches reading one outer weight keep reading one initializer, quantized once.
+weight (the rewrite puts a weight's DequantizeLinear into the one body that reads it,
+:func:`._graph.home_graph`). Two branches reading one outer weight keep reading one initializer,
+quantized once.
 
 Rules, for every node at any depth of nesting below the main graph whose op is one of
 :data:`LIFTED_INPUTS` (default domain), and each input at the positions listed there:
@@ -19,6 +20,8 @@ Rules, for every node at any depth of nesting below the main graph whose op is o
 """
 
 from __future__ import annotations
+
+import collections
 
 import onnx_ir as ir
 
@@ -42,6 +45,7 @@ class LiftSubgraphWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         main = model.graph
         names = UniqueNames(main)
+        counts = _name_counts(main)
         self.lifted = {}
         done: dict[ir.Value, ir.Value] = {}
         for graph in main.subgraphs():
@@ -52,14 +56,13 @@ class LiftSubgraphWeightsPass(ir.passes.InPlacePass):
                         continue
                     tensor = _own_constant(graph, value)
                     if tensor is not None:
-                        done[value] = self._lift(main, graph, value, tensor, names)
+                        done[value] = self._lift(main, graph, value, tensor, names, counts)
         return ir.passes.PassResult(model, modified=bool(done))
 
     def _lift(self, main: ir.Graph, graph: ir.Graph, value: ir.Value, tensor: ir.TensorProtocol,
-              names: UniqueNames) -> ir.Value:
+              names: UniqueNames, counts: collections.Counter) -> ir.Value:
         old_name = value.name or "weight"
-        name = old_name if old_name not in _main_names(main) and _unique_in_model(main, old_name) \
-            else names.value(old_name)
+        name = old_name if counts[old_name] == 1 else names.value(old_name)
         producer = value.producer()
         lifted = initializer(main, name, tensor)
         value.replace_all_uses_with(lifted)
@@ -86,15 +89,10 @@ def _own_constant(graph: ir.Graph, value: ir.Value) -> ir.TensorProtocol | None:
     return tensor if tensor is not None and tensor.dtype in _FLOATS else None
 
 
-def _main_names(main: ir.Graph) -> set[str]:
-    names = {v.name for v in main.inputs} | set(main.initializers)
-    return names | {v.name for node in main for v in node.outputs if v.name}
-
-
-def _unique_in_model(main: ir.Graph, name: str) -> bool:
-    """True when at most one value anywhere in the model (the one being lifted) is called ``name``."""
-    count = 0
-    for graph in main.subgraphs():
-        count += sum(1 for v in (*graph.inputs, *graph.initializers.values()) if v.name == name)
-        count += sum(1 for node in graph for v in node.outputs if v.name == name)
-    return count <= 1
+def _name_counts(main: ir.Graph) -> collections.Counter:
+    """How many values of the whole model carry each name (graph inputs, initializers, node outputs)."""
+    counts: collections.Counter = collections.Counter()
+    for graph in (main, *main.subgraphs()):
+        counts.update(v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name)
+        counts.update(v.name for node in graph for v in node.outputs if v.name)
+    return counts
