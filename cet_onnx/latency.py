@@ -28,11 +28,12 @@ MAX_ROUNDS = 1000
 SECONDS = 1.0   # past MIN_ROUNDS, rounds go on this long: a sub-millisecond model's median needs many runs
 
 
-def latency_feed(batches: Sequence[Feed], samples: int, runs: bool = False) -> Feed:
+def latency_feed(batches: Sequence[Feed], samples: int, inputs: list | None = None) -> Feed:
     """The first ``samples`` samples of ``batches`` as one feed (inputs sliced along axis 0; an input whose
-    first axis is not the batch, such as a scalar, is taken from the first batch as it is). ``runs``: the
-    batches are runs that cannot be stacked (:func:`~cet_onnx.calibration.data.run_reason`); the first one
-    is the feed."""
+    first axis is not the batch, such as a scalar, is taken from the first batch as it is). With the model's
+    ``inputs``: the batch size the model fixes instead of ``samples``, and where feeds are runs that cannot
+    be stacked (:func:`~cet_onnx.calibration.data.run_reason`) the first run as it is."""
+    samples, runs = _timed_samples(inputs, samples)
     first = batches[0]
     if runs:
         return dict(first)
@@ -80,19 +81,24 @@ def interleaved_ms(sessions: Sequence[ort.InferenceSession], feed: Feed | Sequen
     return [float(np.median(t) * 1e3) for t in times], rounds
 
 
-def latency_samples(inputs: list, requested: int) -> int:
-    """Samples per timed run: ``requested``, or the batch size the model fixes (it runs no other)."""
+def _timed_samples(inputs: list | None, requested: int) -> tuple[int, bool]:
+    """(samples per timed run, whether a run's feed is timed as it is): the batch size the model fixes, if
+    any (it runs no other), else ``requested``."""
+    if inputs is None:
+        return requested, False
     from cet_onnx.calibration.data import fixed_batch, run_reason
 
-    fixed = fixed_batch(inputs) if run_reason(inputs) is None else None
-    return fixed or requested
+    if run_reason(inputs) is not None:
+        return requested, True
+    return fixed_batch(inputs) or requested, False
 
 
 def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers: Sequence[str],
-                    samples: int = 1, threads: int = 0, runs: bool = False) -> dict[str, Any]:
-    """Median latency of the float model and the quantized one on ``samples`` samples (``runs``: on the
-    first run's feed), and their ratio."""
-    feed = latency_feed(batches, samples, runs)
+                    samples: int = 1, threads: int = 0, inputs: list | None = None) -> dict[str, Any]:
+    """Median latency of the float model and the quantized one on ``samples`` samples (with the model's
+    ``inputs``, as :func:`latency_feed` takes them), and their ratio."""
+    feed = latency_feed(batches, samples, inputs)
+    samples, runs = _timed_samples(inputs, samples)
     sessions = [make_session(model, providers, threads=threads), make_session(qmodel, providers, threads=threads)]
     (fp32, quant), rounds = interleaved_ms(sessions, feed)
     return {"batch": "one run's feed" if runs else samples, "threads": threads or "onnxruntime default", "provider": sessions[0].get_providers()[0],

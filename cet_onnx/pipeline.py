@@ -16,13 +16,12 @@ from cet_onnx import __version__
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
 from cet_onnx.calibration.branches import unexercised_weights
-from cet_onnx.calibration.data import run_reason
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.rewriter import transformer_rules
 from cet_onnx.kernels import inspect_kernels
-from cet_onnx.latency import compare_latency, latency_samples
+from cet_onnx.latency import compare_latency
 from cet_onnx.emit import check, check_output_path, declare_inputs, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
@@ -82,9 +81,7 @@ def add_speed(report: dict[str, Any], p: Prepared, emitted: Any, opts: QuantizeO
     if opts.run.latency_batch and batches:
         with timer.stage("latency"):
             report["latency"] = compare_latency(p.model, emitted.model, batches, p.providers,
-                                                latency_samples(p.inputs, opts.run.latency_batch),
-                                                opts.run.latency_threads,
-                                                runs=run_reason(p.inputs) is not None)
+                                                opts.run.latency_batch, opts.run.latency_threads, p.inputs)
     else:
         report["latency"] = {"skipped": "--latency-batch 0" if batches else "no data to run on"}
 

@@ -26,8 +26,7 @@ from cet_onnx.allocation.solver import Limit, Solution
 from cet_onnx.errors import InputError
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.io import external_data
-from cet_onnx.calibration.data import run_reason
-from cet_onnx.latency import interleaved_ms, latency_feed, latency_samples
+from cet_onnx.latency import interleaved_ms, latency_feed
 from cet_onnx.quant.quantizer import quantize_weight
 from cet_onnx.runner import make_session
 
@@ -48,8 +47,7 @@ class LatencyBudget:
         a, r = opts.allocation, opts.run
         require_in_memory(p.model, external_data.data_dir(p.model) is not None)
         self.p, self.cand, self.threads = p, cand, r.latency_threads
-        self.feed = latency_feed(p.calib_batches, latency_samples(p.inputs, r.latency_batch),
-                                 runs=run_reason(p.inputs) is not None)
+        self.feed = latency_feed(p.calib_batches, r.latency_batch, p.inputs)
         cache_dir = (Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()) if a.use_cache else None
         lat = measure_layer_latencies(p.model, p.weights, cand.formats, cand.available, p.values, self.feed,
                                       p.act_params, p.act_mode, p.providers, r.latency_threads, cache_dir)
