@@ -157,11 +157,31 @@ def test_mixed_precision_reaches_weights_inside_branches(stream):
     assert all("cannot keep it at 8 bits" in why for why in tight["allocation"]["unexercised_weights"].values())
 
 
-def test_fixing_an_unknown_input_is_a_clear_error(stream):
+@pytest.mark.parametrize("args, message", [
+    (["--fix-input", "rate=1"], "no input 'rate' (inputs: x, sr, state)"),
+    (["--fix-input", "sr=1.5"], "--fix-input sr=1.5: expected int64 value(s) for input 'sr'"),
+    (["--fix-input", "sr=16000", "--fix-input", "sr=8000"], "--fix-input: input 'sr' is fixed twice"),
+    (["--keep-fixed-inputs"], "--keep-fixed-inputs keeps the inputs --fix-input froze; give --fix-input too"),
+    (["--fix-input", "sr=8000"], "input 'sr' is fixed to 8000 by --fix-input, but the data gives [16000]"),
+])
+def test_bad_fixed_inputs_are_one_line_errors_and_write_nothing(stream, args, message):
     root, _ = stream
-    res = invoke("quantize", root / "m.onnx", "-o", root / "bad.onnx", "--calib", root / "calib", "--fix-input", "rate=1")
-    assert res.exit_code == 2 and "no input 'rate' (inputs: x, sr, state)" in res.stderr
-    assert not (root / "bad.onnx").exists()
+    res = invoke("quantize", root / "m.onnx", "-o", root / "bad.onnx", "--calib", root / "calib", *args)
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not (root / "bad.onnx").exists() and not (root / "bad.report.json").exists()
+
+
+def test_a_run_feed_of_the_wrong_shape_is_a_one_line_error(stream, tmp_path):
+    root, _ = stream
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "r0.npz", x=np.zeros((1, 32), np.float32), sr=np.array(16000, np.int64),
+             state=np.zeros((1, HIDDEN), np.float32))
+    res = invoke("quantize", root / "m.onnx", "-o", tmp_path / "q.onnx", "--calib", calib)
+    assert res.exit_code == 2 and "input 'state' expects shape [2,batch,8] (float32) in each run's feed, got [1,8]" \
+        in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "q.onnx").exists()
 
 
 def _quantize_and_compare(tmp_path, proto, feed, *args, tol=0.05, runs=False):
