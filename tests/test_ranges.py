@@ -224,3 +224,24 @@ def test_entropy_ignores_spike_at_zero(gauss: np.ndarray) -> None:
     without = _feed(make_observer("entropy"), relu[relu > 0])
     assert with_zeros == pytest.approx(without)
     assert with_zeros[1] > np.percentile(relu[relu > 0], 99)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_asymmetric_mse_search_finds_the_exhaustive_grid_minimum(seed: int) -> None:
+    from cet_onnx.calibration import ranges
+
+    rng = np.random.default_rng(seed)
+    x = [rng.normal(size=50_000) * 3 + 1, rng.standard_t(2.0, size=80_000), rng.exponential(size=60_000) - 0.7,
+         np.concatenate([rng.normal(size=40_000) - 3, rng.normal(size=40_000) * 0.1 + 5, [-40.0, 60.0]]),
+         rng.laplace(size=70_000) * np.where(rng.random(70_000) < 0.5, 1, 5),
+         np.concatenate([rng.normal(size=50_000), rng.normal(size=500) * 50])][seed]
+    obs = make_observer("mse", num_bits=8)
+    obs.update(x.astype(np.float32))
+    ta, na, ca = ranges._clip_tables(obs.neg, include_zero=True)
+    tb, nb, cb = ranges._clip_tables(obs.pos, include_zero=True)
+    total = obs.neg.total + obs.pos.total - obs.neg.zeros - obs.pos.zeros
+    span = ta[:, None] + tb[None, :]
+    err = (total - na[:, None] - nb[None, :]) * (span / 255) ** 2 / 12 + ca[:, None] + cb[None, :]
+    err = np.where(span > 0, err, np.inf)
+    a, b = ranges._mse_asymmetric(obs.neg, obs.pos, 255)
+    assert err[np.searchsorted(ta, a), np.searchsorted(tb, b)] == pytest.approx(err.min(), rel=1e-12)

@@ -94,6 +94,8 @@ _TINY = 1e-8
 
 #: Rough number of float64 elements per temporary matrix in vectorised searches.
 _CHUNK_ELEMS = 1 << 18
+#: candidate edges per side in the coarse grid of the asymmetric ``mse`` search
+_COARSE = 128
 
 #: Floor of the normalised quantized distribution Q in the KL divergence, so
 #: that a bin where P > 0 but Q == 0 costs a large but finite amount.
@@ -333,8 +335,11 @@ def _mse_symmetric(hist: _MagnitudeHistogram, steps: int) -> float:
 def _mse_asymmetric(neg: _MagnitudeHistogram, pos: _MagnitudeHistogram, steps: int) -> tuple[float, float]:
     """``(a, b)`` minimising the error of the range ``[-a, b]`` with ``steps`` steps.
 
-    Full 2-D grid over the candidate edges of both sides, in chunks; above 4M
-    pairs the grid is subsampled and refined by coordinate descent on all edges.
+    Coarse to fine over the candidate edges of both sides: a full 2-D grid over every
+    ``stride``-th edge (at most ``_COARSE`` per side), then the full-resolution grid in the
+    window of ``±2·stride`` edges around its best pair, then coordinate descent on all edges.
+    The error is a smooth function of the edges (sums of histogram tails), so this lands on
+    the exhaustive grid's minimum (tested), at a few milliseconds instead of ~70 ms a tensor.
     """
     ta, na, ca = _clip_tables(neg, include_zero=True)
     tb, nb, cb = _clip_tables(pos, include_zero=True)
@@ -348,26 +353,16 @@ def _mse_asymmetric(neg: _MagnitudeHistogram, pos: _MagnitudeHistogram, steps: i
         e = n_in * (span / steps) ** 2 / 12.0 + ca[ia][:, None] + cb[ib][None, :]
         return np.where(span > 0, e, np.inf)
 
-    def grid(ia: np.ndarray, ib: np.ndarray) -> tuple[int, int, float]:
-        best = (int(ia[-1]), int(ib[-1]), math.inf)
-        rows = max(1, (4 * _CHUNK_ELEMS) // ib.size)
-        for s in range(0, ia.size, rows):
-            e = cost(ia[s : s + rows], ib)
-            k = int(np.argmin(e))
-            r, col = divmod(k, ib.size)
-            if e[r, col] < best[2]:
-                best = (int(ia[s + r]), int(ib[col]), float(e[r, col]))
-        return best
+    def best(ia: np.ndarray, ib: np.ndarray) -> tuple[int, int]:
+        r, col = divmod(int(np.argmin(cost(ia, ib))), ib.size)
+        return int(ia[r]), int(ib[col])
 
-    all_a = np.arange(ta.size)
-    all_b = np.arange(tb.size)
-    limit = 2048
-    if ta.size * tb.size <= limit * limit:
-        ia, ib, _ = grid(all_a, all_b)
-    else:
-        sub_a = np.unique(np.round(np.linspace(0, ta.size - 1, min(ta.size, limit))).astype(np.int64))
-        sub_b = np.unique(np.round(np.linspace(0, tb.size - 1, min(tb.size, limit))).astype(np.int64))
-        ia, ib, _ = grid(sub_a, sub_b)
+    stride = max(1, -(-max(ta.size, tb.size) // _COARSE))
+    ia, ib = best(np.arange(0, ta.size, stride), np.arange(0, tb.size, stride))
+    if stride > 1:
+        ia, ib = best(np.arange(max(ia - 2 * stride, 0), min(ia + 2 * stride + 1, ta.size)),
+                      np.arange(max(ib - 2 * stride, 0), min(ib + 2 * stride + 1, tb.size)))
+        all_a, all_b = np.arange(ta.size), np.arange(tb.size)
         for _ in range(3):
             ib = int(np.argmin(cost(np.array([ia]), all_b)[0]))
             ia = int(np.argmin(cost(all_a, np.array([ib]))[:, 0]))
