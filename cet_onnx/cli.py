@@ -188,7 +188,7 @@ def _bits_list(text: str) -> tuple[int, ...]:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON result on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-calib_method_option = click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True,
+calib_method_option = click.option("--calib-method", type=click.Choice(METHODS), default="mse", show_default=True,
                                    help="How activation ranges are chosen.")
 no_simplify_option = click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True,

@@ -58,7 +58,7 @@ class ActivationOptions:
     bits: int = 8
     weight_only: bool = False       # the spelling of mode "none" of earlier versions
     symmetric: bool = False
-    method: str = "minmax"
+    method: str = "mse"
     percentile: float = 99.999
     mode: str = "auto"              # auto | static | dynamic | none (see cet_onnx.graph.act_mode)
 

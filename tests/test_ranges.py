@@ -245,3 +245,11 @@ def test_asymmetric_mse_search_finds_the_exhaustive_grid_minimum(seed: int) -> N
     err = np.where(span > 0, err, np.inf)
     a, b = ranges._mse_asymmetric(obs.neg, obs.pos, 255)
     assert err[np.searchsorted(ta, a), np.searchsorted(tb, b)] == pytest.approx(err.min(), rel=1e-12)
+
+
+def test_mse_at_16_bits_clips_nothing(gauss: np.ndarray) -> None:
+    # 65535 steps over 2048 bins: clipping cannot be judged finer than the grid, so the range is the data's
+    for symmetric in (True, False):
+        lo, hi = _feed(make_observer("mse", symmetric=symmetric, num_bits=16), gauss)
+        assert hi == pytest.approx(np.abs(gauss).max() if symmetric else gauss.max())
+        assert lo == pytest.approx(-np.abs(gauss).max() if symmetric else gauss.min())

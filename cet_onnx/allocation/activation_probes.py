@@ -5,8 +5,8 @@ is. For every tensor static mode would quantize (:func:`cet_onnx.graph.rewriter.
 the CNN plan, or the transformer plan on a graph with attention or LayerNorm) and every precision
 in ``bits`` (8 and 16 by default):
 
-* the range comes from the calibration batches with ``--calib-method`` (computed once, for 8 bits;
-  the 16-bit candidate uses the same range); with ``compare`` methods, the 8-bit point is also
+* the range comes from the calibration batches with ``--calib-method``, for each width on its own
+  (``mse`` clips an 8-bit grid to the bulk, but keeps a 16-bit one's full range); with ``compare`` methods, the 8-bit point is also
   probed with each of their ranges, and ``best_method`` names the one whose ΔL is lowest;
 * the model with that one Q/DQ pair and everything else float (weights too) is emitted by the
   rewriter exactly as it would deploy it, run on the probe batches in a fresh onnxruntime session,
@@ -37,12 +37,13 @@ from cet_onnx.runner import concat_outputs, make_session, run_batches
 from cet_onnx.tensor_errors import SqnrSums
 
 
-def activation_ranges(p: Prepared, method: str, symmetric: bool) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
-    """(range of every point static mode would quantize, the points left float and why)."""
+def activation_ranges(p: Prepared, method: str, symmetric: bool, num_bits: int = 8
+                      ) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    """(``num_bits`` range of every point static mode would quantize, the points left float and why)."""
     tensors = activation_tensors(p.model, remove_relus=not symmetric)
     left_float: dict[str, str] = {}
     ranges = collect_ranges(p.model, tensors, p.calib_batches, p.providers, method, symmetric=symmetric,
-                            left_float=left_float)
+                            num_bits=num_bits, left_float=left_float)
     return ranges, left_float
 
 
@@ -69,13 +70,14 @@ def _quantizer_sqnr(p: Prepared, session: ProbeSession, params: dict[tuple[str, 
     return {k: s.db() for k, s in sums.items()}
 
 
-def activation_sensitivities(p: Prepared, session: ProbeSession, method: str = "minmax", symmetric: bool = False,
+def activation_sensitivities(p: Prepared, session: ProbeSession, method: str = "mse", symmetric: bool = False,
                              bits: Sequence[int] = (8, 16), fidelity_samples: int = 8, seed: int = 0,
                              compare: Sequence[str] = ()) -> dict[str, Any]:
     """Per point × precision (× range method, with ``compare``): ΔL when it alone is quantized and its own SQNR;
     the points left float; fidelity of the additive prediction at 8 bits with ``method``."""
     ranges, left_float = activation_ranges(p, method, symmetric)
-    probes = {(t, b, method): ranges[t] for t in ranges for b in bits}
+    wide = {b: ranges if b == 8 else activation_ranges(p, method, symmetric, b)[0] for b in bits}
+    probes = {(t, b, method): wide[b][t] for t in ranges for b in bits if t in wide[b]}
     for other in dict.fromkeys(m for m in compare if m != method):
         other_ranges, _ = activation_ranges(p, other, symmetric)
         probes.update({(t, 8, other): other_ranges[t] for t in ranges if t in other_ranges})

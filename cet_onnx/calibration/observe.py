@@ -43,7 +43,7 @@ def calibrate(model: ir.Model, acts: ActivationOptions, batches: Sequence[Feed],
 
 
 def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Feed], providers: Sequence[str],
-                   method: str = "minmax", symmetric: bool = False, num_bits: int = 8,
+                   method: str = "mse", symmetric: bool = False, num_bits: int = 8,
                    percentile: float = 99.999,
                    left_float: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
     """Activation range of every tensor in ``tensors``, streamed over ``batches``.

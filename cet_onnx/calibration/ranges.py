@@ -65,6 +65,8 @@ Range conventions
 * ``entropy`` needs more histogram bins than levels: when the data occupy
   ``<= 2**(num_bits-1)`` bins (e.g. 16-bit with the default 2048 bins) there is
   nothing to clip at histogram resolution and the exact max is returned.
+* ``mse`` likewise returns the exact min / max when the grid has ``>= num_bins``
+  steps: a step finer than a bin cannot be traded against clipping judged per bin.
 * Exact zeros are counted (``percentile`` uses them) but left out of the
   ``entropy`` and ``mse`` searches: they are quantized exactly whatever the
   range, and a Relu's spike at 0 would otherwise drag the KL threshold down.
@@ -523,7 +525,9 @@ class MSEObserver(_HistogramObserver):
     Symmetric: 1-D search over ``t`` with ``s = t / (2**(num_bits-1) - 1)``
     (range ``(0, t)`` if all data are non-negative).  Asymmetric: 2-D search
     over ``(lo, hi)`` with ``s = (hi - lo) / (2**num_bits - 1)``.  Candidates
-    are the histogram bin edges plus the exact min / max.
+    are the histogram bin edges plus the exact min / max. When the grid has at least as many
+    steps as the histogram has bins (16-bit with the default 2048 bins) the exact min / max is
+    returned, as for ``entropy``.
     """
 
     def __init__(self, *, symmetric: bool = False, num_bits: int = 8,
@@ -532,6 +536,10 @@ class MSEObserver(_HistogramObserver):
 
     def range(self) -> tuple[float, float]:
         self._check()
+        if 2 ** self.num_bits - 1 >= self.num_bins:
+            # a step finer than a histogram bin: clipping is judged at bin resolution, coarser
+            # than the grid (16-bit would lose ~30 dB), so nothing is clipped
+            return MinMaxObserver.range(self)
         if self.symmetric:
             steps = 2 ** (self.num_bits - 1) - 1
             return self._symmetric_range(_mse_symmetric(self.abs, steps))
