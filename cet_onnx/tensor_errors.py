@@ -34,9 +34,9 @@ import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.passes._graph import branch_nodes
-from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.runner import Feed, make_session
+from cet_onnx.exposed import ExposedSession
+from cet_onnx.runner import Feed
 
 _CHUNK = 1 << 20   # elements per step of an SQNR sum
 #: float weight bytes up to which both sessions run side by side; above, the float model's tensors are
@@ -152,29 +152,32 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
     if not roles or not batches:
         return []
     extra = [n for _, names in quant.values() for n in names]
-    ref_sess = make_session(with_outputs(model, roles), providers, optimize=False)
+    ref_sess = ExposedSession(model, roles, providers)
     stored = None
     if 4 * sum(w.size for w in weights) > SIDE_BY_SIDE_MAX_BYTES:
-        stored = [ref_sess.run(list(roles), feed) for feed in batches]
-        ref_sess = None   # one model in onnxruntime at a time, as verify does: hold the tensors instead
-    q_sess = make_session(with_outputs(qmodel, [*roles, *extra], typed=False), providers, optimize=False)
+        stored = [ref_sess.run(feed) for feed in batches]
+        ref_sess.close()   # one model in onnxruntime at a time, as verify does: hold the tensors instead
+    q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False)
     folded = _folded_relus(model, qmodel, quant)
     to_float, own = {t: SqnrSums() for t in roles}, {t: SqnrSums() for t in quant}
     for i, feed in enumerate(batches):
-        ref = dict(zip(roles, stored[i] if stored is not None else ref_sess.run(list(roles), feed)))
-        got = dict(zip([*roles, *extra], q_sess.run([*roles, *extra], feed)))
+        ref = stored[i] if stored is not None else ref_sess.run(feed)
+        got = q_sess.run(feed)
         for t in roles:
+            if t not in ref or t not in got or (t in quant and any(n not in got for n in quant[t][1])):
+                continue
             if t not in quant:
                 to_float[t].add(ref[t], got[t])
                 continue
             seen = _dequantized([got[n] for n in quant[t][1]])
             to_float[t].add(ref[t], seen)
             own[t].add(np.maximum(got[t], 0) if t in folded else got[t], seen)
+    gone = {*ref_sess.dropped, *q_sess.dropped}    # inside a Loop body onnxruntime could not return them from
     return [{"name": t, "kind": "activation", "role": role,
              "precision": quant[t][0] if t in quant else "float",
              "sqnr_db": to_float[t].db(),
              "quantizer_sqnr_db": own[t].db() if t in own else None}
-            for t, role in roles.items()]
+            for t, role in roles.items() if not gone.intersection([t, *quant.get(t, ("", []))[1]])]
 
 
 def weight_errors(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ import numpy as np
 from cet_onnx.allocation.allocate import rank_agreement
 from cet_onnx.allocation.probes import ProbeSession
 from cet_onnx.calibration.observe import collect_ranges
-from cet_onnx.graph.passes.extra_outputs import with_outputs
+from cet_onnx.exposed import ExposedSession
 from cet_onnx.graph.rewriter import activation_tensors, rewrite
 from cet_onnx.prepared import Prepared
 from cet_onnx.progress import Progress
@@ -60,13 +60,13 @@ def _quantizer_sqnr(p: Prepared, session: ProbeSession, params: dict[tuple[str, 
                     ) -> dict[tuple[str, int, str], float]:
     """SQNR of each (point, bits, range method)'s Q/DQ against its float value on the probe batches
     (float model, one run per batch)."""
-    names = list(dict.fromkeys(k[0] for k in params))
-    sess = make_session(with_outputs(p.model, names), p.providers, optimize=False)
+    sess = ExposedSession(p.model, (k[0] for k in params), p.providers)
     sums = {k: SqnrSums() for k in params}
     for feed in session.batches:
-        values = dict(zip(names, sess.run(names, feed)))
+        values = sess.run(feed)
         for key, prm in params.items():
-            sums[key].add(values[key[0]], quantize_activation(values[key[0]], prm))
+            if key[0] in values:
+                sums[key].add(values[key[0]], quantize_activation(values[key[0]], prm))
     return {k: s.db() for k, s in sums.items()}
 
 

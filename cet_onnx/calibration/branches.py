@@ -1,4 +1,5 @@
-"""Which weights' layers the calibration data never runs: every reader inside an ``If`` branch no batch took.
+"""Which weights' layers the calibration data never runs: every reader inside an ``If`` branch no batch took
+(or a Loop / Scan body that never iterated).
 
 Probes measure nothing for such a weight (its loss change is exactly 0), so a budget would give it the
 fewest bits for free and the branch would be degraded without any evidence. The allocation keeps these
@@ -15,12 +16,13 @@ import onnx_ir as ir
 
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.graph.passes._graph import branch_nodes
-from cet_onnx.graph.passes.extra_outputs import with_outputs
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.runner import Feed, make_session
+from cet_onnx.exposed import ExposedSession
+from cet_onnx.runner import Feed
 
-WHY = "its layer never runs on the calibration data (inside an If branch no run took): kept at 8 bits"
-NOT_KEPT = ("its layer never runs on the calibration data (inside an If branch no run took); the budget cannot "
+WHY = "its layer never runs on the calibration data (inside an If branch no run took, or a Loop that never iterated): kept at 8 bits"
+NOT_KEPT = ("its layer never runs on the calibration data (inside an If branch no run took, or a Loop that never iterated); "
+            "the budget cannot "
             "keep it at 8 bits, so it was allocated with no measured cost")
 
 
@@ -35,12 +37,13 @@ def unexercised_weights(model: ir.Model, weights: Sequence[WeightInfo], batches:
     if not probe or not batches:
         return {}
     names = list(dict.fromkeys(name for outs in probe.values() for name in outs))
-    session = make_session(with_outputs(model, names, typed=False), providers, optimize=False)
+    session = ExposedSession(model, names, providers, typed=False)
     ran: set[str] = set()
     for feed in batches:
         try:
-            values = session.run(names, feed)
+            values = session.run(feed)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed while finding the If branches that run: {first_line(exc)}") from None
-        ran.update(name for name, v in zip(names, values) if np.asarray(v).size)
+        ran.update(name for name, v in values.items() if np.asarray(v).size)
+    ran.update(session.dropped)   # not observable: not known to be idle
     return {w: WHY for w, outs in probe.items() if not ran.intersection(outs)}

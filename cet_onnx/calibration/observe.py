@@ -21,8 +21,8 @@ from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.graph.rewriter import activation_tensors
 from cet_onnx.progress import track
 from cet_onnx.quant.quantizer import ActivationParams, activation_params
-from cet_onnx.graph.passes.extra_outputs import with_outputs
-from cet_onnx.runner import Feed, make_session
+from cet_onnx.exposed import ExposedSession
+from cet_onnx.runner import Feed
 
 if TYPE_CHECKING:
     from cet_onnx.options import ActivationOptions
@@ -53,8 +53,7 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
     """
     if not tensors:
         return {}
-    augmented = with_outputs(model, tensors)
-    session = make_session(augmented, providers, optimize=False)
+    session = ExposedSession(model, tensors, providers)
     observers = {t: make_observer(method, symmetric=symmetric, num_bits=num_bits, percentile=percentile)
                  for t in tensors}
     names = list(tensors)
@@ -62,15 +61,15 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
     observed: set[str] = set()
     for feed in track(batches, desc=f"calibrating ({method})", unit="batch"):
         try:
-            values = session.run(names, feed)
+            values = session.run(feed)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during calibration: {first_line(exc)}") from None
-        for name, value in zip(names, values):
+        for name, value in values.items():
             if name in excluded:
                 continue
             value = np.asarray(value, dtype=np.float32)
             if not value.size:
-                continue    # inside an If branch this run did not take
+                continue    # inside an If branch this run did not take, or a Loop that ran no iteration
             why = _unquantizable(value)
             if why is not None:
                 if left_float is None:
@@ -79,9 +78,12 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
                 continue
             observers[name].update(value)
             observed.add(name)
+    excluded.update(session.dropped)
+    session.close()
     for name in names:
         if name not in excluded and name not in observed:
-            excluded[name] = "never computed on the calibration data (inside an If branch no run took)"
+            excluded[name] = ("never computed on the calibration data (inside an If branch no run took, "
+                              "or a Loop that never iterated)")
     if left_float is not None:
         left_float.update(excluded)
     elif excluded:

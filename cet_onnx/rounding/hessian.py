@@ -21,8 +21,9 @@ import onnx_ir as ir
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.progress import track
 from cet_onnx.graph.passes._graph import branch_nodes
-from cet_onnx.graph.passes.extra_outputs import with_outputs
-from cet_onnx.runner import Feed, make_session
+from cet_onnx.exposed import ExposedSession
+from cet_onnx.graph.passes.extra_outputs import per_iteration, stack_depth
+from cet_onnx.runner import Feed
 from cet_onnx.graph.weights import WeightInfo
 
 
@@ -41,6 +42,7 @@ class LayerSpec:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, left, bottom, right
     dilations: tuple[int, int] = (1, 1)
     auto_pad: str = "NOTSET"
+    stacked: int = 0               # Loop / Scan bodies around the layer: leading iteration axes of its observed input
 
 
 def hessian_nbytes(w: WeightInfo, spec: LayerSpec) -> int:
@@ -72,28 +74,35 @@ def layer_spec(model: ir.Model, w: WeightInfo) -> tuple[LayerSpec | None, str]:
         if node.op_type == "Gather" and len(w.consumers) > 1:
             gather = True
             continue
-        idx = names.index(target)
-        if node.op_type == "Conv":
-            if len(w.shape) != 4:
-                return None, f"{len(w.shape) - 2}-D convolution"
-            pads = tuple(_attr(node, "pads", (0, 0, 0, 0)))
-            return LayerSpec(w.name, "conv2d", names[0], group=int(_attr(node, "group", 1)),
-                             kernel=(w.shape[2], w.shape[3]), strides=tuple(_attr(node, "strides", (1, 1))),
-                             pads=(pads[0], pads[1], pads[2], pads[3]),
-                             dilations=tuple(_attr(node, "dilations", (1, 1))),
-                             auto_pad=_attr(node, "auto_pad", "NOTSET")), ""
-        if node.op_type == "Gemm":
-            if idx == 1:
-                return LayerSpec(w.name, "linear", names[0], transpose_input=bool(_attr(node, "transA", 0))), ""
-            return None, "Gemm weight as left operand"
-        if node.op_type == "MatMul":
-            if len(w.shape) != 2:
-                return None, "batched MatMul weight"
-            if idx == 1:
-                return LayerSpec(w.name, "linear", names[0]), ""
-            return LayerSpec(w.name, "linear", names[1], transpose_input=True, weight_is_a=True), ""
-        return None, f"{node.op_type} weight"
-    return None, "Gather weight" if gather else "no consumer outside Loop / Scan bodies"
+        spec, why = _spec_at(node, names.index(target), names, w)
+        if spec is not None:
+            spec.stacked = stack_depth(model.graph, node.graph)
+        return spec, why
+    return None, "Gather weight" if gather else "no layer reads it"
+
+
+def _spec_at(node: ir.Node, idx: int, names: list[str], w: WeightInfo) -> tuple[LayerSpec | None, str]:
+    """The spec of ``w`` as input ``idx`` of ``node`` (input names ``names``), or None and why."""
+    if node.op_type == "Conv":
+        if len(w.shape) != 4:
+            return None, f"{len(w.shape) - 2}-D convolution"
+        pads = tuple(_attr(node, "pads", (0, 0, 0, 0)))
+        return LayerSpec(w.name, "conv2d", names[0], group=int(_attr(node, "group", 1)),
+                         kernel=(w.shape[2], w.shape[3]), strides=tuple(_attr(node, "strides", (1, 1))),
+                         pads=(pads[0], pads[1], pads[2], pads[3]),
+                         dilations=tuple(_attr(node, "dilations", (1, 1))),
+                         auto_pad=_attr(node, "auto_pad", "NOTSET")), ""
+    if node.op_type == "Gemm":
+        if idx == 1:
+            return LayerSpec(w.name, "linear", names[0], transpose_input=bool(_attr(node, "transA", 0))), ""
+        return None, "Gemm weight as left operand"
+    if node.op_type == "MatMul":
+        if len(w.shape) != 2:
+            return None, "batched MatMul weight"
+        if idx == 1:
+            return LayerSpec(w.name, "linear", names[0]), ""
+        return LayerSpec(w.name, "linear", names[1], transpose_input=True, weight_is_a=True), ""
+    return None, f"{node.op_type} weight"
 
 
 def to_rows(w: np.ndarray, info: WeightInfo) -> np.ndarray:
@@ -172,6 +181,7 @@ class LayerHessian:
     spec: LayerSpec
     h: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
+    unobserved: str = ""     # why the layer's input could not be observed (then no rows)
 
     def update(self, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> None:
         conv = self.spec.kind == "conv2d"
@@ -220,21 +230,24 @@ def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Seque
     """
     if not specs:
         return {}
-    wanted = list(dict.fromkeys(s.input_tensor for s in specs))
-    m = with_outputs(probe, wanted, typed=False)
-    session = make_session(m, providers)
+    session = ExposedSession(probe, [s.input_tensor for s in specs], providers, typed=False, optimize=True)
     layers = {s.name: LayerHessian(s) for s in specs}
     rng = np.random.default_rng(seed)
     for feed in track(batches, desc=desc, unit="batch"):
         try:
-            values = dict(zip(wanted, session.run(wanted, {**feed, **weight_feeds})))
+            values = session.run({**feed, **weight_feeds})
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first_line(exc)}") from None
         for layer in layers.values():
-            x = np.asarray(values[layer.spec.input_tensor], dtype=np.float32)
-            if x.size:   # empty: inside an If branch this batch did not take
-                layer.update(x, rng, max_rows)
-    del session  # it holds the model's weights
+            x = np.asarray(values.get(layer.spec.input_tensor, np.zeros(0)), dtype=np.float32)
+            if x.size:   # empty: inside an If branch this batch did not take, or a Loop that ran no iteration
+                for part in per_iteration(x, layer.spec.stacked):
+                    layer.update(part, rng, max_rows)
+    session.close()  # it holds the model's weights
+    for layer in layers.values():
+        if layer.spec.input_tensor in session.dropped:
+            layer.h, layer.rows = [], 0
+            layer.unobserved = f"its layer input '{layer.spec.input_tensor}' is {session.dropped[layer.spec.input_tensor]}"
     return layers
 
 

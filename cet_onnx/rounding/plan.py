@@ -134,7 +134,8 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     for w in only or p.weights:
         layer = hess.get(w.name)
         if layer is not None and not layer.rows:
-            p.rtn_fallback[w.name] = "its layer input was never computed on the calibration data (an If branch no run took)"
+            p.rtn_fallback[w.name] = layer.unobserved or ("its layer input was never computed on the calibration data "
+                                                          "(an If branch no run took, or a Loop that never iterated)")
         elif layer is not None:
             # with fewer rows than columns the quadratic form (a columns³ product) costs more than probes
             keep = keep_hessians and layer.rows >= layer.columns

@@ -69,13 +69,18 @@ def all_nodes(graph: ir.Graph) -> list[ir.Node]:
     return list(ir.traversal.RecursiveGraphIterator(graph))
 
 
+#: ops whose subgraphs the stages look into: If branches, Loop / Scan bodies (their tensors can be carried out
+#: of the subgraph for observation, :mod:`.extra_outputs`)
+SUBGRAPH_OPS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
+
+
 def branch_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """The nodes of ``graph`` and, after each If, those of its branches (at any depth of Ifs)."""
+    """The nodes of ``graph`` and, after each If / Loop / Scan, those of its branches or body (at any depth)."""
     nodes = []
     for node in graph:
         nodes.append(node)
-        if node.op_type == "If" and is_onnx(node):
-            for attr in ("then_branch", "else_branch"):
+        if node.op_type in SUBGRAPH_OPS and is_onnx(node):
+            for attr in SUBGRAPH_OPS[node.op_type]:
                 if attr in node.attributes:
                     nodes.extend(branch_nodes(node.attributes[attr].as_graph()))
     return nodes

@@ -19,8 +19,8 @@ Rules, for every tensor ``t`` of the plan (in plan order):
 * the pair goes right after ``t``'s producer (after the pairs of its earlier outputs), or at
   the front of the graph, after the weight and bias DequantizeLinear nodes, when ``t`` is a
   graph input. This is the order the rewriter's stable topological sort always gave. A tensor
-  inside an If branch gets its pair, scale and zero point in that branch; readers in any graph
-  are rewired.
+  inside an If branch or a Loop / Scan body gets its pair, scale and zero point in that subgraph
+  (a body input: at the front of the body); readers in any graph are rewired.
 
 :func:`activation_tensors` chooses the plan (the CNN rules), :func:`transformer_activation_tensors`
 the plan of a graph with attention or LayerNorm, whose pass then gets
@@ -149,10 +149,10 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             if value.producer() is not None and value.producer().name in self.float_nodes:
                 continue
             producer = value.producer()
-            home = producer.graph if producer is not None and producer.graph is not None else graph
+            home = producer.graph if producer is not None and producer.graph is not None else (value.graph or graph)
             pair = self._pair(home, names, value, p)
             if producer is None or producer.graph is None:
-                insert_front(graph, pair)
+                insert_front(home, pair)
             else:
                 home.insert_after(after.get(producer, producer), pair)
                 after[producer] = pair[-1]
