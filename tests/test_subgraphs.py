@@ -220,6 +220,61 @@ def test_a_loop_body_weight_is_quantized(tmp_path):
     assert [r["name"] for r in rep["weights"]] == ["loop_w"]
 
 
+def _body_nodes(path):
+    """The nodes inside the Loop / Scan bodies of the model at ``path``."""
+    return [n for node in onnx.load(path).graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+            for n in a.g.node]
+
+
+def _quantized_in_bodies(path) -> set[str]:
+    return {n.input[0] for n in _body_nodes(path) if n.op_type == "QuantizeLinear"}
+
+
+def _scan_rnn() -> onnx.ModelProto:
+    """h_t = tanh(x_t W + h U), y_t = h_t V, as a Scan over axis 1 (the form tf2onnx exports RNNs in)."""
+    w = [numpy_helper.from_array(RNG.normal(size=s).astype(np.float32) / d, n)
+         for n, s, d in (("scan_W", (5, 8), 2), ("scan_U", (8, 8), 3), ("scan_V", (8, 3), 1))]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "scan_W"], ["xw"]), helper.make_node("MatMul", ["h_in", "scan_U"], ["hu"]),
+         helper.make_node("Add", ["xw", "hu"], ["pre"]), helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("MatMul", ["h_out", "scan_V"], ["y_t"])], "body",
+        [_info("h_in", ["N", 8]), _info("x_t", ["N", 5])], [_info("h_out", ["N", 8]), _info("y_t", ["N", 3])], w)
+    scan = helper.make_node("Scan", ["h0", "x"], ["hT", "y"], body=body, num_scan_inputs=1, scan_input_axes=[1],
+                            scan_output_axes=[1])
+    return helper.make_model(helper.make_graph([scan], "scan", [_info("h0", ["N", 8]), _info("x", ["N", 12, 5])],
+                                               [_info("hT", ["N", 8]), _info("y", ["N", 12, 3])]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_activations_and_hessians_inside_a_scan_body(tmp_path):
+    feed = {"h0": np.zeros((4, 8), np.float32), "x": RNG.normal(size=(4, 12, 5)).astype(np.float32)}
+    rep = _quantize_and_compare(tmp_path, _scan_rnn(), feed, tol=0.1)
+    assert {"x_t", "h_in", "h_out"} <= _quantized_in_bodies(tmp_path / "q.onnx") and not rep["activations_left_float"]
+    # at 4 bits the rounding uses each body layer's Hessian, observed over all 12 steps
+    rep4 = _quantize_and_compare(tmp_path, _scan_rnn(), feed, "--weight-bits", "4", tol=0.3)
+    assert rep4["rounding"]["method"] == "major-axis" and not rep4["rounding"]["round_to_nearest_fallback"]
+
+
+def test_a_loop_whose_state_grows_leaves_only_that_tensor_float(tmp_path):
+    w = numpy_helper.from_array(RNG.normal(size=(4, 4)).astype(np.float32) / 2, "grow_w")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("MatMul", ["h_in", "grow_w"], ["mm"]),
+         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Concat", ["acc_in", "h_out"], ["acc_out"], axis=1)],
+        "body", [_info("i", [], TensorProto.INT64), _info("c_in", [], TensorProto.BOOL), _info("h_in", ["N", 4]),
+                 _info("acc_in", ["N", "T"])],
+        [_info("c_out", [], TensorProto.BOOL), _info("h_out", ["N", 4]), _info("acc_out", ["N", "T2"])], [w])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Loop", ["n", "", "x", "x"], ["h", "acc"], body=body)],
+                                                "grow", [_info("x", ["N", 4]), _info("n", [], TensorProto.INT64)],
+                                                [_info("h", ["N", 4]), _info("acc", ["N", "T3"])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": RNG.normal(size=(4, 4)).astype(np.float32), "n": np.array(3, np.int64)}
+    rep = _quantize_and_compare(tmp_path, proto, feed, runs=True)
+    # the accumulated sequence changes shape every iteration: onnxruntime cannot stack it, so it alone stays float
+    assert list(rep["activations_left_float"]) == ["acc_in"]
+    assert "iterations onnxruntime cannot stack" in rep["activations_left_float"]["acc_in"]
+    assert {"h_in", "mm", "h_out"} <= _quantized_in_bodies(tmp_path / "q.onnx")
+
+
 def test_weights_of_a_local_function_are_quantized(tmp_path):
     fn = helper.make_function("custom", "Dense", ["x", "w"], ["y"],
                               [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
