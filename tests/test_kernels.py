@@ -162,3 +162,18 @@ def test_int2_matmul_weight_with_n_not_a_multiple_of_4_is_kept_away_from_the_fau
     ref = ort.InferenceSession(str(tmp_path / "q.onnx"), plain, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     out = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_slower_warning_advice_fits_the_cause():
+    from cet_onnx.cli import _say_speed
+
+    lat = {"batch": 1, "threads": "default", "provider": "CPUExecutionProvider", "interleaved_runs": 100,
+           "fp32_ms": 0.028, "quantized_ms": 0.064, "ratio": 2.3}
+    for slow, expected in (([], "No weight is dequantized on every run"),
+                           ([{"consumer_op": "Conv"}], "give those weights 8 bits")):
+        said: list[str] = []
+        _say_speed(said.append, {"kernels": {"ops": {"QLinearMatMul": 2}, "dequantized_at_run_time": slow},
+                                 "latency": lat})
+        warning = next(s for s in said if s.startswith("WARNING"))
+        assert expected in warning and "2.30x SLOWER" in warning
+        assert ("give those weights 8 bits" in warning) == bool(slow)
