@@ -423,8 +423,8 @@ def _say_speed(say: Callable, report: dict) -> None:
                    f"on every run (onnxruntime has no INT4/INT2 Conv kernel; INT8 Conv / MatMul weights fuse into "
                    f"QLinearConv / QLinearMatMul with static activations)" if slow else "")
             advice = ("For speed, give those weights 8 bits (--weight-bits 8, or --bits 8 in a budget)" if slow else
-                      f"No weight is dequantized on every run: at this size (float {lat['fp32_ms']:.3f} ms a run) "
-                      f"quantizing and dequantizing activations costs more than the integer kernels save")
+                      f"No weight is dequantized on every run: the extra time is the activations' quantize / "
+                      f"dequantize steps (float {lat['fp32_ms']:.3f} ms a run), or timing noise on a busy machine")
             say(f"WARNING: the quantized model is {lat['ratio']:.2f}x SLOWER than the float model{why}. "
                 f"{advice}; README 'Speed' explains the trade-off.")
     elif lat.get("skipped"):

@@ -58,6 +58,8 @@ class ExposedSession:
         try:
             return dict(zip(self.names, self._session.run(self.names, feed, options)))
         except Exception as exc:
+            if not self._stacked:
+                raise
             self._session = None   # one copy of the weights in onnxruntime at a time
             bad = self._breaking(sorted(self._stacked), feed, [self.SEARCH_BUILDS])
             if not bad:

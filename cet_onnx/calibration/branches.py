@@ -20,10 +20,11 @@ from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.exposed import ExposedSession
 from cet_onnx.runner import Feed
 
-WHY = "its layer never runs on the calibration data (inside an If branch no run took, or a Loop that never iterated): kept at 8 bits"
-NOT_KEPT = ("its layer never runs on the calibration data (inside an If branch no run took, or a Loop that never iterated); "
-            "the budget cannot "
-            "keep it at 8 bits, so it was allocated with no measured cost")
+#: where a tensor is that the calibration data never computes
+NEVER_RUN = "inside an If branch no run took, or a Loop that never iterated"
+WHY = f"its layer never runs on the calibration data ({NEVER_RUN}): kept at 8 bits"
+NOT_KEPT = (f"its layer never runs on the calibration data ({NEVER_RUN}); "
+            "the budget cannot keep it at 8 bits, so it was allocated with no measured cost")
 
 
 def unexercised_weights(model: ir.Model, weights: Sequence[WeightInfo], batches: Sequence[Feed],

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from cet_onnx.calibration.branches import NEVER_RUN
 from cet_onnx.calibration.ranges import make_observer
 from cet_onnx.errors import RuntimeFailure, first_line
 from cet_onnx.graph.rewriter import activation_tensors
@@ -82,8 +83,7 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
     session.close()
     for name in names:
         if name not in excluded and name not in observed:
-            excluded[name] = ("never computed on the calibration data (inside an If branch no run took, "
-                              "or a Loop that never iterated)")
+            excluded[name] = f"never computed on the calibration data ({NEVER_RUN})"
     if left_float is not None:
         left_float.update(excluded)
     elif excluded:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cet_onnx.calibration.branches import NEVER_RUN
 from cet_onnx.allocation.probes import probe_model
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.progress import track
@@ -134,8 +135,7 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     for w in only or p.weights:
         layer = hess.get(w.name)
         if layer is not None and not layer.rows:
-            p.rtn_fallback[w.name] = layer.unobserved or ("its layer input was never computed on the calibration data "
-                                                          "(an If branch no run took, or a Loop that never iterated)")
+            p.rtn_fallback[w.name] = layer.unobserved or f"its layer input was never computed on the calibration data ({NEVER_RUN})"
         elif layer is not None:
             # with fewer rows than columns the quadratic form (a columns³ product) costs more than probes
             keep = keep_hessians and layer.rows >= layer.columns

@@ -88,7 +88,7 @@ STACKING = ("Loop", "Scan")
 
 
 def _chain(main: ir.Graph, graph: ir.Graph | None, owners: dict[ir.Graph, tuple[ir.Node, str]]) -> list[ir.Node] | None:
-    """The nodes holding ``graph``, innermost first, up to the main graph; None if one is not a carrier."""
+    """The nodes holding ``graph``, innermost first, up to the main graph; None if one is not an If / Loop / Scan."""
     chain = []
     while graph is not None and graph is not main:
         node, _ = owners.get(graph, (None, None))
