@@ -131,6 +131,10 @@ def probe_options(fn: Callable) -> Callable:
                      show_default=True,
                      help="Weight grid: asymmetric uses all 2^b codes with a zero point (auto: at 4 bits and below; "
                           "8-bit stays symmetric for onnxruntime's integer kernels)."),
+        click.option("--int8-full-range", is_flag=True,
+                     help="INT8 weights that onnxruntime multiplies in u8 x s8 integer kernels (QLinearConv / "
+                          "QLinearMatMul, MatMulInteger) keep codes up to +-127 instead of +-63. Only for servers "
+                          "with AVX-512 VNNI / AVX-VNNI or ARM: without VNNI these kernels saturate at full range."),
         click.option("--rounding", type=click.Choice(ROUNDING_METHODS), default="auto", show_default=True,
                      help="Weight rounding: round-to-nearest, or major-axis (GPTQ-style error feedback with the "
                           "layer Hessian of the calibration inputs; auto: major-axis when --calib is given)."),
@@ -309,7 +313,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
              fix_inputs, keep_fixed_inputs, verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
              latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, accuracy_level, allocator,
              refine_rounds, bits,
-             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
+             candidate_block, loss, loss_output, labels, weight_clip, weight_grid, int8_full_range, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
     """Quantize MODEL and write the result to -o OUTPUT (plus OUTPUT's .report.json).
 
@@ -332,7 +336,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         data=DataOptions(batch_size=batch_size, calib_size=calib_size, verify_size=verify_size,
                          image=_image_options(image_size, mean, std, layout), labels=labels),
         weights=WeightOptions(bits=weight_bits, per_tensor=per_tensor, block_size=block_size, clip=weight_clip,
-                              grid=weight_grid),
+                              grid=weight_grid, int8_full_range=int8_full_range),
         activations=ActivationOptions(bits=int(act_bits), weight_only=weight_only, symmetric=act_symmetric,
                                       method=calib_method, percentile=percentile, mode=act_mode),
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
@@ -559,7 +563,7 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @handle_errors
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, fix_inputs, bits, candidate_block, loss, loss_output,
-            labels, weight_clip, weight_grid, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations,
+            labels, weight_clip, weight_grid, int8_full_range, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations,
             compare_methods, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
@@ -583,7 +587,7 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
     opts = QuantizeOptions(
         data=DataOptions(batch_size=batch_size, calib_size=calib_size,
                          image=_image_options(image_size, mean, std, layout), labels=labels),
-        weights=WeightOptions(clip=weight_clip, grid=weight_grid),
+        weights=WeightOptions(clip=weight_clip, grid=weight_grid, int8_full_range=int8_full_range),
         activations=ActivationOptions(weight_only=weight_only, symmetric=act_symmetric, method=calib_method),
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,

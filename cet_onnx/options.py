@@ -49,6 +49,7 @@ class WeightOptions:
     block_size: int | None = None
     clip: str = "auto"
     grid: str = "auto"
+    int8_full_range: bool = False   # ±127 codes in u8 × s8 integer kernels (cet_onnx.graph.integer_kernels)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "reproducible": ("run", "reproducible"),
     "probes": ("allocation", "probes"),   # newer options follow the earlier order
     "act_mode": ("activations", "mode"),
+    "int8_full_range": ("weights", "int8_full_range"),
 }
 
 

@@ -28,6 +28,7 @@ from cet_onnx.options import QuantizeOptions, validate
 from cet_onnx.prepared import Prepared
 from cet_onnx.report import add_file_sizes, build_report, check_gates, pareto_files, report_bytes, report_path, \
     weight_rows
+from cet_onnx.graph.integer_kernels import integer_kernel_weights
 from cet_onnx.rounding.plan import choose_format, ensure_hessians, plan_rounding, quantize_all
 from cet_onnx.runner import select_providers
 from cet_onnx.tensor_errors import activation_errors, weight_errors
@@ -59,6 +60,10 @@ def prepare(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     if act_mode == "static":
         with timer.stage("calibrate"):
             act_params, left_float = calibrate(model, opts.activations, data.calib_batches, providers)
+    if not opts.weights.int8_full_range:
+        integer = integer_kernel_weights(model.graph, weights, act_mode, act_params or {})
+        for w in weights:
+            w.integer_kernel = w.name in integer
     p = Prepared(model, inputs, weights, skipped, values, data.calib_samples, data.verify_samples, data.batch_size,
                  data.calib_batches, data.verify_batches, act_params, providers, data.labels, timer,
                  float_activations=left_float, act_mode=act_mode, act_mode_why=act_mode_why, fixed_inputs=fixed)

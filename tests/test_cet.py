@@ -39,6 +39,48 @@ def cnn_session():
     return session, weights, values
 
 
+def test_downstream_probes_cost_what_whole_model_probes_cost(cnn_session, monkeypatch):
+    """A one-sided probe runs only the graph after the weight, on cut tensors computed once per group;
+    a tiny cache splits the weights into groups and leaves a weight whose cut alone is larger to
+    the whole model. Every way gives the whole model's costs."""
+    from cet_onnx.allocation import downstream
+    session, weights, values = cnn_session
+    whole = ProbeSession(session_model := ir.from_proto(onnx.shape_inference.infer_shapes(small_cnn())), weights,
+                         {w.name: values[w.name] for w in weights}, None, session.batches,
+                         ["CPUExecutionProvider"], "kl", "logits", downstream=False)
+    assert session._downstream is not None and whole._downstream is None
+    probes = {w.name: quantize_weight(values[w.name], WeightFormat(2), w.channel_axis, w.reduction_axis).dequantize()
+              for w in weights}
+    expected = {n: whole.probe_one_sided(n, q) for n, q in probes.items()}
+    runs0 = session.runs
+    for n, q in probes.items():
+        assert session.probe_one_sided(n, q) == pytest.approx(expected[n], rel=1e-5, abs=1e-9)
+    assert session._downstream._groups and all(session._downstream.suffix(n) is not None for n in probes)
+    cuts = session._downstream._cuts
+    assert cuts[weights[0].name] == ["x"]                       # the first layer reads the model input
+    assert all(cuts[w.name] != ["x"] for w in weights[1:])     # the others start further down
+    # a cache of one byte: only the first layer (its cut is the model input, fed from the batches) runs a suffix
+    tiny = ProbeSession(session_model, weights, {w.name: values[w.name] for w in weights}, None, session.batches,
+                        ["CPUExecutionProvider"], "kl", "logits")
+    monkeypatch.setattr(tiny._downstream, "cache_bytes", 1)
+    for n, q in probes.items():
+        assert tiny.probe_one_sided(n, q) == pytest.approx(expected[n], rel=1e-5, abs=1e-9)
+    assert tiny._downstream._groups == [[weights[0].name]]
+    # a cache of the largest cut tensor: several groups, each within it
+    sizes = session._downstream.sizes
+    small = ProbeSession(session_model, weights, {w.name: values[w.name] for w in weights}, None, session.batches,
+                         ["CPUExecutionProvider"], "kl", "logits")
+    monkeypatch.setattr(small._downstream, "cache_bytes", max(sizes.values()))
+    for n, q in probes.items():
+        assert small.probe_one_sided(n, q) == pytest.approx(expected[n], rel=1e-5, abs=1e-9)
+    groups = small._downstream._groups
+    assert len(groups) > 1 and sum(len(g) for g in groups) == len(weights)
+    for g in groups:
+        held = {t for n in g for t in cuts[n] if t in sizes}
+        assert sum(sizes[t] for t in held) <= max(sizes.values())
+    assert session.runs > runs0
+
+
 def test_probe_terms_and_weight_restoration(cnn_session):
     session, weights, values = cnn_session
     # label-free loss at the float weights, activations float: exactly zero

@@ -110,7 +110,8 @@ class Candidates:
             return self._store.get((i, j))
         w, f = self.weights[i], self.formats[j]
         qw = quantize_weight(self.values[w.name], f, w.channel_axis, w.reduction_axis,
-                             rounding=self.roundings.get(w.name, f), clip_ratio=clip_for(f, self.clip))
+                             rounding=self.roundings.get(w.name, f), clip_ratio=clip_for(f, self.clip),
+                             integer_kernel=w.integer_kernel)
         self._store.put((i, j), qw)
         return qw   # not read back from an on-disk store
 

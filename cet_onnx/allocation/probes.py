@@ -37,6 +37,7 @@ import onnxruntime as ort
 
 from cet_onnx.calibration import padding
 from cet_onnx.errors import RuntimeFailure, first_line
+from cet_onnx.allocation.downstream import DownstreamProbes, Suffix
 from cet_onnx.allocation.losses import is_probability, loss_value
 from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
 from cet_onnx.quant.sizes import stored_form
@@ -150,7 +151,8 @@ class ProbeSession:
     def __init__(self, model: ir.Model, weights: Sequence[WeightInfo], values: Mapping[str, np.ndarray],
                  act_params: dict[str, ActivationParams] | None, batches: Sequence[Feed], providers: Sequence[str],
                  loss: str, loss_output: str, labels: np.ndarray | None = None, threads: int = 0,
-                 reference: np.ndarray | None = None, rebuilt: bool | None = None) -> None:
+                 reference: np.ndarray | None = None, rebuilt: bool | None = None,
+                 downstream: bool = True) -> None:
         self.weights = list(weights)
         self.resident = not isinstance(values, LazyValues)
         self.values = ({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in values.items()}
@@ -183,6 +185,8 @@ class ProbeSession:
                        and weight_bytes <= REBUILD_MAX_BYTES and any(w.op_type in REBUILD_OPS for w in self.weights))
         self.rebuilt = rebuilt and self.resident
         self._template = constant_weights_model(deployed, self.weights) if self.rebuilt else None
+        self._downstream = (DownstreamProbes(deployed, self.weights, loss_output, self.batches, self.providers)
+                            if self.rebuilt and downstream else None)
         inits = deployed.graph.initializers
         self._dtypes = {w.name: np.dtype(inits[w.name].dtype.numpy()) if w.name in inits else np.dtype(np.float32)
                         for w in self.weights}   # the rebuilt session takes each weight in its own type
@@ -228,28 +232,32 @@ class ProbeSession:
         parts = self._rebuilt_outputs(overrides or {}) if self.rebuilt else self._bound_outputs(overrides or {})
         return _joined(parts)
 
-    def _run_batches(self, session: ort.InferenceSession, fed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The loss output of every batch in a session of its own, with ``fed`` beside each batch's inputs."""
+    def _run_batches(self, session: ort.InferenceSession, fed: Mapping[str, np.ndarray],
+                     batches: Sequence[Feed] | None = None) -> list[np.ndarray]:
+        """The loss output of every batch (``batches``: the probe batches) in a session of its own,
+        with ``fed`` beside each batch's inputs."""
         try:
             parts = []
-            for feed in self.batches:
+            for feed in self.batches if batches is None else batches:
                 parts.append(session.run([self.loss_output], {**feed, **fed})[0])
                 self.runs += 1
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
         return parts
 
-    def _rebuilt_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = [w.name for w in self.weights]
+    def _rebuilt_outputs(self, overrides: dict[str, np.ndarray], suffix: Suffix | None = None) -> list[np.ndarray]:
+        """The loss output of a session built for this evaluation: of the whole probe graph, or of ``suffix``."""
+        template, names = (self._template, [w.name for w in self.weights]) if suffix is None else \
+            (suffix.template, suffix.weights)
         keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
             overrides[n] if n in overrides else self.values[n], dtype=self._dtypes[n])) for n in names]
         opts = session_options(threads=self.threads)
         opts.add_external_initializers(names, keep)
         try:
-            session = ort.InferenceSession(self._template, opts, providers=self.providers)
+            session = ort.InferenceSession(template, opts, providers=self.providers)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
-        return self._run_batches(session, {})
+        return self._run_batches(session, {}, None if suffix is None else suffix.feeds)
 
     def _bound_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         bound = overrides if self.resident else {
@@ -328,8 +336,17 @@ class ProbeSession:
                            "ellipsoid" if curv > 0 else "hyperbolic", float(np.sum(delta.astype(np.float64) ** 2)))
 
     def probe_one_sided(self, name: str, quantized: np.ndarray) -> float:
-        """``L(w+δ) − L(w)`` with ``δ = quantized − w``: the predicted loss change, in one pass over the probe set."""
-        return self.loss({name: np.asarray(quantized, dtype=np.float32)}) - self.base_loss
+        """``L(w+δ) − L(w)`` with ``δ = quantized − w``: the predicted loss change, in one pass over the probe set.
+
+        Rebuilt evaluations run only the part of the graph after the weight (:mod:`.downstream`).
+        """
+        quantized = np.asarray(quantized, dtype=np.float32)
+        suffix = self._downstream.suffix(name) if self._downstream is not None else None
+        if suffix is None:
+            return self.loss({name: quantized}) - self.base_loss
+        if suffix.base is None:
+            suffix.base = self._score(_joined(self._rebuilt_outputs({}, suffix)))
+        return self._score(_joined(self._rebuilt_outputs({name: quantized}, suffix))) - suffix.base
 
     def layer_nsr(self, name: str, quantized: np.ndarray) -> float:
         """Noise-to-signal ratio of weight ``name``'s layer output (first batch) when it is quantized."""

@@ -54,6 +54,7 @@ class WeightInfo:
     channel_axis: int             # non-negative
     reduction_axis: int           # non-negative
     consumers: list[str] = field(default_factory=list)  # node names
+    integer_kernel: bool = False  # read by a u8 × s8 integer kernel (cet_onnx.graph.integer_kernels)
 
     @property
     def size(self) -> int:

@@ -257,14 +257,35 @@ def mse_clip_ratios(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, red
     return to_groups(best)
 
 
+#: bits of the grid an 8-bit weight read by a u8 × s8 integer kernel gets (:func:`saturation_safe`)
+SATURATION_SAFE_BITS = 7
+
+
+def saturation_safe(fmt: WeightFormat) -> WeightFormat:
+    """``fmt`` with codes within ±63 where it is 8-bit per channel / per tensor, else ``fmt``.
+
+    x86 u8 × s8 kernels without VNNI add two products into a saturating int16: with uint8
+    activations, codes within ±63 never saturate (2 · 255 · 63 < 2¹⁵), codes up to ±127 can
+    (see :mod:`cet_onnx.graph.integer_kernels`). The codes still take one byte.
+    """
+    if fmt.bits != 8 or fmt.granularity == "block":
+        return fmt
+    return WeightFormat(SATURATION_SAFE_BITS, fmt.granularity, symmetric=True)
+
+
 def quantize_weight(w: np.ndarray, fmt: WeightFormat, channel_axis: int = 0, reduction_axis: int = 1,
-                    rounding: Rounding = round_to_nearest, clip_ratio: np.ndarray | float | str = 1.0) -> QuantizedWeight:
+                    rounding: Rounding = round_to_nearest, clip_ratio: np.ndarray | float | str = 1.0,
+                    integer_kernel: bool = False) -> QuantizedWeight:
     """Quantize a float weight to ``fmt``.
 
     ``channel_axis`` is the output-channel axis (per-channel scales), ``reduction_axis`` the
     input-channel axis that blocks run along. ``clip_ratio`` (<= 1, scalar or shaped like the
     scales) shrinks the range; ``"mse"`` searches the ratio per group (:func:`mse_clip_ratios`).
+    ``integer_kernel``: the weight is read by a u8 × s8 integer kernel, so an 8-bit format takes
+    :func:`saturation_safe` codes (the result's ``fmt`` says which).
     """
+    if integer_kernel:
+        fmt = saturation_safe(fmt)
     w = np.asarray(w, dtype=np.float32)
     if isinstance(clip_ratio, str):
         if clip_ratio != "mse":

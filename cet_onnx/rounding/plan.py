@@ -187,7 +187,7 @@ def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo], f
     roundings = roundings or RoundingPlan()
     return {w.name: quantize_weight(values[w.name], formats[w.name], w.channel_axis, w.reduction_axis,
                                     rounding=roundings.get(w.name, formats[w.name]),
-                                    clip_ratio=clip_for(formats[w.name], clip))
+                                    clip_ratio=clip_for(formats[w.name], clip), integer_kernel=w.integer_kernel)
             for w in weights}
 
 

@@ -32,6 +32,7 @@ from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import all_nodes, home_graph, initializer, is_onnx
 from cet_onnx.graph.tensors import array_tensor
 from cet_onnx.quant.quantizer import QuantizedWeight
+from cet_onnx.quant.sizes import container_bits
 
 _DOMAIN = "com.microsoft"
 
@@ -91,7 +92,7 @@ class DynamicLSTMPass(ir.passes.InPlacePass):
 
 
 def _convertible(qw: QuantizedWeight | None) -> bool:
-    return (qw is not None and qw.fmt.bits == 8 and qw.block_size is None and qw.q.ndim == 3
+    return (qw is not None and container_bits(qw.fmt.bits) == 8 and qw.block_size is None and qw.q.ndim == 3
             and qw.axis in (None, 1) and not np.any(qw.zero_point))
 
 

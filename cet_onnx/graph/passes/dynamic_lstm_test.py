@@ -18,7 +18,7 @@ def _model():
 
 
 def _q(w, fmt=WeightFormat(8, "channel", symmetric=True)):
-    return quantize_weight(w, fmt, 1, 2)
+    return quantize_weight(w, fmt, 1, 2, integer_kernel=True)   # as the pipeline quantizes an LSTM it makes dynamic
 
 
 def test_an_int8_lstm_becomes_dynamic_quantize_lstm_close_to_float():

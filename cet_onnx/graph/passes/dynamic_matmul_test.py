@@ -21,7 +21,7 @@ def _model(fmt=WeightFormat(8), extra_nodes=(), outputs=(("y", [2, 3, N]),)):
     w = RNG.normal(size=(K, N)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), *extra_nodes]
     m = make_model(nodes, [tensor_info("x", [2, 3, K])], [tensor_info(*o) for o in outputs], {"W": w}, opset=21)
-    qw = quantize_weight(w, fmt, 1, 0)
+    qw = quantize_weight(w, fmt, 1, 0, integer_kernel=True)
     WeightQDQPass({"W": qw})(m)
     return m, qw
 
@@ -76,7 +76,7 @@ def test_weight_as_left_operand_or_initializer_activation_is_left_alone():
     w = RNG.normal(size=(N, K)).astype(np.float32)
     m = make_model([helper.make_node("MatMul", ["W", "x"], ["y"])], [tensor_info("x", [K, 3])], [tensor_info("y")],
                    {"W": w}, opset=21)
-    WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 0, 1)})(m)
+    WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 0, 1, integer_kernel=True)})(m)
     assert not DynamicMatMulPass()(m).modified
 
 
@@ -86,7 +86,7 @@ def test_gemm_with_an_int8_weight_and_bias_becomes_dynamic_with_an_add(trans_b):
     b = RNG.normal(size=N).astype(np.float32)
     m = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=trans_b)],
                    [tensor_info("x", [3, K])], [tensor_info("y", [3, N])], {"W": w, "b": b}, opset=21)
-    qw = quantize_weight(w, WeightFormat(8), 0 if trans_b else 1, 1 if trans_b else 0)
+    qw = quantize_weight(w, WeightFormat(8), 0 if trans_b else 1, 1 if trans_b else 0, integer_kernel=True)
     WeightQDQPass({"W": qw})(m)
     p = DynamicMatMulPass()
     assert p(m).modified and p.converted == ["fc"]
@@ -106,7 +106,7 @@ def test_transposed_codes_shared_with_another_reader_are_read_through_a_transpos
                     helper.make_node("Identity", ["W"], ["w_out"])],
                    [tensor_info("x", [3, K])], [tensor_info("y", [3, N]), tensor_info("w_out", [N, K], TensorProto.INT8)], {"W": w},
                    opset=21)
-    qw = quantize_weight(w, WeightFormat(8), 0, 1)
+    qw = quantize_weight(w, WeightFormat(8), 0, 1, integer_kernel=True)
     WeightQDQPass({"W": qw})(m)
     m.graph.node(m.graph.num_nodes() - 1).replace_input_with(0, m.graph.initializers["W_quantized"])  # a second reader
     assert DynamicMatMulPass()(m).modified
@@ -121,7 +121,7 @@ def test_gemm_with_alpha_or_trans_a_is_left_alone():
     w = RNG.normal(size=(K, N)).astype(np.float32)
     m = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], alpha=0.5)], [tensor_info("x", [3, K])],
                    [tensor_info("y", [3, N])], {"W": w}, opset=21)
-    WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 1, 0)})(m)
+    WeightQDQPass({"W": quantize_weight(w, WeightFormat(8), 1, 0, integer_kernel=True)})(m)
     assert not DynamicMatMulPass()(m).modified
 
 
@@ -129,6 +129,6 @@ def test_matmuls_reading_the_same_input_share_one_dynamic_quantize():
     ws = {n: RNG.normal(size=(K, N)).astype(np.float32) for n in ("Wa", "Wb")}
     nodes = [helper.make_node("MatMul", ["x", n], [f"y{n}"], name=f"mm{n}") for n in ws]
     m = make_model(nodes, [tensor_info("x", [3, K])], [tensor_info(f"y{n}", [3, N]) for n in ws], ws, opset=21)
-    WeightQDQPass({n: quantize_weight(w, WeightFormat(8), 1, 0) for n, w in ws.items()})(m)
+    WeightQDQPass({n: quantize_weight(w, WeightFormat(8), 1, 0, integer_kernel=True) for n, w in ws.items()})(m)
     DynamicMatMulPass()(m)
     assert ops(m).count("DynamicQuantizeLinear") == 1 and ops(m).count("MatMulInteger") == 2
