@@ -26,7 +26,7 @@ from cet_onnx.errors import CetError, InputError
 from cet_onnx.kernels import FAST_KERNELS
 from cet_onnx.options import ActivationOptions, AllocationOptions, DataOptions, QuantizeOptions, RoundingOptions, \
     DEFAULT_ACCURACY_LEVEL, RunOptions, WeightOptions, candidate_block as candidate_block_for
-from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
+from cet_onnx.quant.quantizer import SATURATION_SAFE_BITS, ACTIVATION_BITS, CLIP_MODES, GRIDS
 from cet_onnx.report import strict_json
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES
@@ -480,6 +480,10 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         f"{t['weight_bytes_fp32']:,} B -> {t['weight_bytes']:,} B "
         f"({t['weight_compression']:.2f}x, {t['avg_bits']:.2f} bits/weight incl. scales)")
     say(f"files: {t['file_bytes_fp32']:,} B -> {t['file_bytes']:,} B")
+    narrowed = sum(1 for w in report["weights"] if w.get("integer_kernel") and w["bits"] == SATURATION_SAFE_BITS)
+    if narrowed:
+        say(f"  {narrowed} INT8 weight(s) of onnxruntime's integer kernels take codes within +-63 (int7): full-range "
+            "codes saturate on x86 CPUs without VNNI; --int8-full-range keeps +-127 for VNNI / ARM servers")
     _say_inputs(say, report)
     _say_activations(say, report)
     if v["samples"]:

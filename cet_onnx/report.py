@@ -44,6 +44,7 @@ def weight_rows(weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
         {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
          "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
          "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
+         **({"integer_kernel": True} if w.integer_kernel else {}),   # read by a u8 x s8 kernel: codes within ±63
          **({"sqnr_db": _weight_sqnr(values[w.name], qweights[w.name])} if values is not None else {}),
          **({"predicted_delta_loss": predicted[w.name]} if predicted is not None else {})}
         for w in weights]

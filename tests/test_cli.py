@@ -45,6 +45,24 @@ def test_quantize_bundled_model_int8(digits_int8):
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
+def test_int8_weights_of_integer_kernels_take_saturation_safe_codes_unless_asked(digits_int8, tmp_path):
+    """W8A8: every weight runs in QLinearConv / QLinearMatMul, so its codes stay within +-63 (int7, one byte);
+    --int8-full-range keeps +-127. The summary says which and why."""
+    out, report = digits_int8
+    assert {(w["format"], w.get("integer_kernel")) for w in report["weights"]} == {("int7/ch", True)}
+    codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer
+             if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8]   # not the INT32 biases
+    assert codes and max(int(np.abs(c.astype(np.int32)).max()) for c in codes) == 63
+    full = tmp_path / "full.onnx"
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", full, "--calib", DIGITS / "calib.npz", "--int8-full-range")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(full.with_name("full.report.json").read_text())
+    assert {w["format"] for w in rep["weights"]} == {"int8/ch"} and not any("integer_kernel" in w for w in rep["weights"])
+    assert "within +-63" not in res.output
+    res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "safe.onnx", "--calib", DIGITS / "calib.npz")
+    assert f"{len(report['weights'])} INT8 weight(s) of onnxruntime's integer kernels take codes within +-63" in res.output
+
+
 def test_report_has_the_peak_memory_of_each_stage_and_the_summary_names_the_stage(tmp_path):
     res = invoke("quantize", DIGITS / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", DIGITS / "calib.npz")
     assert res.exit_code == 0, res.output

@@ -122,18 +122,42 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(PLAN))
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    names = args.models.split(",")
+    stamp = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
+             "command": "python tools/probe_cost.py --models " + args.models}
     rows = []
-    for name in args.models.split(","):
-        rows += measure(name)
+    for name in names:
+        rows += [{**r, **stamp} for r in measure(name)]
         print(table([r for r in rows if r["model"] == name]), flush=True)
-    meta = {"command": "python tools/probe_cost.py --models " + args.models, "cpus": os.cpu_count(),
-            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
-    (RESULTS / "probe_cost.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    # the models not measured now keep their rows (with the command, day and CPU that measured them)
+    path = RESULTS / "probe_cost.json"
+    kept = [r for r in json.loads(path.read_text()).get("rows", []) if r["model"] not in names] if path.exists() else []
+    order = list(PLAN)
+    rows = sorted(kept + rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+    meta = {"cpus": os.cpu_count(), "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    runs = sorted({(r.get("command", "?"), r.get("measured", "?"), r.get("cpu", "?")) for r in rows
+                   if "cpu" in r or "measured" in r})
     (RESULTS / "probe_cost.md").write_text(
-        f"# Mixed-precision cost: `--probes full` vs `fast` vs onnxruntime\n\n`{meta['command']}` on "
-        f"{meta['cpus']} CPUs; wall = the whole command in a fresh process; passes = forward passes of the "
+        "# Mixed-precision cost: `--probes full` vs `fast` vs onnxruntime\n\n"
+        f"On {meta['cpus']} CPUs; wall = the whole command in a fresh process; passes = forward passes of the "
         f"allocation stage (of the sensitivities alone in brackets); measured loss on the probe samples; "
-        f"load = 1-minute load average before the run.\n\n" + table(rows))
+        f"load = 1-minute load average before the run. Compare ratios to onnxruntime, which is measured "
+        f"in the same run as each model's rows.\n\n"
+        + "".join(f"- `{c}` on {d}, {cpu}\n" for c, d, cpu in runs) + "\n" + table(rows))
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 VNNI (it decides onnxruntime's integer and float kernels)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
 
 
 if __name__ == "__main__":

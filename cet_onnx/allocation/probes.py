@@ -15,6 +15,10 @@ of two ways:
   GPU with CUDA; afresh per evaluation when read from disk, so that only one copy is held),
   every calibration batch is bound once, and a probe rebinds only the weight it perturbs.
 
+A one-sided probe on the CPU with the weights in memory (at most :data:`REBUILD_MAX_BYTES`), in
+either form, runs only the part of the graph after the weight it perturbs, in a session built for
+it (:mod:`cet_onnx.allocation.downstream`).
+
 For weight ``i`` and candidate format ``f`` the error ``δ = Q_f(w_i) − w_i`` is known
 exactly, and three losses give both terms of ``ΔL ≈ gᵀδ + ½ δᵀHδ``:
 
@@ -185,8 +189,10 @@ class ProbeSession:
                        and weight_bytes <= REBUILD_MAX_BYTES and any(w.op_type in REBUILD_OPS for w in self.weights))
         self.rebuilt = rebuilt and self.resident
         self._template = constant_weights_model(deployed, self.weights) if self.rebuilt else None
+        suffixes = (downstream and self.resident and "CUDAExecutionProvider" not in self.providers
+                    and weight_bytes <= REBUILD_MAX_BYTES)
         self._downstream = (DownstreamProbes(deployed, self.weights, loss_output, self.batches, self.providers)
-                            if self.rebuilt and downstream else None)
+                            if suffixes else None)
         inits = deployed.graph.initializers
         self._dtypes = {w.name: np.dtype(inits[w.name].dtype.numpy()) if w.name in inits else np.dtype(np.float32)
                         for w in self.weights}   # the rebuilt session takes each weight in its own type
@@ -338,7 +344,8 @@ class ProbeSession:
     def probe_one_sided(self, name: str, quantized: np.ndarray) -> float:
         """``L(w+δ) − L(w)`` with ``δ = quantized − w``: the predicted loss change, in one pass over the probe set.
 
-        Rebuilt evaluations run only the part of the graph after the weight (:mod:`.downstream`).
+        On the CPU with the weights in memory (at most :data:`REBUILD_MAX_BYTES`), only the part of
+        the graph after the weight runs, in a session built for the probe (:mod:`.downstream`).
         """
         quantized = np.asarray(quantized, dtype=np.float32)
         suffix = self._downstream.suffix(name) if self._downstream is not None else None
