@@ -124,7 +124,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     names = args.models.split(",")
     stamp = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
-             "command": "python tools/probe_cost.py --models " + args.models}
+             "bench_command": "python tools/probe_cost.py --models " + args.models}
     rows = []
     for name in names:
         rows += [{**r, **stamp} for r in measure(name)]
@@ -136,7 +136,7 @@ def main() -> None:
     rows = sorted(kept + rows, key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
     meta = {"cpus": os.cpu_count(), "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    runs = sorted({(r.get("command", "?"), r.get("measured", "?"), r.get("cpu", "?")) for r in rows
+    runs = sorted({(r.get("bench_command", "?"), r.get("measured", "?"), r.get("cpu", "?")) for r in rows
                    if "cpu" in r or "measured" in r})
     (RESULTS / "probe_cost.md").write_text(
         "# Mixed-precision cost: `--probes full` vs `fast` vs onnxruntime\n\n"

@@ -85,6 +85,7 @@ class SessionSpec:
     threads: int = 0                               # intra-op threads of the worker's sessions (0: default)
     rebuilt: bool = False                          # evaluations as in the main process (ProbeSession.rebuilt)
     reference: np.ndarray | None = None            # the float model's outputs on the batches
+    downstream: bool = False                       # downstream-only probes as in the main process
 
     @classmethod
     def of(cls, model: Any, session: ProbeSession, threads: int = 0) -> SessionSpec:
@@ -94,7 +95,8 @@ class SessionSpec:
         from cet_onnx.io import external_data
         return cls(ir.to_proto(model).SerializeToString(), external_data.data_dir(model), list(session.weights),
                    session.act_params, list(session.batches), list(session.providers), session.loss_name,
-                   session.loss_output, session.labels, threads, session.rebuilt, session.reference)
+                   session.loss_output, session.labels, threads, session.rebuilt, session.reference,
+                   session.downstream)
 
     def build(self) -> ProbeSession:
         import onnx
@@ -110,7 +112,7 @@ class SessionSpec:
             values = dict(values)
         return ProbeSession(model, self.weights, values, self.act_params, self.batches, self.providers, self.loss,
                             self.loss_output, self.labels, threads=self.threads, rebuilt=self.rebuilt,
-                            reference=self.reference)
+                            reference=self.reference, downstream=self.downstream)
 
 
 @dataclass

@@ -209,6 +209,11 @@ class ProbeSession:
         self._first_feed = dict(batches[0]) if batches else {}
         self._layer_reference: dict[str, np.ndarray] = {}
 
+    @property
+    def downstream(self) -> bool:
+        """Whether one-sided probes run only the graph after their weight (:mod:`.downstream`)."""
+        return self._downstream is not None
+
     def _bound_session(self) -> ort.InferenceSession:
         return make_session(self._bound_model, self.providers, threads=self.threads)
 
