@@ -149,6 +149,9 @@ def test_analyze_writes_tables_and_second_run_hits_the_cache(tmp_path):
     second = json.loads(invoke(*args).stdout)
     assert second["probe_runs"] == 0  # everything came from the cache
     assert second["cet"] == r1["cet"]
+    # full-range INT8 codes are other candidates: probed afresh, not read from the ±63 run's cache
+    full = json.loads(invoke(*args, "--int8-full-range").stdout)
+    assert full["probe_runs"] > 0
 
 
 def _quantize(tmp_path, name, *args):

@@ -136,7 +136,8 @@ def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, alloca
             "clip": opts.weights.clip, "grid": opts.weights.grid, "numerics": opts.allocation.probe_numerics,
             "probes": opts.allocation.probes if allocator == "cet" else None,
             "weights": [w.name for w in cand.weights], "available": cand.available.tolist(),
-            "act_mode": p.act_mode, "version": __version__}
+            "act_mode": p.act_mode, "version": __version__,
+            "integer_kernel": [w.name for w in cand.weights if w.integer_kernel]}   # their 8-bit codes are ±63
 
 
 def sensitivities(p: Prepared, opts: QuantizeOptions, session: ProbeSession, cand: Candidates,
