@@ -81,6 +81,20 @@ def test_downstream_probes_cost_what_whole_model_probes_cost(cnn_session, monkey
     assert session.runs > runs0
 
 
+def test_downstream_probes_type_the_cut_tensors_a_graph_leaves_undeclared(cnn_session):
+    """Without shape inference the cut tensors have no declared type: the suffix takes their values' types."""
+    session, weights, values = cnn_session
+    bare = ir.from_proto(small_cnn())   # no value_info
+    assert all(v.type is None for n in bare.graph for v in n.outputs if not v.is_graph_output())
+    untyped = ProbeSession(bare, weights, {w.name: values[w.name] for w in weights}, None, session.batches,
+                           ["CPUExecutionProvider"], "kl", "logits")
+    for w in weights:
+        q = quantize_weight(values[w.name], WeightFormat(2), w.channel_axis, w.reduction_axis).dequantize()
+        assert untyped.probe_one_sided(w.name, q) == pytest.approx(session.probe_one_sided(w.name, q), rel=1e-5,
+                                                                   abs=1e-9)
+    assert sum(len(g) for g in untyped._downstream._groups) == len(weights)   # suffixes, not the fallback
+
+
 def test_probe_terms_and_weight_restoration(cnn_session):
     session, weights, values = cnn_session
     # label-free loss at the float weights, activations float: exactly zero

@@ -73,13 +73,17 @@ class DownstreamProbes:
         """Weight ``name``'s suffix with its feeds, or None where the whole model must run."""
         if name in self._current:
             return self._current[name]
-        if self._groups is None:
-            self._groups = self._partition()
-        group = next((g for g in self._groups if name in g), None)
-        if group is None:
+        try:
+            if self._groups is None:
+                self._groups = self._partition()
+            group = next((g for g in self._groups if name in g), None)
+            if group is None:
+                return None
+            self._current = {}   # one group's cut tensors in memory at a time
+            self._current = self._load(group)
+        except Exception:   # a graph onnxruntime cannot cut here: every process falls back alike, to the whole model
+            self._groups, self._current = [], {}
             return None
-        self._current = {}   # one group's cut tensors in memory at a time
-        self._current = self._load(group)
         return self._current[name]
 
     def _partition(self) -> list[list[str]]:
@@ -87,7 +91,8 @@ class DownstreamProbes:
         names = sorted({t for cut in self._cuts.values() for t in cut if t not in self._inputs})
         if not self.batches:
             return []
-        first = ExposedSession(self.deployed, names, self.providers, optimize=True).run(self.batches[0]) if names else {}
+        first = ExposedSession(self.deployed, names, self.providers, typed=False, optimize=True).run(self.batches[0]) \
+            if names else {}
         self.sizes = size = {t: first[t].nbytes * len(self.batches) for t in names}
         groups: list[list[str]] = []
         held: set[str] = set()
@@ -105,21 +110,25 @@ class DownstreamProbes:
     def _load(self, group: list[str]) -> dict[str, Suffix]:
         """The suffixes of ``group`` with their cut tensors, from one exposed run of the probe graph per batch."""
         names = sorted({t for w in group for t in self._cuts[w] if t not in self._inputs})
-        session = ExposedSession(self.deployed, names, self.providers, optimize=True) if names else None
+        session = ExposedSession(self.deployed, names, self.providers, typed=False, optimize=True) if names else None
         computed = [session.run(feed) if session else {} for feed in self.batches]
         session = None
         out = {}
         for w in group:
-            template, reads = self._template(w)
             feeds = [{t: (b[t] if t in self._inputs else c[t]) for t in self._cuts[w]}
                      for b, c in zip(self.batches, computed)]
+            template, reads = self._template(w, feeds[0] if feeds else {})
             out[w] = Suffix(template, reads, feeds)
         return out
 
-    def _template(self, name: str) -> tuple[bytes, list[str]]:
-        """The suffix graph of ``name`` with every weight it reads a placeholder, and those weights' names."""
+    def _template(self, name: str, feed: Feed) -> tuple[bytes, list[str]]:
+        """The suffix graph of ``name`` with every weight it reads a placeholder, and those weights' names;
+        a cut tensor the graph declares no type for takes that of its value in ``feed``."""
         m = boundary.working_copy(self.deployed)
         DownstreamPass([name], self.output)(m)
+        for v in m.graph.inputs:
+            if v.type is None and v.name in feed:
+                v.type = ir.TensorType(ir.DataType.from_numpy(feed[v.name].dtype))
         weights = [n for n in m.graph.initializers if n in self._weights]
         WeightPlaceholdersPass(weights)(m)
         return ir.to_proto(m).SerializeToString(), weights
