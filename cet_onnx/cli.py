@@ -26,7 +26,7 @@ from cet_onnx.errors import CetError, InputError
 from cet_onnx.kernels import FAST_KERNELS
 from cet_onnx.options import ActivationOptions, AllocationOptions, DataOptions, QuantizeOptions, RoundingOptions, \
     DEFAULT_ACCURACY_LEVEL, RunOptions, WeightOptions, candidate_block as candidate_block_for
-from cet_onnx.quant.quantizer import SATURATION_SAFE_BITS, ACTIVATION_BITS, CLIP_MODES, GRIDS
+from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS, SATURATION_SAFE_BITS
 from cet_onnx.report import strict_json
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES

@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import onnx
 import onnx_ir as ir
 
 from cet_onnx.exposed import ExposedSession
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes.downstream import DownstreamPass, NotDownstream, downstream_cut
-from cet_onnx.graph.passes.weight_placeholders import WeightPlaceholdersPass
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.runner import Feed
 
@@ -48,9 +48,12 @@ class Suffix:
 class DownstreamProbes:
     """Suffix models and cut tensors for the one-sided probes of one probe graph (module docstring)."""
 
-    def __init__(self, deployed: Model, weights: Sequence[WeightInfo], output: str, batches: Sequence[Feed],
-                 providers: Sequence[str], cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, deployed: Model, placeholders: bytes, weights: Sequence[WeightInfo], output: str,
+                 batches: Sequence[Feed], providers: Sequence[str], cache_bytes: int = CACHE_BYTES) -> None:
+        """``placeholders``: ``deployed`` serialized with every weight a placeholder
+        (:func:`~cet_onnx.allocation.probes.constant_weights_model`), which each suffix is cut from."""
         self.deployed = deployed
+        self.placeholders = placeholders
         self.output = output
         self.batches = list(batches)
         self.providers = list(providers)
@@ -123,12 +126,11 @@ class DownstreamProbes:
 
     def _template(self, name: str, feed: Feed) -> tuple[bytes, list[str]]:
         """The suffix graph of ``name`` with every weight it reads a placeholder, and those weights' names;
-        a cut tensor the graph declares no type for takes that of its value in ``feed``."""
-        m = boundary.working_copy(self.deployed)
+        a cut tensor the graph declares no type for takes that of its value in ``feed``. Cut from the
+        placeholder graph, so that no weight is copied."""
+        m = ir.serde.deserialize_model(onnx.ModelProto.FromString(self.placeholders))
         DownstreamPass([name], self.output)(m)
         for v in m.graph.inputs:
             if v.type is None and v.name in feed:
                 v.type = ir.TensorType(ir.DataType.from_numpy(feed[v.name].dtype))
-        weights = [n for n in m.graph.initializers if n in self._weights]
-        WeightPlaceholdersPass(weights)(m)
-        return ir.to_proto(m).SerializeToString(), weights
+        return ir.to_proto(m).SerializeToString(), [n for n in m.graph.initializers if n in self._weights]

@@ -191,7 +191,8 @@ class ProbeSession:
         self._template = constant_weights_model(deployed, self.weights) if self.rebuilt else None
         suffixes = (downstream and self.resident and "CUDAExecutionProvider" not in self.providers
                     and weight_bytes <= REBUILD_MAX_BYTES)
-        self._downstream = (DownstreamProbes(deployed, self.weights, loss_output, self.batches, self.providers)
+        self._downstream = (DownstreamProbes(deployed, self._template or constant_weights_model(deployed, self.weights),
+                                             self.weights, loss_output, self.batches, self.providers)
                             if suffixes else None)
         inits = deployed.graph.initializers
         self._dtypes = {w.name: np.dtype(inits[w.name].dtype.numpy()) if w.name in inits else np.dtype(np.float32)

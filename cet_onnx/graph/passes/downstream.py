@@ -81,26 +81,22 @@ class DownstreamPass(ir.passes.InPlacePass):
         graph = model.graph
         needed, cut = downstream_cut(graph, self.weights, self.output)
         kept = {id(n) for n in needed}
-        inputs = []
+        fresh = {}   # a cut tensor some removed node writes → the new graph input that takes its place
         for old in cut:
-            if old.is_graph_input():
-                inputs.append(old)
-                continue
-            new = ir.Value(type=old.type, shape=old.shape)
-            for node, index in list(old.uses()):
-                if id(node) in kept:
-                    node.replace_input_with(index, new)
-            inputs.append((new, old.name))
+            if not old.is_graph_input():
+                fresh[id(old)] = new = ir.Value(type=old.type, shape=old.shape)
+                for node, index in list(old.uses()):
+                    if id(node) in kept:
+                        node.replace_input_with(index, new)
         target = next(v for n in needed for v in n.outputs if v.name == self.output)
         graph.outputs.clear()
         graph.outputs.append(target)
         graph.remove([n for n in graph if id(n) not in kept], safe=False)
         graph.inputs.clear()
-        for item in inputs:
-            if isinstance(item, tuple):
-                item[0].name = item[1]
-                item = item[0]
-            graph.inputs.append(item)
+        for old in cut:
+            value = fresh.get(id(old), old)
+            value.name = old.name   # free now that its writer is gone
+            graph.inputs.append(value)
         used = {id(v) for n in needed for v in n.inputs if v is not None}
         for name in [n for n, v in graph.initializers.items() if id(v) not in used]:
             graph.initializers.pop(name)
