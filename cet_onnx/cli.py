@@ -251,6 +251,16 @@ def main() -> None:
               help="static: calibrated Q/DQ on activations (QLinearConv / QLinearMatMul); dynamic: INT8-weight "
                    "MatMuls quantize their input at run time (DynamicQuantizeMatMul), other activations float; "
                    "none: weight-only. auto: dynamic for graphs with attention or LayerNorm, else static.")
+@click.option("--act-precision", type=click.Choice(["auto", "uniform", "solve"]), default="auto", show_default=True,
+              help="Static mode: each activation's precision. uniform: every one at --act-bits; solve: 8-bit, 16-bit "
+                   "or float per tensor, the fastest choice (measured) that meets the target on the probe samples; "
+                   "auto: uniform when that meets the target, else solve.")
+@click.option("--act-min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True, metavar="FRACTION",
+              help="--act-precision target for logits / probabilities: top-1 agreement with the float model.")
+@click.option("--act-min-cosine", type=click.FloatRange(-1, 1), default=0.99, show_default=True, metavar="C",
+              help="--act-precision target for embeddings: mean cosine similarity to the float model's.")
+@click.option("--act-min-sqnr", type=float, default=20.0, show_default=True, metavar="DB",
+              help="--act-precision target for other float outputs: SQNR against the float model's.")
 @weight_only_option("Same as --act-mode none.")
 @act_symmetric_option("Signed symmetric activations instead of unsigned asymmetric.")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight instead of one per output channel.")
@@ -309,7 +319,7 @@ def main() -> None:
 @quiet_option
 @handle_errors
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
-             act_bits, act_mode, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
+             act_bits, act_mode, act_precision, act_min_agreement, act_min_cosine, act_min_sqnr, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              fix_inputs, keep_fixed_inputs, verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
              latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, accuracy_level, allocator,
              refine_rounds, bits,
@@ -338,7 +348,9 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         weights=WeightOptions(bits=weight_bits, per_tensor=per_tensor, block_size=block_size, clip=weight_clip,
                               grid=weight_grid, int8_full_range=int8_full_range),
         activations=ActivationOptions(bits=int(act_bits), weight_only=weight_only, symmetric=act_symmetric,
-                                      method=calib_method, percentile=percentile, mode=act_mode),
+                                      method=calib_method, percentile=percentile, mode=act_mode,
+                                      precision=act_precision, min_agreement=act_min_agreement,
+                                      min_cosine=act_min_cosine, min_sqnr_db=act_min_sqnr),
         weight_rounding=RoundingOptions(method=rounding, sequential=sequential),
         allocation=_allocation_options(bits, candidate_block, block_size, loss, loss_output, probe_numerics,
                                        probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache,
@@ -400,12 +412,25 @@ def _say_activations(say: Callable, report: dict) -> None:
         say(f"activations: dynamic ({mode['why']}), {mode['dynamic_matmuls']} MatMul/Gemm inputs quantized at run time")
     elif mode:
         say(f"activations: {mode['mode']} ({mode['why']}), {report['activation_tensors']} with static Q/DQ")
+    _say_activation_plan(say, report.get("activation_precision") or {})
     if left:
         say(f"  {len(left)} planned activation tensor(s) left float:")
         for name, why in list(left.items())[:5]:
             say(f"    {name}: {why}")
         if len(left) > 5:
             say(f"    ... and {len(left) - 5} more (see the report's activations_left_float)")
+
+
+def _say_activation_plan(say: Callable, plan: dict) -> None:
+    """How each activation's precision was chosen (--act-precision), loudly when no choice met the target."""
+    if plan.get("precision") == "per tensor":
+        c = plan["counts"]
+        say(f"activation precision per tensor ({plan['why']}): {c['int8']} int8, {c['int16']} int16, "
+            f"{c['float']} float; probe samples: {plan['closed_loop'][-1]['measured']}")
+    elif "uniform" in plan:
+        say(f"activation precision: uniform ({plan['why']})")
+    if "warning" in plan:
+        say(f"WARNING: activations: {plan['warning']}")
 
 
 def _say_speed(say: Callable, report: dict) -> None:

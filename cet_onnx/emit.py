@@ -17,7 +17,7 @@ from cet_onnx.io import external_data
 from cet_onnx.io.save import save_model, temporary_copy
 from cet_onnx.io.sizes import fits_protobuf, inline_nbytes
 from cet_onnx.prepared import Prepared
-from cet_onnx.quant.quantizer import QuantizedWeight
+from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
 from cet_onnx.runner import VIA_FILE_BYTES
 
 
@@ -39,14 +39,15 @@ def check_output_path(model_path: str | os.PathLike, out_path: Path) -> None:
 
 
 def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os.PathLike,
-         contrib_level: int | None = None) -> Emitted:
+         contrib_level: int | None = None, act_params: dict[str, ActivationParams] | None = None) -> Emitted:
     """Rewrite the graph with Q/DQ and the quantized weights (``contrib_level``: MatMul weights in the
     ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with that ``accuracy_level``, ``--emit-contrib``).
+    ``act_params``: the activation precisions to write (the activation plan's), instead of ``p.act_params``.
 
     Unchanged initializers left on disk: small ones are read into the output; large ones
     (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
     """
-    result = rewrite(p.model, p.weights, qweights, p.act_params, source=str(model_path),
+    result = rewrite(p.model, p.weights, qweights, p.act_params if act_params is None else act_params, source=str(model_path),
                      dynamic=p.act_mode == "dynamic", contrib_level=contrib_level)
     qmodel = result.model
     if external_data.external_nbytes(qmodel) < external_data.STREAM_BYTES:

@@ -23,7 +23,7 @@ from cet_onnx.allocation.stage import PROBE_MODES, PROBE_NUMERICS
 from cet_onnx.calibration.data import ImageOptions
 from cet_onnx.calibration.ranges import METHODS
 from cet_onnx.errors import InputError
-from cet_onnx.graph.act_mode import ACT_MODES
+from cet_onnx.graph.act_mode import ACT_MODES, ACT_PRECISIONS
 from cet_onnx.quant.quantizer import ACTIVATION_BITS, CLIP_MODES, GRIDS
 from cet_onnx.rounding.plan import ROUNDING_METHODS
 from cet_onnx.runner import DEVICES
@@ -62,6 +62,10 @@ class ActivationOptions:
     method: str = "mse"
     percentile: float = 99.999
     mode: str = "auto"              # auto | static | dynamic | none (see cet_onnx.graph.act_mode)
+    precision: str = "auto"         # auto | uniform | solve: per-tensor precision (cet_onnx.allocation.activation_plan)
+    min_agreement: float = 0.98     # the activation plan's target on the probe samples, per output kind
+    min_cosine: float = 0.99
+    min_sqnr_db: float = 20.0
 
     @property
     def requested_mode(self) -> str:
@@ -150,6 +154,7 @@ FLAT: dict[str, tuple[str, str]] = {
     "reproducible": ("run", "reproducible"),
     "probes": ("allocation", "probes"),   # newer options follow the earlier order
     "act_mode": ("activations", "mode"),
+    "act_precision": ("activations", "precision"),
     "int8_full_range": ("weights", "int8_full_range"),
 }
 
@@ -241,6 +246,7 @@ def validate(opts: QuantizeOptions) -> None:
         raise InputError(f"--fix-input: input '{next(n for n in names if names.count(n) > 1)}' is fixed twice")
     _choice("--act-bits", opts.activations.bits, ACTIVATION_BITS)
     _choice("--act-mode", opts.activations.mode, ACT_MODES)
+    _choice("--act-precision", opts.activations.precision, ACT_PRECISIONS)
     if opts.activations.weight_only and opts.activations.mode not in ("auto", "none"):
         raise InputError(f"--weight-only is --act-mode none; it cannot be combined with "
                          f"--act-mode {opts.activations.mode}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cet_onnx import __version__
+from cet_onnx.allocation.activation_plan import plan_activations
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
 from cet_onnx.calibration.branches import unexercised_weights
@@ -157,8 +158,10 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         with timer.stage("measure"):
             allocation["measured_loss"] = measured_loss(session, qweights)
         del session  # its onnxruntime session holds the float weights
+    with timer.stage("activation plan"):
+        act_plan = plan_activations(p, opts, qweights)
     with timer.stage("rewrite"):
-        emitted = emit(p, qweights, model_path, opts.run.emit_contrib)
+        emitted = emit(p, qweights, model_path, opts.run.emit_contrib, act_plan.params)
         rows = weight_rows(p.weights, qweights, allocation, p.values)
         del qweights  # the codes now live in the emitted model; keep one copy while checking and verifying
         check(emitted)
@@ -166,6 +169,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         verification = verify(p.model, emitted.model, p.verify_batches, p.providers, p.verify_labels())
     report = build_report(model_path, out_path, calib, opts, p, emitted.rewritten, emitted.model, rows,
                           verification, allocation, timer.stages.get("hessians", 0.0))
+    report["activation_precision"] = act_plan.report
+    report["activations_left_float"].update(act_plan.left_float)
     add_tensor_errors(report, p, emitted, timer)
     add_speed(report, p, emitted, opts, timer)
     check_gates(report, min_sqnr, min_agreement, max_latency_ratio)

@@ -150,3 +150,28 @@ def encoder_feeds(n: int, seq: int = 12, vocab: int = 50, seed: int = 0) -> dict
     lengths = rng.integers(3, seq + 1, size=n)
     mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int64)
     return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def outlier_mlp(seed: int = 0) -> onnx.ModelProto:
+    """MatMul-Add-Relu-Gemm on ``x`` [N, 16] → ``logits`` [N, 10] whose hidden channel 0 always holds about 1000
+    and is read by no output (its row of the Gemm weight is 0): an 8-bit grid over that range rounds the other
+    channels away, so uniform static INT8 destroys the logits while the rest takes 8 bits without harm.
+    (A Gemm with ``transB=1``: onnxruntime does not turn it into ``MatMulNBits``, which would quantize its float
+    input on its own.)"""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.normal(size=(16, 32)) * 0.3).astype(np.float32)
+    b1 = (rng.normal(size=(32,)) * 0.1).astype(np.float32)
+    b1[0] = 1000.0
+    w2 = (rng.normal(size=(10, 32)) * 2.0).astype(np.float32)
+    w2[:, 0] = 0.0
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["hr"], name="relu"),
+             helper.make_node("Gemm", ["hr", "w2"], ["logits"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "outlier_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -19,6 +19,8 @@ import onnx_ir as ir
 from cet_onnx.graph.passes._graph import is_constant
 
 ACT_MODES = ("auto", "static", "dynamic", "none")
+#: ``--act-precision``: how static mode chooses each activation's precision (:mod:`cet_onnx.allocation.activation_plan`)
+ACT_PRECISIONS = ("auto", "uniform", "solve")
 _NORM_OR_ATTENTION = frozenset({
     "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
     "SkipSimplifiedLayerNormalization", "Attention", "MultiHeadAttention", "GroupQueryAttention",

@@ -133,13 +133,13 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     unknown = next((name for name in qweights if name not in known), None)
     if unknown is not None:
         raise ValueError(f"unknown weight {unknown}")
-    act_bits = 8 * next(iter(act_params.values())).dtype.itemsize if act_params else None
+    act_bits = 8 * max(p.dtype.itemsize for p in act_params.values()) if act_params else None   # 8 and 16 may mix
     target = max(opset_version(model), required_opset(qweights, act_bits),
                  _half_precision_opset(model, qweights, act_params))
     m = boundary.working_copy(model)
     transformer = transformer_rules(m.graph)
     qweights = dict(qweights)   # the MatMulNBits form stores some weights transposed
-    nbits = MatMulNBitsFormPass(qweights, all_bits=not act_params and not dynamic)
+    nbits = MatMulNBitsFormPass(qweights, all_bits=weight_only)   # not for a static plan that left every activation float
     for p in (UpgradeOpsetPass(target, source), nbits):
         p(m)
     if contrib_level is not None:

@@ -1,0 +1,322 @@
+"""Activation precision per tensor: 8-bit, 16-bit or float, chosen by probes and an exact solve (``--act-precision``).
+
+Static 8-bit activations destroy some models (a wide-range tensor, a LayerNorm statistic) while
+most of their activations take 8 bits without harm. An activation quantizer's error is a known
+perturbation, so it is measured like a weight's, and the exact solver picks each tensor's precision:
+
+* ``uniform``: every planned tensor at ``--act-bits`` (cet-onnx before this choice existed);
+* ``auto`` (default): ``uniform`` when the model as it will be written (its quantized weights, every planned
+  tensor at ``--act-bits``) meets the target on the probe samples; per tensor otherwise;
+* ``solve``: per tensor always (the fastest assignment that meets the target).
+
+The **target** is the output metric of :mod:`cet_onnx.verify` on every float output, measured on the probe
+samples (the first ``--probe-size`` calibration samples, never the held-out ones): top-1 agreement ≥
+``min_agreement`` for logits and probabilities, mean cosine ≥ ``min_cosine`` for embeddings, SQNR ≥
+``min_sqnr_db`` for other tensors.
+
+**Per tensor**, for every planned tensor ``t``:
+
+1. ``delta_loss[t, b]``: the probe loss (``--loss``, else the label-free loss the output's kind calls for)
+   of the float model with ``t`` alone quantized at ``b`` bits (8 and 16; 16-bit ranges calibrated on their
+   own), against the float model's outputs (:mod:`.activation_probes`);
+2. ``delta_ms[t, ·]``: the model as it will be written with every tensor at 8 bits, timed against the same
+   model with ``t`` at 16 bits and with ``t`` float (interleaved runs at ``--latency-batch``); 8 bits cost 0.
+   A 16-bit form no faster than float is dominated (float loses nothing) and gets no loss probe;
+3. the exact solve (:func:`~cet_onnx.allocation.solver.solve_loss_budget`, HiGHS): least ``Σ delta_ms``
+   with ``Σ delta_loss ≤ τ``, one precision per tensor;
+4. closed loop: the largest ``τ`` of a geometric grid (from the smallest positive ``delta_loss`` to the
+   all-8-bit sum) whose solution, written with the real quantized weights, *measures* within the target is
+   found by bisection; that assignment is kept.
+
+When every activation float still misses the target the weights cause the loss: activations stay float
+and the summary says so loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
+(``--latency-batch 0``) the solve keeps the fewest tensors off 8 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from cet_onnx.allocation.activation_probes import activation_ranges
+from cet_onnx.allocation.losses import default_loss, is_probability, loss_value
+from cet_onnx.allocation.solver import Infeasible, solve_loss_budget
+from cet_onnx.calibration import padding
+from cet_onnx.calibration.data import batched
+from cet_onnx.graph.act_mode import ACT_PRECISIONS  # noqa: F401  (the choices, re-exported)
+from cet_onnx.graph.output_kind import output_kinds
+from cet_onnx.graph.rewriter import rewrite
+from cet_onnx.io import external_data
+from cet_onnx.latency import interleaved_ms, latency_feed
+from cet_onnx.prepared import Prepared
+from cet_onnx.progress import Progress
+from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight, activation_params
+from cet_onnx.runner import concat_outputs, make_session, run_batches
+from cet_onnx.verify import OutputMetrics, compare_outputs
+
+#: candidate precisions of one tensor, in the solver's column order
+PRECISIONS = ("int8", "int16", "float")
+#: points of the τ grid the closed loop bisects
+TAU_POINTS = 24
+#: timing of one variant pair: fewer rounds than a whole-model comparison (there is one per tensor)
+VARIANT_ROUNDS = (5, 40, 0.5)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the written model's outputs must keep, measured on the probe samples."""
+
+    min_agreement: float = 0.98
+    min_cosine: float = 0.99
+    min_sqnr_db: float = 20.0
+
+    def misses(self, metrics: Sequence[OutputMetrics]) -> list[str]:
+        """One line per float output below its target (empty: the target is met)."""
+        out = []
+        for m in metrics:
+            if m.top1_agreement is not None:
+                if m.top1_agreement < self.min_agreement:
+                    out.append(f"{m.name}: top-1 agreement {100 * m.top1_agreement:.2f} % < {100 * self.min_agreement:g} %")
+            elif m.mean_cosine is not None:
+                if m.mean_cosine < self.min_cosine:
+                    out.append(f"{m.name}: mean cosine {m.mean_cosine:.5f} < {self.min_cosine:g}")
+            elif not np.isnan(m.sqnr_db) and m.sqnr_db < self.min_sqnr_db:
+                out.append(f"{m.name}: SQNR {m.sqnr_db:.2f} dB < {self.min_sqnr_db:g} dB")
+        return out
+
+
+def describe(metrics: Sequence[OutputMetrics]) -> str:
+    """The metric each output's target reads, in a few words."""
+    parts = []
+    for m in metrics:
+        if m.top1_agreement is not None:
+            parts.append(f"{m.name} agreement {100 * m.top1_agreement:.2f} %")
+        elif m.mean_cosine is not None:
+            parts.append(f"{m.name} cosine {m.mean_cosine:.5f}")
+        elif not np.isnan(m.sqnr_db):
+            parts.append(f"{m.name} SQNR {m.sqnr_db:.2f} dB")
+    return ", ".join(parts)
+
+
+class OutputCheck:
+    """The float model's outputs on the probe batches; scores any model against them (loss and target)."""
+
+    def __init__(self, model: ir.Model, batches: Sequence[Any], providers: Sequence[str], loss: str | None,
+                 loss_output: str) -> None:
+        self.batches, self.providers = list(batches), list(providers)
+        session = make_session(model, providers)
+        self.names = [o.name for o in session.get_outputs()]
+        self.reference = concat_outputs(run_batches(session, self.batches, "activation plan: float outputs"))
+        self.kinds = output_kinds(model.graph)
+        self.mask = padding.batch_mask(self.batches)
+        self.loss_index = self.names.index(loss_output)
+        ref = self.reference[self.loss_index]
+        self.loss_name = loss or default_loss(ref, False, self.kinds.get(loss_output))
+        self.positions = padding.real_positions(self.mask, ref)
+        self.probabilities = is_probability(ref)
+        self.runs = 0
+
+    def outputs(self, model: ir.Model) -> list[np.ndarray]:
+        """Every output of ``model`` on the probe batches (a session dropped after)."""
+        session = make_session(model, self.providers)
+        self.runs += 1
+        return concat_outputs(run_batches(session, self.batches, "activation plan: a candidate", self.names))
+
+    def loss(self, outputs: Sequence[np.ndarray]) -> float:
+        ref = padding.select(self.reference[self.loss_index], self.positions)
+        return loss_value(self.loss_name, ref, padding.select(outputs[self.loss_index], self.positions),
+                          probabilities=self.probabilities)
+
+    def metrics(self, outputs: Sequence[np.ndarray]) -> list[OutputMetrics]:
+        return compare_outputs(self.names, self.reference, outputs, self.kinds, self.mask)
+
+
+@dataclass
+class ActivationPlan:
+    """The activation precisions to write, the tensors the plan leaves float (why), and its report."""
+
+    params: dict[str, ActivationParams]
+    left_float: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight]) -> ActivationPlan:
+    """Each planned activation's precision (module docstring). ``opts``: the :class:`~cet_onnx.options.QuantizeOptions`."""
+    acts = opts.activations
+    params = dict(p.act_params or {})
+    if p.act_mode != "static" or not params:
+        return ActivationPlan(params, report={"precision": "uniform", "why": "no static activations"})
+    if acts.precision == "uniform":
+        return ActivationPlan(params, report={"precision": "uniform", "why": "--act-precision uniform"})
+    if external_data.data_dir(p.model) is not None:
+        return ActivationPlan(params, report={"precision": "uniform", "why": "not checked: the model's weights stay "
+                                              "on disk (too large to run the written model beside the float one)"})
+    from cet_onnx.allocation.stage import loss_output   # the stage imports this module's callers
+    n = min(opts.allocation.probe_size, len(p.calib_samples))
+    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
+    check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
+                        loss_output(p.model, opts.allocation.loss_output))
+    target = Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
+
+    def written(chosen: Mapping[str, ActivationParams]) -> list[OutputMetrics]:
+        return check.metrics(check.outputs(rewrite(p.model, p.weights, dict(qweights), dict(chosen)).model))
+
+    uniform = written(params)
+    base = {"probe_samples": n, "target": vars(target), "uniform": describe(uniform)}
+    if acts.precision == "auto" and not target.misses(uniform):
+        return ActivationPlan(params, report={"precision": "uniform", **base, "checks": check.runs,
+                                              "why": f"auto: every planned tensor at {acts.bits} bits meets the target "
+                                                     f"({describe(uniform)})"})
+    return _per_tensor(p, opts, qweights, check, target, params, written, base, target.misses(uniform))
+
+
+def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], check: OutputCheck, target: Target,
+                params: dict[str, ActivationParams], written: Any, base: dict[str, Any], missed: list[str]
+                ) -> ActivationPlan:
+    """Probes, timings, the solve and its closed loop (module docstring, steps 1–4)."""
+    acts = opts.activations
+    names = list(params)
+    wide = _wide_params(p, acts, names)
+    delta_ms = _timings(p, opts, qweights, params, wide) if opts.run.latency_batch else None
+    if delta_ms is None:   # no timing: the fewest tensors off 8 bits
+        delta_ms = np.array([[0.0, 1.0, 1.0]] * len(names))
+    delta_ms[[names.index(t) for t in names if t not in wide], 1] = np.inf
+    dominated = np.isfinite(delta_ms[:, 1]) & (delta_ms[:, 1] >= delta_ms[:, 2])
+    delta_ms[dominated, 1] = np.inf
+    costs = _sensitivities(p, check, params, wide, names, np.isfinite(delta_ms[:, 1]))
+    costs[~np.isfinite(delta_ms)] = np.inf
+    choice, history = _closed_loop(costs, delta_ms, names, params, wide, written, target)
+    chosen = _params_of(choice, names, params, wide)
+    left = {t: "activation plan: float (its 8-bit quantizer alone costs "
+               f"{costs[i, 0]:.4g} of {check.loss_name})" for i, t in enumerate(names) if PRECISIONS[choice[i]] == "float"}
+    final = history[-1]
+    report = {"precision": "per tensor", **base,
+              "why": ("--act-precision solve" if acts.precision == "solve" else
+                      "auto: every planned tensor at 8 bits misses the target (" + "; ".join(missed) + ")"),
+              "loss": check.loss_name, "latency_measured": bool(opts.run.latency_batch),
+              "tensors": [{"tensor": t, "chosen": PRECISIONS[choice[i]],
+                           "delta_loss": {PRECISIONS[j]: _num(costs[i, j]) for j in range(3)},
+                           "delta_ms": {PRECISIONS[j]: _num(delta_ms[i, j]) for j in range(3)}}
+                          for i, t in enumerate(names)],
+              "counts": {k: int(sum(PRECISIONS[c] == k for c in choice)) for k in PRECISIONS},
+              "closed_loop": history, "met": final["met"], "checks": check.runs}
+    if "warning" in final:
+        report["warning"] = final["warning"]
+    return ActivationPlan(chosen, left, report)
+
+
+def _num(x: float) -> float | None:
+    return round(float(x), 8) if np.isfinite(x) else None
+
+
+def _wide_params(p: Prepared, acts: Any, names: Sequence[str]) -> dict[str, ActivationParams]:
+    """16-bit parameters of each planned tensor, from its own 16-bit range."""
+    ranges, _ = activation_ranges(p, acts.method, acts.symmetric, 16)
+    return {t: activation_params(*ranges[t], 16, acts.symmetric) for t in names if t in ranges}
+
+
+def _timings(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], params: dict[str, ActivationParams],
+             wide: dict[str, ActivationParams]) -> np.ndarray:
+    """``[tensors, 3]`` ms: the written model (every tensor 8-bit) against it with one tensor 16-bit / float."""
+    feed = latency_feed(p.verify_batches or p.calib_batches, opts.run.latency_batch, p.inputs)
+    threads = opts.run.latency_threads
+
+    def session(chosen: dict[str, ActivationParams]) -> Any:
+        return make_session(rewrite(p.model, p.weights, dict(qweights), chosen).model, p.providers, threads=threads)
+
+    base = session(params)
+    out = np.zeros((len(params), 3))
+    bar = Progress(len(params), "activation plan: timing each tensor", "tensor")
+    try:
+        for i, t in enumerate(params):
+            rest = {k: v for k, v in params.items() if k != t}
+            variants = [base, session({**rest, t: wide[t]}) if t in wide else None, session(rest)]
+            timed = [s for s in variants if s is not None]
+            ms, _ = interleaved_ms(timed, feed, *VARIANT_ROUNDS)
+            it = iter(ms)
+            b = next(it)
+            out[i] = [0.0, next(it) - b if variants[1] is not None else np.inf, next(it) - b]
+            bar.update()
+    finally:
+        bar.close()
+    return out
+
+
+def _sensitivities(p: Prepared, check: OutputCheck, params: dict[str, ActivationParams],
+                   wide: dict[str, ActivationParams], names: Sequence[str], probe16: np.ndarray) -> np.ndarray:
+    """``[tensors, 3]`` ΔL: each tensor alone at 8 / 16 bits in the float model (weights float too); float 0."""
+    costs = np.zeros((len(names), 3))
+    base = check.loss(check.reference)
+    jobs = [(i, 0, params[t]) for i, t in enumerate(names)] + \
+           [(i, 1, wide[t]) for i, t in enumerate(names) if probe16[i]]
+    costs[:, 1] = np.inf
+    bar = Progress(len(jobs), "activation plan: probing each tensor", "probe")
+    try:
+        for i, j, prm in jobs:
+            model = rewrite(p.model, p.weights, {}, {names[i]: prm}).model
+            costs[i, j] = check.loss(check.outputs(model)) - base
+            bar.update()
+    finally:
+        bar.close()
+    return costs
+
+
+def _params_of(choice: np.ndarray, names: Sequence[str], params: dict[str, ActivationParams],
+               wide: dict[str, ActivationParams]) -> dict[str, ActivationParams]:
+    picked = {"int8": params, "int16": wide}
+    return {t: picked[PRECISIONS[c]][t] for t, c in zip(names, choice) if PRECISIONS[c] != "float"}
+
+
+def _closed_loop(costs: np.ndarray, delta_ms: np.ndarray, names: Sequence[str], params: dict[str, ActivationParams],
+                 wide: dict[str, ActivationParams], written: Any, target: Target
+                 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The fastest solution whose written model meets the target, by bisection over the τ grid; else all float."""
+    finite = np.where(np.isfinite(costs), costs, np.nan)
+    positive = finite[finite > 0]
+    top = float(np.nansum(np.clip(finite[:, 0], 0, None)))
+    grid = [0.0] + (list(np.geomspace(positive.min(), max(top, positive.min()), TAU_POINTS)) if positive.size else [])
+    history: list[dict[str, Any]] = []
+    entries: dict[tuple, dict[str, Any]] = {}
+
+    def trial(tau: float) -> tuple[np.ndarray, dict[str, Any]] | None:
+        try:
+            sol = solve_loss_budget(costs, delta_ms, tau)
+        except Infeasible:
+            return None
+        key = tuple(int(c) for c in sol.choice)
+        if key not in entries:
+            metrics = written(_params_of(sol.choice, names, params, wide))
+            entries[key] = {"tau": tau, "predicted_loss": sol.cost, "predicted_ms": sol.size,
+                            "counts": {k: int(sum(PRECISIONS[c] == k for c in sol.choice)) for k in PRECISIONS},
+                            "measured": describe(metrics), "met": not target.misses(metrics)}
+            history.append(entries[key])
+        return sol.choice, entries[key]
+
+    best = None
+    lo, hi = 0, len(grid) - 1
+    first = trial(grid[0])
+    if first is not None and first[1]["met"]:
+        best = first
+        while lo < hi:   # invariant: grid[lo] met the target
+            mid = (lo + hi + 1) // 2
+            got = trial(grid[mid])
+            if got is not None and got[1]["met"]:
+                lo, best = mid, got
+            else:
+                hi = mid - 1
+    if best is None:
+        choice = np.full(len(names), PRECISIONS.index("float"))
+        metrics = written({})
+        met = not target.misses(metrics)
+        history.append({"tau": None, "counts": {"int8": 0, "int16": 0, "float": len(names)},
+                        "measured": describe(metrics), "met": met, "kept": True})
+        if not met:
+            history[-1]["warning"] = ("no activation precision meets the target: with every activation float the "
+                                      f"quantized weights alone give {describe(metrics)}; activations are left "
+                                      "float, give the weights more bits")
+        return choice, history
+    history.append({**best[1], "kept": True})
+    return best[0], history
