@@ -154,8 +154,8 @@ FLAT: dict[str, tuple[str, str]] = {
     "reproducible": ("run", "reproducible"),
     "probes": ("allocation", "probes"),   # newer options follow the earlier order
     "act_mode": ("activations", "mode"),
-    "act_precision": ("activations", "precision"),
     "int8_full_range": ("weights", "int8_full_range"),
+    "act_precision": ("activations", "precision"),
 }
 
 

@@ -42,8 +42,8 @@ def test_flat_view_has_the_earlier_field_order():
     flat = QuantizeOptions().flat()
     assert list(flat) == list(FLAT)
     assert list(flat)[:4] == ["weight_bits", "per_tensor", "block_size", "act_bits"]
-    assert list(flat)[-8:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes", "act_mode",
-                               "int8_full_range"]
+    assert list(flat)[-9:] == ["refine_rounds", "probe_numerics", "workers", "ray", "reproducible", "probes", "act_mode",
+                               "int8_full_range", "act_precision"]
     assert flat["bits"] == (2, 4, 8) and flat["candidate_block"] == (32, 128)
 
 

@@ -136,9 +136,9 @@ class OutputCheck:
 
 @dataclass
 class ActivationPlan:
-    """The activation precisions to write, the tensors the plan leaves float (why), and its report."""
+    """The activation precisions to write (None: weight-only), the tensors the plan leaves float (why), and its report."""
 
-    params: dict[str, ActivationParams]
+    params: dict[str, ActivationParams] | None
     left_float: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -146,9 +146,9 @@ class ActivationPlan:
 def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight]) -> ActivationPlan:
     """Each planned activation's precision (module docstring). ``opts``: the :class:`~cet_onnx.options.QuantizeOptions`."""
     acts = opts.activations
-    params = dict(p.act_params or {})
-    if p.act_mode != "static" or not params:
-        return ActivationPlan(params, report={"precision": "uniform", "why": "no static activations"})
+    if p.act_mode != "static" or not p.act_params:
+        return ActivationPlan(p.act_params, report={"precision": "uniform", "why": "no static activations"})
+    params = dict(p.act_params)
     if acts.precision == "uniform":
         return ActivationPlan(params, report={"precision": "uniform", "why": "--act-precision uniform"})
     if external_data.data_dir(p.model) is not None:
