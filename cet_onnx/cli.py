@@ -451,13 +451,26 @@ def _say_speed(say: Callable, report: dict) -> None:
             why = (f": {len(slow)} weight(s) have no fast onnxruntime kernel in their format and are dequantized "
                    f"on every run (onnxruntime has no INT4/INT2 Conv kernel; INT8 Conv / MatMul weights fuse into "
                    f"QLinearConv / QLinearMatMul with static activations)" if slow else "")
-            advice = ("For speed, give those weights 8 bits (--weight-bits 8, or --bits 8 in a budget)" if slow else
-                      f"No weight is dequantized on every run: the extra time is the activations' quantize / "
-                      f"dequantize steps (float {lat['fp32_ms']:.3f} ms a run), or timing noise on a busy machine")
+            advice = _speed_advice(report, slow, lat)
             say(f"WARNING: the quantized model is {lat['ratio']:.2f}x SLOWER than the float model{why}. "
                 f"{advice}; README 'Speed' explains the trade-off.")
     elif lat.get("skipped"):
         say(f"latency: {lat['skipped']}")
+
+
+def _speed_advice(report: dict, slow: list[dict], lat: dict) -> str:
+    """What to change for speed: low-bit weights to 8 bits, or static activations for 8-bit ones."""
+    if not slow:
+        return (f"No weight is dequantized on every run: the extra time is the activations' quantize / "
+                f"dequantize steps (float {lat['fp32_ms']:.3f} ms a run), or timing noise on a busy machine")
+    bits = {w["name"]: w.get("bits") for w in report.get("weights", [])}
+    low = [s for s in slow if (bits.get(s.get("weight")) or 4) < 7]
+    if low:
+        return f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
+    mode = (report.get("activation_mode") or {}).get("mode")
+    return (f"Those weights are 8-bit already: they run fast only inside QLinearConv / QLinearMatMul, which need static "
+            f"8-bit activations around them (activation mode here: {mode}); --act-mode static gives them that (its "
+            f"activation plan keeps the accuracy target)")
 
 
 def _say_tensor_errors(say: Callable[[str], None], report: dict) -> None:

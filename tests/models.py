@@ -175,3 +175,34 @@ def outlier_mlp(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def keras_style_mlp(seed: int = 0, hidden: int = 32, classes: int = 12) -> onnx.ModelProto:
+    """Dense → GELU (tanh form) → LayerNorm → Dense → softmax, every block decomposed the way jax2tf / Keras
+    exports write them (Magika's file-type classifier): the mean as ``ReduceSum · (1/n)`` reshaped and expanded
+    before the ``Sub``, the softmax as ``Exp(x - max) / Expand(ReduceSum)``. ``x`` [N, 16] → ``probs`` [N, classes]."""
+    rng = np.random.default_rng(seed)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)  # noqa: E731
+    shape = numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "col")
+    inits = [_init(rng, "w1", (16, hidden)), _init(rng, "b1", (hidden,), 0.1), _init(rng, "w2", (hidden, classes), 0.5),
+             c("k0", 0.044715), c("k1", np.sqrt(2 / np.pi)), c("one", 1.0), c("half", 0.5), c("inv_n", 1 / hidden),
+             c("eps", 1e-5), shape]
+    mk = helper.make_node
+    nodes = [mk("MatMul", ["x", "w1"], ["h0"]), mk("Add", ["h0", "b1"], ["h"]),
+             mk("Mul", ["h", "h"], ["h2"]), mk("Mul", ["h2", "h"], ["h3"]), mk("Mul", ["k0", "h3"], ["h3k"]),
+             mk("Add", ["h", "h3k"], ["inner"]), mk("Mul", ["k1", "inner"], ["inner_s"]), mk("Tanh", ["inner_s"], ["t"]),
+             mk("Add", ["one", "t"], ["t1"]), mk("Mul", ["half", "t1"], ["t1h"]), mk("Mul", ["h", "t1h"], ["g"]),
+             mk("ReduceSum", ["g"], ["sum"], axes=[1], keepdims=0), mk("Mul", ["sum", "inv_n"], ["mean"]),
+             mk("Reshape", ["mean", "col"], ["mean_c"]), mk("Sub", ["g", "mean_c"], ["centred"]),
+             mk("Mul", ["centred", "centred"], ["sq"]), mk("ReduceSum", ["sq"], ["ssq"], axes=[1], keepdims=1),
+             mk("Mul", ["ssq", "inv_n"], ["var"]), mk("Add", ["var", "eps"], ["var_e"]), mk("Sqrt", ["var_e"], ["std"]),
+             mk("Div", ["centred", "std"], ["ln"]), mk("MatMul", ["ln", "w2"], ["logits"]),
+             mk("ReduceMax", ["logits"], ["mx"], axes=[1], keepdims=1), mk("Sub", ["logits", "mx"], ["shifted"]),
+             mk("Exp", ["shifted"], ["e"]), mk("ReduceSum", ["e"], ["es"], axes=[1], keepdims=0),
+             mk("Reshape", ["es", "col"], ["es_c"]), mk("Div", ["e", "es_c"], ["probs"])]
+    graph = helper.make_graph(nodes, "keras_style_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -169,11 +169,14 @@ def test_slower_warning_advice_fits_the_cause():
 
     lat = {"batch": 1, "threads": "default", "provider": "CPUExecutionProvider", "interleaved_runs": 100,
            "fp32_ms": 0.028, "quantized_ms": 0.064, "ratio": 2.3}
-    for slow, expected in (([], "No weight is dequantized on every run"),
-                           ([{"consumer_op": "Conv"}], "give those weights 8 bits")):
+    conv = [{"weight": "w", "consumer_op": "Conv"}]
+    for slow, bits, expected in (([], 4, "No weight is dequantized on every run"),
+                                 (conv, 4, "give those 1 sub-8-bit weight(s) 8 bits"),
+                                 (conv, 8, "8-bit already")):
         said: list[str] = []
         _say_speed(said.append, {"kernels": {"ops": {"QLinearMatMul": 2}, "dequantized_at_run_time": slow},
-                                 "latency": lat})
+                                 "latency": lat, "weights": [{"name": "w", "bits": bits}],
+                                 "activation_mode": {"mode": "dynamic"}})
         warning = next(s for s in said if s.startswith("WARNING"))
         assert expected in warning and "2.30x SLOWER" in warning
-        assert ("give those weights 8 bits" in warning) == bool(slow)
+        assert ("--act-mode static" in warning) == (bits == 8 and bool(slow))

@@ -14,7 +14,7 @@ from cet_onnx.calibration.observe import collect_ranges
 from cet_onnx.cli import main
 from cet_onnx.graph.act_mode import choose_act_mode
 from cet_onnx.graph.output_kind import output_kinds
-from models import encoder_feeds, small_cnn, tiny_encoder
+from models import encoder_feeds, keras_style_mlp, small_cnn, tiny_encoder
 
 FINFO_MIN = float(np.finfo(np.float32).min)
 
@@ -54,6 +54,13 @@ def test_auto_mode_is_dynamic_for_attention_and_static_for_a_cnn():
     assert mode == "dynamic" and "LayerNormalization" in why
     assert choose_act_mode("auto", ir.serde.deserialize_model(small_cnn()).graph)[0] == "static"
     assert choose_act_mode("static", enc.graph) == ("static", "as requested")
+
+
+def test_decomposed_layernorm_and_softmax_of_a_keras_export_are_recognised():
+    graph = ir.serde.deserialize_model(keras_style_mlp()).graph
+    mode, why = choose_act_mode("auto", graph)
+    assert mode == "dynamic" and "decomposed LayerNorm" in why
+    assert output_kinds(graph) == {"probs": "probabilities"}
 
 
 def test_output_kinds_follow_the_ops_that_compute_them():

@@ -1,18 +1,22 @@
 """Activation precision per tensor (``--act-precision``) on the real benchmark models, side by side with the peers.
 
-For each model of ``tools/bench_data.py`` (``digits``, ``orientation``, ``ocr``), default settings, in one run:
+For each model of ``tools/bench_data.py`` (``digits``, ``orientation``, ``ocr``, ``magika``), default settings,
+in one run:
 
-* cet-onnx default (``--act-precision auto``: uniform 8-bit activations when the written model meets the target
-  on the probe samples, else 8-bit / 16-bit / float per tensor by probes and an exact solve);
-* cet-onnx ``--act-precision uniform`` (every planned activation at 8 bits: cet-onnx's W8A8 before);
-* cet-onnx ``--act-precision solve`` (per tensor even where uniform meets the target);
-* onnxruntime ``quantize_static`` (QDQ, per-channel, MinMax) and ``quantize_dynamic``.
+* cet-onnx's default command (``--act-mode auto``: static activations for a CNN, dynamic for a graph with
+  attention or LayerNorm; in static mode ``--act-precision auto``);
+* cet-onnx ``--act-mode static`` (``--act-precision auto``: uniform 8-bit activations when the written model
+  meets the target on the probe samples, else 8-bit / 16-bit / float per tensor by probes and an exact solve);
+* cet-onnx ``--act-mode static --act-precision uniform`` (every planned activation at 8 bits: W8A8 as before);
+* cet-onnx ``--act-mode static --act-precision solve`` (per tensor even where uniform meets the target);
+* onnxruntime ``quantize_static`` (QDQ, per-channel, MinMax), the same with only Conv / MatMul / Gemm
+  quantized, and ``quantize_dynamic``; a peer that fails on a model is a row with its error.
 
 Scored on the held-out evaluation set: the task metric (top-1 accuracy, or CER of greedy CTC decoding),
 agreement with FP32 (top-1, or exact strings), file size, batch-1 latency against FP32 (median of interleaved
 runs, one process), and each quantizer's wall time (cet-onnx in a fresh process with ``--no-cache``).
 
-    python tools/act_precision_bench.py [--models digits,orientation,ocr] [--out tools/results/act_precision]
+    python tools/act_precision_bench.py [--models digits,orientation,ocr,magika] [--out tools/results/act_precision]
 """
 
 from __future__ import annotations
@@ -28,29 +32,39 @@ import bench_common as common
 import bench_data
 import ort_quantize
 
-RUNS = {"cet-onnx default (auto)": [], "cet-onnx --act-precision uniform": ["--act-precision", "uniform"],
-        "cet-onnx --act-precision solve": ["--act-precision", "solve"]}
+STATIC = ["--act-mode", "static"]
+RUNS = {"cet-onnx default": [], "cet-onnx --act-mode static": STATIC,
+        "cet-onnx --act-mode static --act-precision uniform": STATIC + ["--act-precision", "uniform"],
+        "cet-onnx --act-mode static --act-precision solve": STATIC + ["--act-precision", "solve"]}
+PEERS = {"onnxruntime quantize_static": lambda m, o, c: ort_quantize.quantize(m, o, c),
+         "onnxruntime quantize_static (Conv/MatMul only)":
+             lambda m, o, c: ort_quantize.quantize(m, o, c, op_types=["Conv", "MatMul", "Gemm"]),
+         "onnxruntime quantize_dynamic": lambda m, o, c: ort_quantize.quantize_dynamic(m, o)}
 
 
 def run_model(name: str, work: Path) -> dict:
     spec = bench_data.load(name)
     calib = spec.save_calib(work / f"{name}_calib.npz")
     paths = {"fp32": Path(spec.model)}
-    walls, plans = {}, {}
+    walls, plans, failed = {}, {}, {}
     for label, extra in RUNS.items():
         out = work / f"{name}_{len(paths)}.onnx"
         cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", str(spec.model), "-o", str(out), "--calib", str(calib),
                "--no-cache", "--quiet", *extra]
         walls[label] = common.run_measured(cmd, work / f"{name}_{len(paths)}.log")["wall_s"]
         report = json.loads(out.with_name(out.stem + ".report.json").read_text())
-        plan = report["activation_precision"]
-        plans[label] = {k: plan.get(k) for k in ("precision", "why", "counts", "met")}
+        plan = report.get("activation_precision") or {}
+        plans[label] = {"mode": report["activation_mode"]["mode"],
+                        **{k: plan.get(k) for k in ("precision", "why", "counts", "met")}}
         paths[label] = out
-    for label, fn in (("onnxruntime quantize_static", ort_quantize.quantize),
-                      ("onnxruntime quantize_dynamic", ort_quantize.quantize_dynamic)):
-        out = work / f"{name}_ort_{len(paths)}.onnx"
+    for label, fn in PEERS.items():
+        out = work / f"{name}_ort_{len(paths) + len(failed)}.onnx"
         t0 = time.perf_counter()
-        fn(spec.model, out, calib) if fn is ort_quantize.quantize else fn(spec.model, out)
+        try:
+            fn(spec.model, out, calib)
+        except Exception as exc:  # a peer that cannot quantize this model is a result, not a crash
+            failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
         walls[label] = round(time.perf_counter() - t0, 3)
         paths[label] = out
     outs = {k: bench.evaluate(p, spec) for k, p in paths.items()}
@@ -62,6 +76,7 @@ def run_model(name: str, work: Path) -> dict:
         rows.append({"run": k, "metric": m["metric"], "agreement": m["agreement"],
                      "file_bytes": common.model_file_bytes(p), "latency_ratio": lat[k]["median_ms"] / lat["fp32"]["median_ms"],
                      "latency_ms": lat[k]["median_ms"], "quantize_s": walls.get(k), "plan": plans.get(k)})
+    rows += [{"run": k, "failed": why} for k, why in failed.items()]
     return {"model": name, "metric": spec.metric, "eval_samples": int(len(spec.x_eval)),
             "calib_samples": int(len(spec.calib)), "rows": rows}
 
@@ -73,19 +88,29 @@ def table(r: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     fp32 = next(x for x in r["rows"] if x["run"] == "fp32")["file_bytes"]
     for x in r["rows"]:
-        plan = x["plan"] or {}
-        acts = ("uniform" if plan.get("precision") == "uniform" else
-                "{int8} int8, {int16} int16, {float} float".format(**plan["counts"]) +
-                ("" if plan.get("met") else " (target missed)")) if plan else ""
+        if "failed" in x:
+            lines.append(f"| {x['run']} | failed: {x['failed']} | | | | | |")
+            continue
+        acts = _activations(x["plan"] or {})
         wall = "" if x["quantize_s"] is None else f"{x['quantize_s']:.1f}"
         lines.append(f"| {x['run']} | {100 * x['metric']:.2f} % | {100 * x['agreement']:.1f} % | "
                      f"{fp32 / x['file_bytes']:.2f} | {x['latency_ratio']:.2f} | {wall} | {acts} |")
     return lines + [""]
 
 
+def _activations(plan: dict) -> str:
+    """The activation column: the mode, and for static mode the precision plan."""
+    if not plan or plan.get("mode") != "static":
+        return plan.get("mode", "")
+    if plan.get("precision") in (None, "uniform"):
+        return "static, uniform 8-bit"
+    return ("static, {int8} int8, {int16} int16, {float} float".format(**plan["counts"]) +
+            ("" if plan.get("met") else " (target missed)"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="digits,orientation,ocr")
+    ap.add_argument("--models", default=",".join(bench_data.ALL_MODELS))
     ap.add_argument("--out", type=Path, default=bench_data.RESULTS / "act_precision")
     ap.add_argument("--work", type=Path, default=bench_data.CACHE / "act_precision")
     a = ap.parse_args(argv)

@@ -12,6 +12,9 @@ and the CTC alphabet for OCR).
   (``built_at`` builds it at another size instead: different samples, not a prefix).
 * ``ocr``: PP-OCRv4 rec from the rapidocr wheel, rendered text lines (``ocr_data.py``), character
   error rate of greedy CTC decoding.
+* ``magika``: Magika's file-type classifier (Dense + GELU + LayerNorm, from the magika wheel) on the bytes
+  of real files of this Python installation, labelled by suffix (``magika_data.py``), top-1 accuracy.
+  Not in :data:`MODELS` (``tools/bench.py``'s default list); :data:`ALL_MODELS` has it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "tools" / "results"
 CACHE = RESULTS / "cache"
 MODELS = ("digits", "orientation", "ocr")
+ALL_MODELS = MODELS + ("magika",)
 ORIENTATION_FULL = (128, 400)   # orientation data is built at this size and sliced
 
 
@@ -65,7 +69,20 @@ def load(name: str, calib_n: int | None = None, eval_n: int | None = None,
         return _orientation(calib_n, eval_n, built_at or ORIENTATION_FULL)
     if name == "ocr":
         return _ocr(calib_n or 32, eval_n or 150)
-    raise SystemExit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
+    if name == "magika":
+        return _magika(calib_n, eval_n)
+    raise SystemExit(f"unknown model '{name}' (choose from {', '.join(ALL_MODELS)})")
+
+
+def _magika(calib_n: int | None, eval_n: int | None) -> ModelData:
+    import magika_data
+    info = magika_data.build(CACHE)
+    d = np.load(info["data"])
+    return ModelData("magika", Path(info["model"]), info["input_name"], d["x_calib"][:calib_n], d["x_eval"][:eval_n],
+                     "accuracy", labels=d["y_eval"][:eval_n], calib_labels=d["y_calib"][:calib_n],
+                     extra={"model_info": info["model_info"],
+                            "source": "tools/magika_data.py: real files of this Python installation (stdlib and "
+                                      "site-packages), labelled by suffix, split by a hash of the path"})
 
 
 def _digits(calib_n: int | None, eval_n: int | None) -> ModelData:

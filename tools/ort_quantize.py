@@ -63,7 +63,9 @@ class ArrayReader(CalibrationDataReader):
 
 
 def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_size: int = 16,
-             max_intermediate_outputs: int | None = None) -> dict:
+             max_intermediate_outputs: int | None = None, op_types: list[str] | None = None) -> dict:
+    """``quantize_static`` (QDQ, per-channel) after ``quant_pre_process``; ``op_types``: its
+    ``op_types_to_quantize`` (default: every op it can quantize)."""
     if method not in METHODS:
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
     model, out, calib = Path(model).resolve(), Path(out).resolve(), Path(calib).resolve()
@@ -72,13 +74,13 @@ def quantize(model: Path, out: Path, calib: Path, method: str = "minmax", batch_
     cwd = os.getcwd()
     os.chdir(out.parent)
     try:
-        return _quantize(model, out, calib, method, batch_size, max_intermediate_outputs)
+        return _quantize(model, out, calib, method, batch_size, max_intermediate_outputs, op_types)
     finally:
         os.chdir(cwd)
 
 
 def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
-              max_intermediate_outputs: int | None) -> dict:
+              max_intermediate_outputs: int | None, op_types: list[str] | None) -> dict:
     import importlib
 
     import onnx
@@ -121,7 +123,7 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
     quantize_static(str(pre), str(out), ArrayReader(arrays, batch_size), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[method],
-                    calibration_providers=["CPUExecutionProvider"], extra_options=extra)
+                    calibration_providers=["CPUExecutionProvider"], extra_options=extra, op_types_to_quantize=op_types)
     t2 = time.perf_counter()
     pre.unlink(missing_ok=True)
     if upgraded_from is not None:
@@ -130,7 +132,7 @@ def _quantize(model: Path, out: Path, calib: Path, method: str, batch_size: int,
             "quant_pre_process_s": round(t1 - t0, 3), "quantize_static_s": round(t2 - t1, 3),
             "total_s": round(t2 - t0 + t_up, 3), "opset_upgraded_from": upgraded_from,
             "opset_upgrade_s": round(t_up, 3), "preprocess_args": pre_args,
-            "preprocess_fallback_reason": fallback, "extra_options": extra}
+            "preprocess_fallback_reason": fallback, "extra_options": extra, "op_types": op_types}
 
 
 def quantize_dynamic(model: Path, out: Path) -> dict:

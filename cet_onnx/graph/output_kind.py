@@ -3,7 +3,7 @@
 Kinds, by the last op that changes values (shape-only ops such as Reshape, Squeeze, Flatten,
 Identity, Cast and Transpose are looked through):
 
-* ``probabilities``: Softmax / LogSoftmax / Sigmoid;
+* ``probabilities``: Softmax / LogSoftmax / Sigmoid, or a decomposed softmax (a Div of an Exp by a sum);
 * ``embedding``: an L2 normalisation (LpNormalization, or a Div / Mul by a norm computed with
   ReduceL2, Sqrt, or a Clip / Max of one), a pooling over tokens (ReduceMean / ReduceSum / ReduceMax,
   or a Div of a ReduceSum: masked mean pooling), a LayerNorm (a transformer's last hidden state),
@@ -38,7 +38,7 @@ def output_kind(value: ir.Value) -> str:
     if node is None:
         return "tensor"
     op = node.op_type
-    if op in _PROBABILITIES:
+    if op in _PROBABILITIES or op == "Div" and _is_exp(node.inputs[0]) and _is_norm_or_pool(node.inputs[1]):
         return "probabilities"
     if op in _NORMS or op in _POOLING or op == "Tanh":
         return "embedding"
@@ -72,6 +72,11 @@ def _is_norm_or_pool(value: ir.Value | None, depth: int = 4) -> bool:
             return False
         node = _value_producer(node.inputs[0])
     return False
+
+
+def _is_exp(value: ir.Value | None) -> bool:
+    node = _value_producer(value)
+    return node is not None and node.op_type == "Exp"
 
 
 def _is_pool(value: ir.Value | None) -> bool:
