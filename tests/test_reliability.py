@@ -186,7 +186,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, sig):
     out = tmp_path / "q.onnx"
     env = dict(os.environ, PYTHONPATH=str(ROOT), CET_ONNX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "cet_onnx.cli", "quantize", str(DIGITS / "model.onnx"), "-o", str(out),
-                             "--calib", str(DIGITS / "calib.npz"), "--avg-bits", "3", "--hutchinson-samples", "8",
+                             "--calib", str(DIGITS / "calib.npz"), "--avg-bits", "3", "--hutchinson-samples", "64",
                              "--allocator", "hawq"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "Hutchinson" not in (proc.stderr.readline() or "Hutchinson"):
