@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ from cet_onnx.emit import check, check_output_path, declare_inputs, emit, save
 from cet_onnx.load import load_graph, load_weights
 from cet_onnx.options import QuantizeOptions, validate
 from cet_onnx.prepared import Prepared
-from cet_onnx.quant.quantizer import SATURATION_SAFE_BITS
 from cet_onnx.report import add_file_sizes, build_report, check_gates, pareto_files, report_bytes, report_path, \
     weight_rows
 from cet_onnx.graph.integer_kernels import integer_kernel_weights
-from cet_onnx.rounding.plan import choose_format, ensure_hessians, plan_rounding, quantize_all, quantize_weights
+from cet_onnx.rounding.plan import choose_format, ensure_hessians, plan_rounding, quantize_all
 from cet_onnx.runner import select_providers
 from cet_onnx.tensor_errors import activation_errors, weight_errors
 from cet_onnx.timer import Timer
@@ -132,24 +130,6 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
     return result
 
 
-def widen_freed_weights(p: Prepared, opts: QuantizeOptions, qweights: dict, act_params: dict | None) -> list[str]:
-    """Re-round at full INT8 range the 8-bit weights the activation plan freed from integer kernels.
-
-    A weight read by a u8 × s8 kernel gets ±63 codes (:mod:`cet_onnx.graph.integer_kernels`); when the
-    activation plan leaves its layer's input float, no integer kernel reads it, and ±127 codes halve its
-    error. Returns the re-rounded weights' names (in ``qweights`` in place)."""
-    if p.act_mode != "static" or opts.weights.int8_full_range or act_params is None or act_params == p.act_params:
-        return []
-    still = integer_kernel_weights(p.model.graph, p.weights, "static", act_params)
-    freed = [w for w in p.weights if w.integer_kernel and w.name not in still and w.name in qweights]
-    for w in freed:
-        w.integer_kernel = False
-    freed = [w for w in freed if qweights[w.name].fmt.bits == SATURATION_SAFE_BITS]
-    formats = {w.name: replace(qweights[w.name].fmt, bits=8) for w in freed}
-    qweights.update(quantize_weights(p.values, freed, formats, opts.weights.clip, p.roundings))
-    return [w.name for w in freed]
-
-
 def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: str | None,
              opts: QuantizeOptions, min_sqnr: float | None = None,
              min_agreement: float | None = None, prepared: Prepared | None = None,
@@ -180,9 +160,9 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         del session  # its onnxruntime session holds the float weights
     with timer.stage("activation plan"):
         act_plan = plan_activations(p, opts, qweights)
-        freed = widen_freed_weights(p, opts, qweights, act_plan.params)
-        if freed:
-            act_plan.report["full_range_after_plan"] = freed   # 8-bit weights no integer kernel reads any more
+        qweights.update(act_plan.full_range)
+        for w in p.weights:
+            w.integer_kernel = w.integer_kernel and w.name not in act_plan.full_range
     with timer.stage("rewrite"):
         emitted = emit(p, qweights, model_path, opts.run.emit_contrib, act_plan.params)
         rows = weight_rows(p.weights, qweights, allocation, p.values)

@@ -54,7 +54,7 @@ def test_auto_repairs_the_tensor_that_uniform_int8_destroys(outlier):
     assert auto["activations_left_float"]["hr"].startswith("activation plan: float")
     # fc2 reads the float hr now: no integer kernel reads w2, whose codes go back from +-63 to +-127
     bits = {w["name"]: w["bits"] for w in auto["weights"]}
-    assert "w2" in plan["full_range_after_plan"] and all(bits[n] == 8 for n in plan["full_range_after_plan"])
+    assert "w2" in plan["full_range"] and all(bits[n] == 8 for n in plan["full_range"])
     assert {w["name"]: w["bits"] for w in uniform["weights"]}["w2"] == 7
     ort.InferenceSession(str(d / "a.onnx"), providers=["CPUExecutionProvider"])
 

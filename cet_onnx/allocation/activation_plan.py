@@ -31,11 +31,16 @@ samples (the first ``--probe-size`` calibration samples, never the held-out ones
 When every activation float still misses the target the weights cause the loss: activations stay float
 and the summary says so loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
 (``--latency-batch 0``) the solve keeps the fewest tensors off 8 bits.
+
+Every check runs the weights the candidate would be written with: an INT8 weight that a u8 × s8 kernel
+reads takes ±63 codes (:mod:`cet_onnx.graph.integer_kernels`), and when a candidate leaves its layer's
+input float no such kernel reads it, so it is rounded again with ±127 codes (:class:`FullRange`; the
+plan's ``full_range`` holds those of the chosen assignment).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -47,13 +52,14 @@ from cet_onnx.allocation.solver import Infeasible, solve_loss_budget
 from cet_onnx.calibration import padding
 from cet_onnx.calibration.data import batched
 from cet_onnx.graph.act_mode import ACT_PRECISIONS  # noqa: F401  (the choices, re-exported)
+from cet_onnx.graph.integer_kernels import integer_kernel_weights
 from cet_onnx.graph.output_kind import output_kinds
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.io import external_data
 from cet_onnx.latency import interleaved_ms, latency_feed
 from cet_onnx.prepared import Prepared
 from cet_onnx.progress import Progress
-from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight, activation_params
+from cet_onnx.quant.quantizer import SATURATION_SAFE_BITS, ActivationParams, QuantizedWeight, activation_params
 from cet_onnx.runner import concat_outputs, make_session, run_batches
 from cet_onnx.verify import OutputMetrics, compare_outputs
 
@@ -136,11 +142,41 @@ class OutputCheck:
 
 @dataclass
 class ActivationPlan:
-    """The activation precisions to write (None: weight-only), the tensors the plan leaves float (why), and its report."""
+    """The activation precisions to write (None: weight-only), the tensors the plan leaves float (why), its report,
+    and the INT8 weights to write at full range instead (no integer kernel reads them under this plan)."""
 
     params: dict[str, ActivationParams] | None
     left_float: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    full_range: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+
+class FullRange:
+    """The quantized weights an assignment of activations is written with (module docstring, last paragraph)."""
+
+    def __init__(self, p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight]) -> None:
+        self.p, self.qweights, self.clip = p, qweights, opts.weights.clip
+        self.enabled = not opts.weights.int8_full_range
+        self.wide: dict[str, QuantizedWeight] = {}
+
+    def freed(self, chosen: Mapping[str, ActivationParams]) -> dict[str, QuantizedWeight]:
+        """The ±63 weights no integer kernel reads under ``chosen``, rounded again at ±127."""
+        if not self.enabled:
+            return {}
+        still = integer_kernel_weights(self.p.model.graph, self.p.weights, "static", chosen)
+        out = {}
+        for w in self.p.weights:
+            qw = self.qweights.get(w.name)
+            if w.integer_kernel and w.name not in still and qw is not None and qw.fmt.bits == SATURATION_SAFE_BITS:
+                if w.name not in self.wide:
+                    from cet_onnx.rounding.plan import quantize_weights   # rounding imports the stages that call this
+                    self.wide.update(quantize_weights(self.p.values, [replace(w, integer_kernel=False)],
+                                                      {w.name: replace(qw.fmt, bits=8)}, self.clip, self.p.roundings))
+                out[w.name] = self.wide[w.name]
+        return out
+
+    def weights(self, chosen: Mapping[str, ActivationParams]) -> dict[str, QuantizedWeight]:
+        return {**self.qweights, **self.freed(chosen)}
 
 
 def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight]) -> ActivationPlan:
@@ -160,9 +196,10 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
     check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
                         loss_output(p.model, opts.allocation.loss_output))
     target = Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
+    full = FullRange(p, opts, qweights)
 
     def written(chosen: Mapping[str, ActivationParams]) -> list[OutputMetrics]:
-        return check.metrics(check.outputs(rewrite(p.model, p.weights, dict(qweights), dict(chosen)).model))
+        return check.metrics(check.outputs(rewrite(p.model, p.weights, full.weights(chosen), dict(chosen)).model))
 
     uniform = written(params)
     base = {"probe_samples": n, "target": vars(target), "uniform": describe(uniform)}
@@ -170,7 +207,11 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
         return ActivationPlan(params, report={"precision": "uniform", **base, "checks": check.runs,
                                               "why": f"auto: every planned tensor at {acts.bits} bits meets the target "
                                                      f"({describe(uniform)})"})
-    return _per_tensor(p, opts, qweights, check, target, params, written, base, target.misses(uniform))
+    plan = _per_tensor(p, opts, qweights, check, target, params, written, base, target.misses(uniform))
+    plan.full_range = full.freed(plan.params or {})
+    if plan.full_range:
+        plan.report["full_range"] = sorted(plan.full_range)
+    return plan
 
 
 def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], check: OutputCheck, target: Target,
