@@ -92,6 +92,7 @@ def test_no_precision_meeting_the_target_is_said_loudly(outlier):
     report = json.loads((d / "w.report.json").read_text())
     plan = report["activation_precision"]
     assert not plan["met"] and plan["counts"]["float"] == len(plan["tensors"])
+    assert plan["checks"] == 2 and "and so do the weights alone" in plan["why"]   # no probes: weights are the cause
 
 
 def test_target_reads_the_metric_of_each_output_kind():

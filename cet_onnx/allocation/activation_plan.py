@@ -28,8 +28,8 @@ samples (the first ``--probe-size`` calibration samples, never the held-out ones
    all-8-bit sum) whose solution, written with the real quantized weights, *measures* within the target is
    found by bisection; that assignment is kept.
 
-When every activation float still misses the target the weights cause the loss: activations stay float
-and the summary says so loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
+When every activation float still misses the target the weights cause the loss (checked before any probe:
+two runs of the probe samples, not the per-tensor work): activations stay float and the summary says so loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
 (``--latency-batch 0``) the solve keeps the fewest tensors off 8 bits.
 
 Every check runs the weights the candidate would be written with: an INT8 weight that a u8 × s8 kernel
@@ -207,7 +207,12 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
         return ActivationPlan(params, report={"precision": "uniform", **base, "checks": check.runs,
                                               "why": f"auto: every planned tensor at {acts.bits} bits meets the target "
                                                      f"({describe(uniform)})"})
-    plan = _per_tensor(p, opts, qweights, check, target, params, written, base, target.misses(uniform))
+    missed = target.misses(uniform)
+    floats = written({}) if missed else None
+    if floats is not None and target.misses(floats):   # the weights alone miss: no activation choice can help
+        plan = _weights_miss(params, base, acts.precision, missed, describe(floats), check.runs)
+    else:
+        plan = _per_tensor(p, opts, qweights, check, target, params, written, base, missed)
     plan.full_range = full.freed(plan.params or {})
     if plan.full_range:
         plan.report["full_range"] = sorted(plan.full_range)
@@ -247,6 +252,22 @@ def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight],
     if "warning" in final:
         report["warning"] = final["warning"]
     return ActivationPlan(chosen, left, report)
+
+
+def _weights_miss(params: Mapping[str, ActivationParams], base: dict[str, Any], precision: str, missed: list[str],
+                  floats: str, checks: int) -> ActivationPlan:
+    """Every activation float, said loudly: with them all float the quantized weights alone miss the target."""
+    warning = (f"no activation precision meets the target: with every activation float the quantized weights alone "
+               f"give {floats}; activations are left float, give the weights more bits")
+    left = {t: "activation plan: float (the quantized weights alone miss the target)" for t in params}
+    step = {"tau": None, "counts": {"int8": 0, "int16": 0, "float": len(params)}, "measured": floats, "met": False,
+            "kept": True, "warning": warning}
+    return ActivationPlan({}, left, {"precision": "per tensor", **base,
+                                     "why": f"{precision}: every planned tensor at 8 bits misses the target (" +
+                                            "; ".join(missed) + "), and so do the weights alone",
+                                     "tensors": [{"tensor": t, "chosen": "float"} for t in params],
+                                     "counts": dict(step["counts"]), "closed_loop": [step], "met": False,
+                                     "checks": checks, "warning": warning})
 
 
 def _num(x: float) -> float | None:
