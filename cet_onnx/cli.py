@@ -49,8 +49,6 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         as_json = kwargs.get("as_json", False)
         signal.signal(signal.SIGTERM, _on_signal)
-        if hasattr(signal, "pthread_sigmask"):   # a parent that blocked them (inherited across exec) must not mute them
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             return fn(*args, **kwargs)
         except CetError as exc:
