@@ -29,7 +29,8 @@ samples (the first ``--probe-size`` calibration samples, never the held-out ones
    found by bisection; that assignment is kept.
 
 When every activation float still misses the target the weights cause the loss (checked before any probe:
-two runs of the probe samples, not the per-tensor work): activations stay float and the summary says so loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
+two runs of the probe samples, not the per-tensor work): activations stay float and the summary says so
+loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
 (``--latency-batch 0``) the solve keeps the fewest tensors off 8 bits.
 
 Every check runs the weights the candidate would be written with: an INT8 weight that a u8 × s8 kernel
@@ -212,7 +213,7 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
     if floats is not None and target.misses(floats):   # the weights alone miss: no activation choice can help
         plan = _weights_miss(params, base, acts.precision, missed, describe(floats), check.runs)
     else:
-        plan = _per_tensor(p, opts, qweights, check, target, params, written, base, missed)
+        plan = _per_tensor(p, opts, qweights, check, target, params, written, base, missed, floats)
     plan.full_range = full.freed(plan.params or {})
     if plan.full_range:
         plan.report["full_range"] = sorted(plan.full_range)
@@ -220,8 +221,8 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
 
 
 def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], check: OutputCheck, target: Target,
-                params: dict[str, ActivationParams], written: Any, base: dict[str, Any], missed: list[str]
-                ) -> ActivationPlan:
+                params: dict[str, ActivationParams], written: Any, base: dict[str, Any], missed: list[str],
+                floats: list[OutputMetrics] | None) -> ActivationPlan:
     """Probes, timings, the solve and its closed loop (module docstring, steps 1–4)."""
     acts = opts.activations
     names = list(params)
@@ -234,7 +235,7 @@ def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight],
     delta_ms[dominated, 1] = np.inf
     costs = _sensitivities(p, check, params, wide, names, np.isfinite(delta_ms[:, 1]))
     costs[~np.isfinite(delta_ms)] = np.inf
-    choice, history = _closed_loop(costs, delta_ms, names, params, wide, written, target)
+    choice, history = _closed_loop(costs, delta_ms, names, params, wide, written, target, floats)
     chosen = _params_of(choice, names, params, wide)
     left = {t: "activation plan: float (its 8-bit quantizer alone costs "
                f"{costs[i, 0]:.4g} of {check.loss_name})" for i, t in enumerate(names) if PRECISIONS[choice[i]] == "float"}
@@ -257,17 +258,24 @@ def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight],
 def _weights_miss(params: Mapping[str, ActivationParams], base: dict[str, Any], precision: str, missed: list[str],
                   floats: str, checks: int) -> ActivationPlan:
     """Every activation float, said loudly: with them all float the quantized weights alone miss the target."""
-    warning = (f"no activation precision meets the target: with every activation float the quantized weights alone "
-               f"give {floats}; activations are left float, give the weights more bits")
+    step = _all_float_step(len(params), floats, False)
+    warning = step["warning"]
     left = {t: "activation plan: float (the quantized weights alone miss the target)" for t in params}
-    step = {"tau": None, "counts": {"int8": 0, "int16": 0, "float": len(params)}, "measured": floats, "met": False,
-            "kept": True, "warning": warning}
     return ActivationPlan({}, left, {"precision": "per tensor", **base,
                                      "why": f"{precision}: every planned tensor at 8 bits misses the target (" +
                                             "; ".join(missed) + "), and so do the weights alone",
                                      "tensors": [{"tensor": t, "chosen": "float"} for t in params],
                                      "counts": dict(step["counts"]), "closed_loop": [step], "met": False,
                                      "checks": checks, "warning": warning})
+
+
+def _all_float_step(n: int, measured: str, met: bool) -> dict[str, Any]:
+    """The closed-loop entry of every activation float (the kept fallback), with the warning when it misses too."""
+    step = {"tau": None, "counts": {"int8": 0, "int16": 0, "float": n}, "measured": measured, "met": met, "kept": True}
+    if not met:
+        step["warning"] = (f"no activation precision meets the target: with every activation float the quantized "
+                           f"weights alone give {measured}; activations are left float, give the weights more bits")
+    return step
 
 
 def _num(x: float) -> float | None:
@@ -333,9 +341,10 @@ def _params_of(choice: np.ndarray, names: Sequence[str], params: dict[str, Activ
 
 
 def _closed_loop(costs: np.ndarray, delta_ms: np.ndarray, names: Sequence[str], params: dict[str, ActivationParams],
-                 wide: dict[str, ActivationParams], written: Any, target: Target
+                 wide: dict[str, ActivationParams], written: Any, target: Target, floats: list[OutputMetrics] | None
                  ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The fastest solution whose written model meets the target, by bisection over the τ grid; else all float."""
+    """The fastest solution whose written model meets the target, by bisection over the τ grid; else all float
+    (``floats``: the all-float model's metrics when already measured)."""
     finite = np.where(np.isfinite(costs), costs, np.nan)
     positive = finite[finite > 0]
     top = float(np.nansum(np.clip(finite[:, 0], 0, None)))
@@ -371,14 +380,8 @@ def _closed_loop(costs: np.ndarray, delta_ms: np.ndarray, names: Sequence[str], 
                 hi = mid - 1
     if best is None:
         choice = np.full(len(names), PRECISIONS.index("float"))
-        metrics = written({})
-        met = not target.misses(metrics)
-        history.append({"tau": None, "counts": {"int8": 0, "int16": 0, "float": len(names)},
-                        "measured": describe(metrics), "met": met, "kept": True})
-        if not met:
-            history[-1]["warning"] = ("no activation precision meets the target: with every activation float the "
-                                      f"quantized weights alone give {describe(metrics)}; activations are left "
-                                      "float, give the weights more bits")
+        metrics = written({}) if floats is None else floats
+        history.append(_all_float_step(len(names), describe(metrics), not target.misses(metrics)))
         return choice, history
     history.append({**best[1], "kept": True})
     return best[0], history
