@@ -596,6 +596,9 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 @click.option("--activations", is_flag=True,
               help="Probe the activation quantizers instead of the weights: per tensor static mode would "
                    "quantize, the loss change when it alone takes 8 / 16 bits, and its own SQNR.")
+@click.option("--joint", is_flag=True,
+              help="With --activations: also probe every weight, and check the summed prediction of weights and "
+                   "activations on random assignments of both (--fidelity-samples of them).")
 @click.option("--compare-methods", is_flag=True,
               help="With --activations: also probe every 8-bit point with each range method "
                    f"({', '.join(METHODS)}) and name the best per tensor.")
@@ -606,18 +609,21 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
 def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_only,
             act_symmetric, calib_method, block_size, allocators, no_simplify, fix_inputs, bits, candidate_block, loss, loss_output,
             labels, weight_clip, weight_grid, int8_full_range, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples, cache_dir, no_cache, workers, ray, top, activations,
-            compare_methods, seed,
+            joint, compare_methods, seed,
             as_json, quiet):
     """Probe MODEL's sensitivity only: per weight and format, first-order and curvature terms.
 
     Writes a JSON and a CSV table and prints the most and least sensitive weights, plus the
     fidelity of the additive prediction on random assignments. With --activations, the same for
-    every activation quantizer static mode would place (8 and 16 bits, each point alone).
+    every activation quantizer static mode would place (8 and 16 bits, each point alone); with
+    --joint too, both kinds, and the fidelity of their summed prediction on random assignments of
+    weight formats and activation points together.
 
     \b
     Example:
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz -o digits.sens
       cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz --activations
+      cet-onnx analyze models/digits/model.onnx --calib models/digits/calib.npz --activations --joint
     """
     from cet_onnx.analysis_io import sensitivity_ranking, write_analysis
     from cet_onnx.pipeline import analyze as run_analyze
@@ -638,7 +644,9 @@ def analyze(model, output, calib, calib_size, batch_size, image_size, mean, std,
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, fix_inputs=fix_inputs))
     if compare_methods and not activations:
         raise InputError("--compare-methods compares activation range methods: it needs --activations")
-    result = run_analyze(model, calib, opts, names, activations, METHODS if compare_methods else ())
+    if joint and not activations:
+        raise InputError("--joint checks weights and activations together: it needs --activations")
+    result = run_analyze(model, calib, opts, names, activations, METHODS if compare_methods else (), joint)
     prefix = output or str(Path(model).with_suffix("")) + (".activations" if activations else ".sensitivity")
     paths = write_analysis(result, prefix)
     if as_json:
@@ -689,6 +697,11 @@ def _print_activation_analysis(result: dict, top: int) -> None:
     if fid:
         click.echo(f"fidelity over {len(fid['assignments'])} random sets of 8-bit points: Spearman "
                    f"{fid['spearman']:.3f}, median measured/predicted {fid['median_measured_over_predicted']:.2f}")
+    joint = result.get("joint_fidelity")
+    if joint:
+        click.echo(f"joint fidelity over {len(joint['assignments'])} random assignments of {joint['weights']} weights' "
+                   f"formats and {joint['activation_points']} 8-bit activation points: Spearman {joint['spearman']:.3f}, "
+                   f"median measured/predicted {joint['median_measured_over_predicted']:.2f}")
 
 
 @main.command()

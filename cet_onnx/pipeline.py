@@ -14,6 +14,7 @@ from typing import Any
 
 from cet_onnx import __version__
 from cet_onnx.allocation.activation_plan import plan_activations
+from cet_onnx.allocation import static_trial
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
 from cet_onnx.calibration.branches import unexercised_weights
@@ -109,9 +110,11 @@ def add_tensor_errors(report: dict[str, Any], p: Prepared, emitted: Any, timer: 
 
 def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOptions,
             allocators: tuple[str, ...] = ("cet",), activations: bool = False,
-            compare_methods: tuple[str, ...] = ()) -> dict[str, Any]:
+            compare_methods: tuple[str, ...] = (), joint: bool = False) -> dict[str, Any]:
     """Run the probes only: per weight and format, first-order and curvature terms and predicted ΔL;
-    with ``activations``, per activation quantizer and precision instead (:mod:`.allocation.activation_probes`)."""
+    with ``activations``, per activation quantizer and precision instead (:mod:`.allocation.activation_probes`);
+    with ``joint`` too, both, and the fidelity of their sum on random assignments of both kinds
+    (:mod:`.allocation.joint_fidelity`)."""
     t0 = time.perf_counter()
     p = prepare(model_path, calib, opts, mixed=True)
     header = {"tool": f"cet-onnx {__version__}", "model": str(model_path)}
@@ -124,6 +127,10 @@ def analyze(model_path: str | os.PathLike, calib: str | None, opts: QuantizeOpti
                                             compare=compare_methods)
         result = {**header, **info, "activations": acts, "probe_runs": session.runs - runs0,
                   "probe_seconds": round(time.perf_counter() - t1, 3)}
+        if joint:
+            weights = sensitivity_report(p, opts, ("cet",), {}, activations=acts)
+            result["joint_fidelity"] = weights.pop("joint_fidelity", None)
+            result["weights"] = weights
     else:
         result = sensitivity_report(p, opts, allocators, header)
     result["timings_s"] = {**p.timer.stages, "total": round(time.perf_counter() - t0, 3)}
@@ -152,6 +159,8 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         formats, qweights, allocation, session = allocate(p, opts, budget, timer)
     else:
         formats = {w.name: choose_format(w, opts.weights) for w in p.weights}
+        if static_trial.applies(p, opts):
+            qweights = static_trial.try_static(p, opts, formats, timer)
     if qweights is None:
         qweights = quantize_all(p, opts, formats, timer)
     if allocation is not None:

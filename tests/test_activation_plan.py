@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from cet_onnx.allocation.activation_plan import Target
+from cet_onnx.allocation.activation_plan import SLACK, Target
 from cet_onnx.cli import main
 from cet_onnx.verify import OutputMetrics
 from models import outlier_mlp, small_cnn
@@ -83,16 +83,27 @@ def test_solve_bisects_to_the_fastest_assignment_that_meets_the_target(outlier):
     assert all(t["delta_loss"]["int16"] is None for t in plan["tensors"])   # 16 bits dominated by float here
 
 
-def test_no_precision_meeting_the_target_is_said_loudly(outlier):
+def test_weights_that_miss_the_target_are_said_loudly_and_activations_keep_their_level(outlier):
     d = outlier
     res = invoke("quantize", d / "model.onnx", "-o", d / "w.onnx", "--calib", d / "calib.npz",
-                 "--act-min-agreement", "1.0", "--weight-bits", "2")
+                 "--act-min-agreement", "1.0", "--weight-bits", "2", "--latency-batch", "0")
     assert res.exit_code == 0, res.output
-    assert "WARNING: activations: no activation precision meets the target" in res.output
+    assert "WARNING: activations: the quantized weights alone miss the activation target" in res.output
     report = json.loads((d / "w.report.json").read_text())
     plan = report["activation_precision"]
-    assert not plan["met"] and plan["counts"]["float"] == len(plan["tensors"])
-    assert plan["checks"] == 2 and "and so do the weights alone" in plan["why"]   # no probes: weights are the cause
+    assert not plan["met"] and plan["met_weights_level"]     # the absolute target missed, the weights' level kept
+    lowered = plan["target_below_weights"]["min_agreement"]
+    assert lowered < 1.0 and lowered == pytest.approx(float(plan["weights_alone"].split()[-2]) / 100 - SLACK["agreement"], abs=1e-4)
+    assert "the weights alone miss it too" in plan["why"]
+    chosen = {t["tensor"]: t["chosen"] for t in plan["tensors"]}
+    assert chosen["hr"] == "float" and "int8" in chosen.values()   # still chosen (fewest off 8 bits), not all float
+
+
+def test_target_below_weights_lowers_only_what_the_weights_miss():
+    t = Target(min_agreement=0.98, min_cosine=0.99, min_sqnr_db=20.0)
+    low = t.below_weights([OutputMetrics("a", 30.0, 0.1, 0.95, "logits"), OutputMetrics("t", 25.0, 0.1, None)])
+    assert low.min_agreement == pytest.approx(0.95 - SLACK["agreement"])
+    assert low.min_cosine == 0.99 and low.min_sqnr_db == 20.0
 
 
 def test_target_reads_the_metric_of_each_output_kind():

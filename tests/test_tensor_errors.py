@@ -117,11 +117,30 @@ def test_analyze_activations_compares_range_methods_per_tensor(cnn, tmp_path):
     assert "best 8-bit range method per tensor:" in res.output
 
 
+def test_analyze_joint_checks_weights_and_activations_quantized_together(cnn, tmp_path):
+    prefix = tmp_path / "joint"
+    res = CliRunner().invoke(main, [str(a) for a in ("analyze", cnn / "m.onnx", "--calib", cnn / "calib.npz",
+                                                     "--activations", "--joint", "--bits", "2,4,8", "-o", prefix)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "joint.json").read_text())
+    joint, weights = result["joint_fidelity"], result["weights"]
+    rows = joint["assignments"]
+    assert len(rows) == 12 and joint["weights"] == len(weights["cet"]) and joint["activation_points"] > 0
+    assert all(r["predicted"] == pytest.approx(r["predicted_weights"] + r["predicted_activations"]) for r in rows)
+    assert len({r["activation_points"] for r in rows}) > 1 and len({r["bytes"] for r in rows}) > 1   # both kinds vary
+    assert all(np.isfinite(r["measured"]) for r in rows)
+    assert joint["spearman"] > 0.7        # the summed single probes rank the joint assignments
+    assert "joint fidelity over 12 random assignments" in res.output
+
+
 def test_compare_methods_without_activations_is_a_usage_error(cnn):
     before = set(cnn.iterdir())
     res = CliRunner().invoke(main, ["analyze", str(cnn / "m.onnx"), "--compare-methods"])
     assert res.exit_code == 2 and "needs --activations" in res.output
     assert len(res.output.strip().splitlines()) == 1 and set(cnn.iterdir()) == before   # nothing written
+    res = CliRunner().invoke(main, ["analyze", str(cnn / "m.onnx"), "--joint"])
+    assert res.exit_code == 2 and "needs --activations" in res.output and set(cnn.iterdir()) == before
 
 
 def test_a_large_model_runs_one_session_at_a_time_with_the_same_result(cnn, tmp_path, monkeypatch):

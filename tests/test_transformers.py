@@ -70,10 +70,10 @@ def test_output_kinds_follow_the_ops_that_compute_them():
 
 
 @pytest.mark.parametrize("mask", ["inf", "finfo"])
-def test_default_command_quantizes_a_masked_encoder_dynamically_and_keeps_its_embeddings(encoder, mask, tmp_path):
+def test_dynamic_mode_quantizes_a_masked_encoder_and_keeps_its_embeddings(encoder, mask, tmp_path):
     d, paths = encoder
     out = tmp_path / "q.onnx"
-    report = _quantize(paths[mask], out, d / "calib.npz")
+    report = _quantize(paths[mask], out, d / "calib.npz", "--act-mode", "dynamic")
     assert report["activation_mode"]["mode"] == "dynamic" and report["activation_mode"]["dynamic_matmuls"] == 6
     (o,) = report["verification"]["outputs"]
     assert o["kind"] == "embedding" and o["top1_agreement"] is None and o["mean_cosine"] >= 0.99
@@ -81,6 +81,24 @@ def test_default_command_quantizes_a_masked_encoder_dynamically_and_keeps_its_em
     # q, k and v share one DynamicQuantizeLinear: MatMulIntegerToFloat; the others DynamicQuantizeMatMul
     assert ops.count("DynamicQuantizeMatMul") == 3 and ops.count("MatMulIntegerToFloat") == 3
     assert ops.count("DynamicQuantizeLinear") == 1 and "MatMulInteger" not in ops
+
+
+def test_auto_keeps_static_activations_on_a_transformer_only_where_they_meet_the_target(encoder, tmp_path):
+    d, paths = encoder
+    kept = _quantize(paths["inf"], tmp_path / "s.onnx", d / "calib.npz")    # the default: --act-mode auto
+    mode = kept["activation_mode"]
+    assert mode["mode"] == "static" and "keep the target on" in mode["why"] and "LayerNormalization" in mode["why"]
+    assert kept["activation_tensors"] == 4 and kept["verification"]["outputs"][0]["mean_cosine"] >= 0.99
+    ops = _optimized_ops(tmp_path / "s.onnx", tmp_path)   # static inputs, float outputs: integer MatMuls
+    assert ops.count("MatMulIntegerToFloat") == 5 and "DynamicQuantizeLinear" not in ops
+    # a target static activations cannot keep: the trial says so and the model goes dynamic as before
+    missed = _quantize(paths["inf"], tmp_path / "d.onnx", d / "calib.npz", "--act-min-cosine", "0.999999")
+    mode = missed["activation_mode"]
+    assert mode["mode"] == "dynamic" and "checked first, miss the target (embedding: mean cosine" in mode["why"]
+    assert mode["dynamic_matmuls"] == 6 and missed["timings_s"]["static trial"] > 0
+    # with a size budget there is no trial (the allocation would run twice)
+    budget = _quantize(paths["inf"], tmp_path / "b.onnx", d / "calib.npz", "--avg-bits", "6", "--probe-size", "16")
+    assert budget["activation_mode"]["mode"] == "dynamic" and "static trial" not in budget["timings_s"]
 
 
 @pytest.mark.parametrize("mask", ["inf", "finfo"])
@@ -153,7 +171,7 @@ def test_a_tied_lm_head_is_one_quantized_table_for_both_uses(encoder, tmp_path, 
     d, _ = encoder
     path, out = tmp_path / "tied.onnx", tmp_path / "q.onnx"
     onnx.save(_tied_encoder(stored), path)
-    report = _quantize(path, out, d / "calib.npz", *flags)
+    report = _quantize(path, out, d / "calib.npz", "--act-mode", "dynamic", *flags)
     names = [w["name"] for w in report["weights"]]
     assert "word_embeddings" in names and "head_t" not in names and not report["skipped_weights"]
     tables = [t for t in onnx.load(out).graph.initializer if sorted(t.dims) == [32, 50]]

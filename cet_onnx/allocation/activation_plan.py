@@ -28,9 +28,13 @@ samples (the first ``--probe-size`` calibration samples, never the held-out ones
    all-8-bit sum) whose solution, written with the real quantized weights, *measures* within the target is
    found by bisection; that assignment is kept.
 
-When every activation float still misses the target the weights cause the loss (checked before any probe:
-two runs of the probe samples, not the per-tensor work): activations stay float and the summary says so
-loudly (the ``--verify-min-*`` gates turn that into exit 1). Without timing
+When every activation float still misses the target, the quantized weights cause the loss (checked before
+any probe: one more run of the probe samples) and no activation choice can reach it: the target is lowered to
+what the weights alone give as an all-8-bit model would hold them (±63 codes where integer kernels would read
+them, activations float; one more run), less ``SLACK`` (half a point of top-1 agreement, 0.001 of cosine, 1 dB
+of SQNR),
+and the plan above runs against that; the summary says loudly that the weights miss (the ``--verify-min-*``
+gates turn that into exit 1), and ``met`` is false. Without timing
 (``--latency-batch 0``) the solve keeps the fewest tensors off 8 bits.
 
 Every check runs the weights the candidate would be written with: an INT8 weight that a u8 × s8 kernel
@@ -68,6 +72,8 @@ from cet_onnx.verify import OutputMetrics, compare_outputs
 PRECISIONS = ("int8", "int16", "float")
 #: points of the τ grid the closed loop bisects
 TAU_POINTS = 24
+#: what activations may lose beyond the quantized weights alone where those miss the target (``Target.below_weights``)
+SLACK = {"agreement": 0.005, "cosine": 0.001, "sqnr_db": 1.0}
 #: timing of one variant pair: fewer rounds than a whole-model comparison (there is one per tensor)
 VARIANT_ROUNDS = (5, 40, 0.5)
 
@@ -79,6 +85,17 @@ class Target:
     min_agreement: float = 0.98
     min_cosine: float = 0.99
     min_sqnr_db: float = 20.0
+
+    def below_weights(self, weights_alone: Sequence[OutputMetrics]) -> "Target":
+        """This target, lowered where the quantized weights alone (every activation float) miss it: to what they
+        give, less the slack activations may add (``SLACK``), so activations are held to the weights' level."""
+        agree = [m.top1_agreement for m in weights_alone if m.top1_agreement is not None]
+        cos = [m.mean_cosine for m in weights_alone if m.top1_agreement is None and m.mean_cosine is not None]
+        sqnr = [m.sqnr_db for m in weights_alone if m.top1_agreement is None and m.mean_cosine is None
+                and not np.isnan(m.sqnr_db)]
+        return Target(min(self.min_agreement, min(agree, default=1.0) - SLACK["agreement"]),
+                      min(self.min_cosine, min(cos, default=1.0) - SLACK["cosine"]),
+                      min(self.min_sqnr_db, min(sqnr, default=np.inf) - SLACK["sqnr_db"]))
 
     def misses(self, metrics: Sequence[OutputMetrics]) -> list[str]:
         """One line per float output below its target (empty: the target is met)."""
@@ -125,6 +142,7 @@ class OutputCheck:
         self.positions = padding.real_positions(self.mask, ref)
         self.probabilities = is_probability(ref)
         self.runs = 0
+        self.samples = 0   # how many samples the batches hold (set by :func:`output_check`)
 
     def outputs(self, model: ir.Model) -> list[np.ndarray]:
         """Every output of ``model`` on the probe batches (a session dropped after)."""
@@ -180,6 +198,19 @@ class FullRange:
         return {**self.qweights, **self.freed(chosen)}
 
 
+def output_check(p: Prepared, opts: Any) -> tuple[OutputCheck, Target]:
+    """The float model's outputs on the probe samples (the first ``--probe-size`` calibration samples) and the
+    target the written model must keep on them."""
+    from cet_onnx.allocation.stage import loss_output   # the stage imports this module's callers
+    n = min(opts.allocation.probe_size, len(p.calib_samples))
+    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
+    check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
+                        loss_output(p.model, opts.allocation.loss_output))
+    check.samples = n
+    acts = opts.activations
+    return check, Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
+
+
 def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight]) -> ActivationPlan:
     """Each planned activation's precision (module docstring). ``opts``: the :class:`~cet_onnx.options.QuantizeOptions`."""
     acts = opts.activations
@@ -191,12 +222,8 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
     if external_data.data_dir(p.model) is not None:
         return ActivationPlan(params, report={"precision": "uniform", "why": "not checked: the model's weights stay "
                                               "on disk (too large to run the written model beside the float one)"})
-    from cet_onnx.allocation.stage import loss_output   # the stage imports this module's callers
-    n = min(opts.allocation.probe_size, len(p.calib_samples))
-    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
-    check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
-                        loss_output(p.model, opts.allocation.loss_output))
-    target = Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
+    check, target = output_check(p, opts)
+    n = check.samples
     full = FullRange(p, opts, qweights)
 
     def written(chosen: Mapping[str, ActivationParams]) -> list[OutputMetrics]:
@@ -210,14 +237,37 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
                                                      f"({describe(uniform)})"})
     missed = target.misses(uniform)
     floats = written({}) if missed else None
-    if floats is not None and target.misses(floats):   # the weights alone miss: no activation choice can help
-        plan = _weights_miss(params, base, acts.precision, missed, describe(floats), check.runs)
+    weights_miss = floats is not None and bool(target.misses(floats))
+    if weights_miss:   # no activation choice can reach the target: hold activations to the weights' own level
+        level = floats if not full.freed({}) else check.metrics(check.outputs(
+            rewrite(p.model, p.weights, dict(qweights), {}).model))
+        target = target.below_weights(level)
+        base["weights_alone"], base["target_below_weights"] = describe(level), vars(target)
+    if weights_miss and acts.precision == "auto" and not target.misses(uniform):
+        plan = ActivationPlan(params, report={"precision": "uniform", **base, "checks": check.runs,
+                                              "why": f"auto: every planned tensor at {acts.bits} bits keeps the level "
+                                                     f"of the weights alone ({describe(uniform)})"})
     else:
         plan = _per_tensor(p, opts, qweights, check, target, params, written, base, missed, floats)
+    if weights_miss:
+        plan.report["why"] += "; the weights alone miss it too, so activations are held to their level"
+        plan.report["met_weights_level"] = plan.report.get("met", True)
+        plan.report["met"] = False
+        plan.report["warning"] = _weights_warning(describe(floats), p, qweights)
     plan.full_range = full.freed(plan.params or {})
     if plan.full_range:
         plan.report["full_range"] = sorted(plan.full_range)
     return plan
+
+
+def _weights_warning(floats: str, p: Prepared, qweights: Mapping[str, QuantizedWeight]) -> str:
+    """The loud line when the quantized weights alone miss the target."""
+    narrow = any(w.integer_kernel and w.name in qweights and qweights[w.name].fmt.bits == SATURATION_SAFE_BITS
+                 for w in p.weights)
+    hint = " (or --int8-full-range where the server's CPU has VNNI: +-127 codes instead of +-63)" if narrow else ""
+    return (f"the quantized weights alone miss the activation target (every activation float: {floats}); "
+            f"activations were held to that level (at most {100 * SLACK['agreement']:g} pt of agreement, "
+            f"{SLACK['cosine']:g} of cosine or {SLACK['sqnr_db']:g} dB below it); give the weights more bits{hint}")
 
 
 def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], check: OutputCheck, target: Target,
@@ -253,20 +303,6 @@ def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight],
     if "warning" in final:
         report["warning"] = final["warning"]
     return ActivationPlan(chosen, left, report)
-
-
-def _weights_miss(params: Mapping[str, ActivationParams], base: dict[str, Any], precision: str, missed: list[str],
-                  floats: str, checks: int) -> ActivationPlan:
-    """Every activation float, said loudly: with them all float the quantized weights alone miss the target."""
-    step = _all_float_step(len(params), floats, False)
-    warning = step["warning"]
-    left = {t: "activation plan: float (the quantized weights alone miss the target)" for t in params}
-    return ActivationPlan({}, left, {"precision": "per tensor", **base,
-                                     "why": f"{precision}: every planned tensor at 8 bits misses the target (" +
-                                            "; ".join(missed) + "), and so do the weights alone",
-                                     "tensors": [{"tensor": t, "chosen": "float"} for t in params],
-                                     "counts": dict(step["counts"]), "closed_loop": [step], "met": False,
-                                     "checks": checks, "warning": warning})
 
 
 def _all_float_step(n: int, measured: str, met: bool) -> dict[str, Any]:

@@ -528,17 +528,11 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
     judged on the same assignments (which it never saw) as ``spearman_corrected``.
     """
     rng = np.random.default_rng(seed)
-    avail = cand.available
     rows = []
     bar = Progress(count, "fidelity check", "assignment")
     try:
         for _ in range(count):
-            pref = rng.dirichlet(np.ones(len(cand.formats)) * 0.5)
-            choice = []
-            for i in range(len(cand.weights)):
-                p = np.where(avail[i], pref, 0.0) + 1e-12 * avail[i]
-                choice.append(int(rng.choice(len(p), p=p / p.sum())))
-            choice = np.array(choice)
+            choice = random_choice(rng, cand)
             idx = np.arange(len(choice))
             predicted = session.base_loss + float(sens.costs[idx, choice].sum())
             measured = session.assignment_loss(cand.chosen(choice))
@@ -556,6 +550,17 @@ def fidelity(session: ProbeSession, sens: Sensitivity, cand: Candidates, count: 
         out["spearman_corrected"], out["median_measured_over_corrected"] = rank_agreement(
             np.array([r["corrected"] for r in rows]) - session.base_loss, meas)
     return out
+
+
+def random_choice(rng: np.random.Generator, cand: Candidates) -> np.ndarray:
+    """A random format per weight, with preferences drawn from a Dirichlet distribution per call so that
+    repeated draws span small and large sizes."""
+    pref = rng.dirichlet(np.ones(len(cand.formats)) * 0.5)
+    choice = []
+    for avail in cand.available:
+        p = np.where(avail, pref, 0.0) + 1e-12 * avail
+        choice.append(int(rng.choice(len(p), p=p / p.sum())))
+    return np.array(choice)
 
 
 def rank_agreement(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:

@@ -190,8 +190,10 @@ def _throughput(runs: int, seconds: float) -> dict[str, Any]:
 
 
 def sensitivity_report(p: Prepared, opts: QuantizeOptions, allocators: tuple[str, ...],
-                       header: dict[str, Any]) -> dict[str, Any]:
-    """``header``, then per weight and format the probe terms and predicted ΔL of each allocator, and fidelity."""
+                       header: dict[str, Any], activations: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``header``, then per weight and format the probe terms and predicted ΔL of each allocator, and fidelity;
+    with ``activations`` (:func:`~cet_onnx.allocation.activation_probes.activation_sensitivities`' result), the
+    fidelity of weights and activations quantized together too (:mod:`.joint_fidelity`)."""
     with p.timer.stage("probe"):
         session, info = probe_session(p, opts)
     with p.timer.stage("candidates"):
@@ -211,9 +213,24 @@ def sensitivity_report(p: Prepared, opts: QuantizeOptions, allocators: tuple[str
         if "cet" in allocators and samples:
             with p.timer.stage("fidelity"):
                 result["fidelity"] = fidelity(session, cet_sens, cand, samples, opts.run.seed)
+            if activations is not None and samples:
+                with p.timer.stage("joint fidelity"):
+                    result["joint_fidelity"] = _joint(p, opts, session, cet_sens, cand, activations)
     finally:
         cand.close()
     return result
+
+
+def _joint(p: Prepared, opts: QuantizeOptions, session: ProbeSession, sens: Sensitivity, cand: Candidates,
+           activations: dict[str, Any]) -> dict[str, Any]:
+    """Joint fidelity over the 8-bit activation points probed with ``--calib-method``."""
+    from cet_onnx.allocation.joint_fidelity import joint_fidelity
+    from cet_onnx.quant.quantizer import activation_params
+    rows = [r for r in activations["points"] if r["precision"] == "int8 static"
+            and r["method"] == activations["calib_method"]]
+    params = {r["tensor"]: activation_params(*r["range"], 8, opts.activations.symmetric) for r in rows}
+    return joint_fidelity(p, session, sens.costs, cand, params, {r["tensor"]: r["delta_loss"] for r in rows},
+                          opts.allocation.fidelity_samples, opts.run.seed)
 
 
 def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer

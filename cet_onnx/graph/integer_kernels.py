@@ -27,8 +27,9 @@ Only 8-bit per-channel / per-tensor formats change (blocked and sub-8-bit weight
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from typing import Collection, Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from cet_onnx.graph.weights import WeightInfo
@@ -40,9 +41,12 @@ _DYNAMIC_OPS = ("MatMul", "Gemm")
 def integer_kernel_weights(graph: ir.Graph, weights: Sequence[WeightInfo], act_mode: str,
                            quantized: Collection[str] = ()) -> set[str]:
     """Names of ``weights`` read by a u8 × s8 integer kernel (module docstring); ``quantized``: the
-    activation tensors static mode quantizes."""
+    activation tensors static mode quantizes, or their parameters (then only 8-bit ones count: onnxruntime
+    has no 16-bit integer kernel, a layer whose input is 16-bit runs in float)."""
     if act_mode not in ("static", "dynamic"):
         return set()
+    if isinstance(quantized, Mapping):
+        quantized = {t for t, a in quantized.items() if np.dtype(a.dtype).itemsize == 1}
     names = {w.name for w in weights}
     found = set()
     for node in graph.all_nodes():

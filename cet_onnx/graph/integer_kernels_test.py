@@ -5,7 +5,7 @@ from onnx import helper
 from cet_onnx.graph.integer_kernels import integer_kernel_weights
 from cet_onnx.graph.passes._testing import make_model, tensor_info
 from cet_onnx.graph.weights import find_weights
-from cet_onnx.quant.quantizer import WeightFormat, quantize_weight, saturation_safe
+from cet_onnx.quant.quantizer import WeightFormat, activation_params, quantize_weight, saturation_safe
 
 RNG = np.random.default_rng(0)
 
@@ -32,6 +32,13 @@ def test_static_mode_marks_the_layers_whose_data_input_is_quantized_and_lstms():
     assert integer_kernel_weights(m.graph, weights, "static", {"x", "f"}) == {"conv", "fc", "lstm_W", "lstm_R"}
     # 'left' is input A of a MatMul whose B ('h') is quantized: a QLinearMatMul reads it too
     assert "left" in integer_kernel_weights(m.graph, weights, "static", {"h"})
+
+
+def test_a_16_bit_activation_feeds_no_integer_kernel():
+    m = _model()
+    weights, _ = find_weights(m)
+    params = {"x": activation_params(-1, 1, 16), "f": activation_params(-1, 1, 8)}
+    assert integer_kernel_weights(m.graph, weights, "static", params) == {"fc", "lstm_W", "lstm_R"}
 
 
 def test_dynamic_mode_marks_matmul_b_weights_transposed_ones_included_and_lstms():
