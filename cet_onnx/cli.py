@@ -250,7 +250,8 @@ def main() -> None:
 @click.option("--act-mode", type=click.Choice(["auto", "static", "dynamic", "none"]), default="auto", show_default=True,
               help="static: calibrated Q/DQ on activations (QLinearConv / QLinearMatMul); dynamic: INT8-weight "
                    "MatMuls quantize their input at run time (DynamicQuantizeMatMul), other activations float; "
-                   "none: weight-only. auto: dynamic for graphs with attention or LayerNorm, else static.")
+                   "none: weight-only. auto: dynamic for graphs with attention or LayerNorm (with Conv weights: static "
+                   "when static 8-bit activations, checked first, keep the --act-min-* target), else static.")
 @click.option("--act-precision", type=click.Choice(["auto", "uniform", "solve"]), default="auto", show_default=True,
               help="Static mode: each activation's precision. uniform: every one at --act-bits; solve: 8-bit, 16-bit "
                    "or float per tensor, the fastest choice (measured) that meets the target on the probe samples; "

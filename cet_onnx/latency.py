@@ -107,11 +107,15 @@ def compare_latency(model: Any, qmodel: Any, batches: Sequence[Feed], providers:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else what the platform says): timings are only comparable on one."""
+    """The CPU's model name (``/proc/cpuinfo``; else what the platform says), and on x86 whether it has VNNI
+    (onnxruntime's u8 × s8 kernels saturate without it): timings are only comparable on one."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return f"{name} (VNNI)"
+    return f"{name} (AVX2, no VNNI)" if "avx2" in flags else name

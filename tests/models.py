@@ -177,10 +177,11 @@ def outlier_mlp(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def keras_style_mlp(seed: int = 0, hidden: int = 32, classes: int = 12) -> onnx.ModelProto:
+def keras_style_mlp(seed: int = 0, hidden: int = 32, classes: int = 12, conv: bool = False) -> onnx.ModelProto:
     """Dense → GELU (tanh form) → LayerNorm → Dense → softmax, every block decomposed the way jax2tf / Keras
     exports write them (Magika's file-type classifier): the mean as ``ReduceSum · (1/n)`` reshaped and expanded
-    before the ``Sub``, the softmax as ``Exp(x - max) / Expand(ReduceSum)``. ``x`` [N, 16] → ``probs`` [N, classes]."""
+    before the ``Sub``, the softmax as ``Exp(x - max) / Expand(ReduceSum)``. ``x`` [N, 16] → ``probs`` [N, classes].
+    ``conv``: a 1-wide Conv1D over the 16 input features first (Magika has Conv layers too)."""
     rng = np.random.default_rng(seed)
     c = lambda name, v: numpy_helper.from_array(np.asarray(v, dtype=np.float32), name)  # noqa: E731
     shape = numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "col")
@@ -188,7 +189,15 @@ def keras_style_mlp(seed: int = 0, hidden: int = 32, classes: int = 12) -> onnx.
              c("k0", 0.044715), c("k1", np.sqrt(2 / np.pi)), c("one", 1.0), c("half", 0.5), c("inv_n", 1 / hidden),
              c("eps", 1e-5), shape]
     mk = helper.make_node
-    nodes = [mk("MatMul", ["x", "w1"], ["h0"]), mk("Add", ["h0", "b1"], ["h"]),
+    first = "x"
+    pre = []
+    if conv:
+        inits += [_init(rng, "wc", (16, 16, 1), 0.25), numpy_helper.from_array(np.array([-1, 16, 1], np.int64), "ncl"),
+                  numpy_helper.from_array(np.array([-1, 16], np.int64), "nc")]
+        pre = [mk("Reshape", ["x", "ncl"], ["x3"]), mk("Conv", ["x3", "wc"], ["c3"]), mk("Relu", ["c3"], ["r3"]),
+               mk("Reshape", ["r3", "nc"], ["xc"])]
+        first = "xc"
+    nodes = pre + [mk("MatMul", [first, "w1"], ["h0"]), mk("Add", ["h0", "b1"], ["h"]),
              mk("Mul", ["h", "h"], ["h2"]), mk("Mul", ["h2", "h"], ["h3"]), mk("Mul", ["k0", "h3"], ["h3k"]),
              mk("Add", ["h", "h3k"], ["inner"]), mk("Mul", ["k1", "inner"], ["inner_s"]), mk("Tanh", ["inner_s"], ["t"]),
              mk("Add", ["one", "t"], ["t1"]), mk("Mul", ["half", "t1"], ["t1h"]), mk("Mul", ["h", "t1h"], ["g"]),

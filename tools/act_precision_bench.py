@@ -9,6 +9,7 @@ in one run:
   meets the target on the probe samples, else 8-bit / 16-bit / float per tensor by probes and an exact solve);
 * cet-onnx ``--act-mode static --act-precision uniform`` (every planned activation at 8 bits: W8A8 as before);
 * cet-onnx ``--act-mode static --act-precision solve`` (per tensor even where uniform meets the target);
+* cet-onnx ``--act-mode static --int8-full-range`` (±127 weight codes: for servers whose CPU has VNNI);
 * onnxruntime ``quantize_static`` (QDQ, per-channel, MinMax), the same with only Conv / MatMul / Gemm
   quantized, and ``quantize_dynamic``; a peer that fails on a model is a row with its error.
 
@@ -35,7 +36,8 @@ import ort_quantize
 STATIC = ["--act-mode", "static"]
 RUNS = {"cet-onnx default": [], "cet-onnx --act-mode static": STATIC,
         "cet-onnx --act-mode static --act-precision uniform": STATIC + ["--act-precision", "uniform"],
-        "cet-onnx --act-mode static --act-precision solve": STATIC + ["--act-precision", "solve"]}
+        "cet-onnx --act-mode static --act-precision solve": STATIC + ["--act-precision", "solve"],
+        "cet-onnx --act-mode static --int8-full-range": STATIC + ["--int8-full-range"]}
 PEERS = {"onnxruntime quantize_static": lambda m, o, c: ort_quantize.quantize(m, o, c),
          "onnxruntime quantize_static (Conv/MatMul only)":
              lambda m, o, c: ort_quantize.quantize(m, o, c, op_types=["Conv", "MatMul", "Gemm"]),
@@ -55,7 +57,7 @@ def run_model(name: str, work: Path) -> dict:
         report = json.loads(out.with_name(out.stem + ".report.json").read_text())
         plan = report.get("activation_precision") or {}
         plans[label] = {"mode": report["activation_mode"]["mode"],
-                        **{k: plan.get(k) for k in ("precision", "why", "counts", "met")}}
+                        **{k: plan.get(k) for k in ("precision", "why", "counts", "met", "met_weights_level")}}
         paths[label] = out
     for label, fn in PEERS.items():
         out = work / f"{name}_ort_{len(paths) + len(failed)}.onnx"
@@ -102,10 +104,11 @@ def _activations(plan: dict) -> str:
     """The activation column: the mode, and for static mode the precision plan."""
     if not plan or plan.get("mode") != "static":
         return plan.get("mode", "")
+    weights = " (the weights alone miss the target: held to their level)" if plan.get("met_weights_level") else ""
     if plan.get("precision") in (None, "uniform"):
-        return "static, uniform 8-bit"
-    return ("static, {int8} int8, {int16} int16, {float} float".format(**plan["counts"]) +
-            ("" if plan.get("met") else " (target missed)"))
+        return "static, uniform 8-bit" + weights
+    missed = "" if plan.get("met") or weights else " (target missed)"
+    return "static, {int8} int8, {int16} int16, {float} float".format(**plan["counts"]) + missed + weights
 
 
 def main(argv=None) -> None:

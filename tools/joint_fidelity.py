@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -52,14 +51,6 @@ def run_model(name: str, samples: int, work: Path) -> dict:
             "joint": joint}
 
 
-def _cpu() -> str:
-    """The CPU model and whether it has VNNI (u8 x s8 kernels saturate without it)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
-                 platform.machine())
-    return f"{model}{', VNNI' if 'vnni' in info else ''}"
-
-
 def _f(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None or not np.isfinite(x) else format(x, fmt)
 
@@ -78,7 +69,7 @@ def main(argv=None) -> None:
         print(f"{name}: joint Spearman {_f(rows[-1]['joint_spearman'])}", file=sys.stderr)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python tools/joint_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "cpu": _cpu(), "onnxruntime": ort.__version__}
+            "cpu": common.cpu_name(), "onnxruntime": ort.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# Joint fidelity: summed single probes of weights and activations vs measured loss of both together", "",

@@ -21,6 +21,10 @@ samples (the first ``--probe-size`` calibration samples, never the held-out ones
    own), against the float model's outputs (:mod:`.activation_probes`);
 2. ``delta_ms[t, ·]``: the model as it will be written with every tensor at 8 bits, timed against the same
    model with ``t`` at 16 bits and with ``t`` float (interleaved runs at ``--latency-batch``); 8 bits cost 0.
+   A measured *speed-up* is not believed: one tensor off 8 bits only adds work or breaks a fusion, and on a
+   shared CPU the per-tensor differences are noise of several ms either way (PP-OCRv4 rec, a 15 ms model:
+   −10 … +5 ms, whose sum predicted a model 100 ms faster than the all-8-bit one); so each off-8-bit choice
+   costs its measured slow-down, at least ``TIE_MS`` (which keeps the fewest tensors off 8 bits on a tie).
    A 16-bit form no faster than float is dominated (float loses nothing) and gets no loss probe;
 3. the exact solve (:func:`~cet_onnx.allocation.solver.solve_loss_budget`, HiGHS): least ``Σ delta_ms``
    with ``Σ delta_loss ≤ τ``, one precision per tensor;
@@ -70,6 +74,8 @@ from cet_onnx.verify import OutputMetrics, compare_outputs
 
 #: candidate precisions of one tensor, in the solver's column order
 PRECISIONS = ("int8", "int16", "float")
+#: the least latency cost of a tensor off 8 bits (step 2 of the module docstring)
+TIE_MS = 1e-3
 #: points of the τ grid the closed loop bisects
 TAU_POINTS = 24
 #: what activations may lose beyond the quantized weights alone where those miss the target (``Target.below_weights``)
@@ -280,6 +286,8 @@ def _per_tensor(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight],
     delta_ms = _timings(p, opts, qweights, params, wide) if opts.run.latency_batch else None
     if delta_ms is None:   # no timing: the fewest tensors off 8 bits
         delta_ms = np.array([[0.0, 1.0, 1.0]] * len(names))
+    else:                  # no speed-up believed from leaving a tensor off 8 bits (module docstring, step 2)
+        delta_ms[:, 1:] = np.maximum(delta_ms[:, 1:], 0.0) + TIE_MS
     delta_ms[[names.index(t) for t in names if t not in wide], 1] = np.inf
     dominated = np.isfinite(delta_ms[:, 1]) & (delta_ms[:, 1] >= delta_ms[:, 2])
     delta_ms[dominated, 1] = np.inf

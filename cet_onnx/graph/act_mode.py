@@ -12,6 +12,10 @@ keeps them (≈ 0.99), and CNNs are faster and as accurate with static QDQ (QLin
   constant that, through Reshape / Expand, is subtracted from the tensor it was taken of: jax2tf /
   Keras exports such as Magika's);
 * ``static`` otherwise.
+
+The pipeline then checks one case further (:mod:`cet_onnx.allocation.static_trial`): a ``dynamic`` graph with
+Conv weights, which dynamic mode runs dequantized, stays ``static`` where static 8-bit activations keep the
+activation target on the probe samples.
 """
 
 from __future__ import annotations
