@@ -13,6 +13,7 @@ and activation-only checks of the same run, and the activations' median share of
 of the ranking the activation terms carry).
 
     python tools/joint_fidelity.py [--models digits,orientation,ocr,magika] [--samples 20]
+    python tools/joint_fidelity.py --models minilm --out tools/results/joint_fidelity_minilm   # torch needed
 
 Writes tools/results/joint_fidelity.md and .json.
 """
@@ -32,11 +33,21 @@ import bench_common as common
 import bench_data
 
 
-def run_model(name: str, samples: int, work: Path) -> dict:
+def model_and_calib(name: str, work: Path) -> tuple[Path, Path]:
+    """A model of ``bench_data`` and its calibration ``.npz``, or ``minilm`` (``tools/minilm_data.py``: needs
+    torch and transformers for the export)."""
+    if name == "minilm":
+        import minilm_data
+        info = minilm_data.build(minilm_data.DEFAULT_CACHE)
+        return Path(info["model"]), Path(info["calib"])
     spec = bench_data.load(name)
-    calib = spec.save_calib(work / f"{name}_calib.npz")
+    return Path(spec.model), spec.save_calib(work / f"{name}_calib.npz")
+
+
+def run_model(name: str, samples: int, work: Path) -> dict:
+    model, calib = model_and_calib(name, work)
     prefix = work / f"{name}_joint"
-    cmd = [sys.executable, "-m", "cet_onnx.cli", "analyze", str(spec.model), "--calib", str(calib), "--activations",
+    cmd = [sys.executable, "-m", "cet_onnx.cli", "analyze", str(model), "--calib", str(calib), "--activations",
            "--joint", "--fidelity-samples", str(samples), "--no-cache", "-q", "-o", str(prefix)]
     wall = common.run_measured(cmd, work / f"{name}_joint.log")["wall_s"]
     r = json.loads(prefix.with_suffix(".json").read_text())
