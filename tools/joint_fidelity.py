@@ -3,7 +3,7 @@
 
 For each model of ``tools/bench_data.py`` this runs, in a fresh process with default settings,
 
-    cet-onnx analyze MODEL --calib CALIB --activations --joint --fidelity-samples N --json
+    cet-onnx analyze MODEL --calib CALIB --activations --joint --fidelity-samples N --no-cache -q -o PREFIX
 
 which probes every weight (each format alone) and every 8-bit / 16-bit activation point (each alone),
 then writes random assignments of weight formats *and* 8-bit activation points together and compares

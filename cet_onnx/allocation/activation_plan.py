@@ -135,7 +135,7 @@ class OutputCheck:
     """The float model's outputs on the probe batches; scores any model against them (loss and target)."""
 
     def __init__(self, model: ir.Model, batches: Sequence[Any], providers: Sequence[str], loss: str | None,
-                 loss_output: str) -> None:
+                 loss_output: str, samples: int) -> None:
         self.batches, self.providers = list(batches), list(providers)
         session = make_session(model, providers)
         self.names = [o.name for o in session.get_outputs()]
@@ -148,7 +148,7 @@ class OutputCheck:
         self.positions = padding.real_positions(self.mask, ref)
         self.probabilities = is_probability(ref)
         self.runs = 0
-        self.samples = 0   # how many samples the batches hold (set by :func:`output_check`)
+        self.samples = samples   # how many samples the batches hold
 
     def outputs(self, model: ir.Model) -> list[np.ndarray]:
         """Every output of ``model`` on the probe batches (a session dropped after)."""
@@ -211,8 +211,7 @@ def output_check(p: Prepared, opts: Any) -> tuple[OutputCheck, Target]:
     n = min(opts.allocation.probe_size, len(p.calib_samples))
     batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
     check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
-                        loss_output(p.model, opts.allocation.loss_output))
-    check.samples = n
+                        loss_output(p.model, opts.allocation.loss_output), n)
     acts = opts.activations
     return check, Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
 
@@ -229,14 +228,13 @@ def plan_activations(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWei
         return ActivationPlan(params, report={"precision": "uniform", "why": "not checked: the model's weights stay "
                                               "on disk (too large to run the written model beside the float one)"})
     check, target = output_check(p, opts)
-    n = check.samples
     full = FullRange(p, opts, qweights)
 
     def written(chosen: Mapping[str, ActivationParams]) -> list[OutputMetrics]:
         return check.metrics(check.outputs(rewrite(p.model, p.weights, full.weights(chosen), dict(chosen)).model))
 
     uniform = written(params)
-    base = {"probe_samples": n, "target": vars(target), "uniform": describe(uniform)}
+    base = {"probe_samples": check.samples, "target": vars(target), "uniform": describe(uniform)}
     if acts.precision == "auto" and not target.misses(uniform):
         return ActivationPlan(params, report={"precision": "uniform", **base, "checks": check.runs,
                                               "why": f"auto: every planned tensor at {acts.bits} bits meets the target "

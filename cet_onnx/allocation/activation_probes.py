@@ -23,7 +23,7 @@ set's prediction was about the same and the ranking measured mostly noise).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from cet_onnx.exposed import ExposedSession
 from cet_onnx.graph.rewriter import activation_tensors, rewrite
 from cet_onnx.prepared import Prepared
 from cet_onnx.progress import Progress
-from cet_onnx.quant.quantizer import ActivationParams, activation_params, quantize_activation
+from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight, activation_params, quantize_activation
 from cet_onnx.runner import concat_outputs, make_session, run_batches
 from cet_onnx.tensor_errors import SqnrSums
 
@@ -49,9 +49,11 @@ def activation_ranges(p: Prepared, method: str, symmetric: bool, num_bits: int =
     return ranges, left_float
 
 
-def _loss_with(p: Prepared, session: ProbeSession, params: dict[str, ActivationParams]) -> float:
-    """The probe loss of the model with only ``params``' activations quantized (weights float)."""
-    model = rewrite(p.model, p.weights, {}, params).model
+def written_loss(p: Prepared, session: ProbeSession, params: Mapping[str, ActivationParams],
+                 qweights: Mapping[str, QuantizedWeight] | None = None) -> float:
+    """The probe loss of the model written with ``params``' activation Q/DQ pairs and ``qweights`` (none: weights
+    float)."""
+    model = rewrite(p.model, p.weights, dict(qweights or {}), dict(params)).model
     sess = make_session(model, p.providers)
     out = concat_outputs(run_batches(sess, session.batches, "", [session.loss_output]))[0]
     session.runs += 1
@@ -90,7 +92,7 @@ def activation_sensitivities(p: Prepared, session: ProbeSession, method: str = "
     try:
         for (t, b, m), prm in params.items():
             rows.append({"tensor": t, "precision": f"int{b} static", "method": m, "range": list(probes[(t, b, m)]),
-                         "delta_loss": _loss_with(p, session, {t: prm}) - session.base_loss,
+                         "delta_loss": written_loss(p, session, {t: prm}) - session.base_loss,
                          "quantizer_sqnr_db": own[(t, b, m)]})
             bar.update()
     finally:
@@ -115,6 +117,13 @@ def _best_methods(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {t: r["method"] for t, r in best.items()}
 
 
+def random_share(rng: np.random.Generator, names: Sequence[str]) -> list[str]:
+    """A random subset of ``names``: each taken with a probability drawn per call, so repeated draws span few to
+    most of them (with a fixed one half every subset is about the same size)."""
+    share = rng.random()
+    return [t for t in names if rng.random() < share]
+
+
 def _fidelity(p: Prepared, session: ProbeSession, params: dict[str, ActivationParams], delta: dict[str, float],
               samples: int, seed: int) -> dict[str, Any]:
     """Measured loss of random sets of 8-bit points against the sum of their single-point ΔL."""
@@ -124,10 +133,9 @@ def _fidelity(p: Prepared, session: ProbeSession, params: dict[str, ActivationPa
     bar = Progress(samples, "activation fidelity check", "assignment")
     try:
         for _ in range(samples):
-            share = rng.random()   # drawn per set, so the sets span few to most points (not all about half)
-            chosen = [t for t in names if rng.random() < share] or [names[int(rng.integers(len(names)))]]
+            chosen = random_share(rng, names) or [names[int(rng.integers(len(names)))]]
             predicted = session.base_loss + sum(delta[t] for t in chosen)
-            measured = _loss_with(p, session, {t: params[t] for t in chosen})
+            measured = written_loss(p, session, {t: params[t] for t in chosen})
             rows.append({"points": len(chosen), "predicted": predicted, "measured": measured})
             bar.update()
     finally:
