@@ -59,7 +59,7 @@ from cet_onnx.allocation.activation_probes import activation_ranges
 from cet_onnx.allocation.losses import default_loss, is_probability, loss_value
 from cet_onnx.allocation.solver import Infeasible, solve_loss_budget
 from cet_onnx.calibration import padding
-from cet_onnx.calibration.data import batched
+from cet_onnx.calibration.probe_batches import probe_batches
 from cet_onnx.graph.act_mode import ACT_PRECISIONS  # noqa: F401  (the choices, re-exported)
 from cet_onnx.graph.integer_kernels import integer_kernel_weights
 from cet_onnx.graph.output_kind import output_kinds
@@ -208,10 +208,9 @@ def output_check(p: Prepared, opts: Any) -> tuple[OutputCheck, Target]:
     """The float model's outputs on the probe samples (the first ``--probe-size`` calibration samples) and the
     target the written model must keep on them."""
     from cet_onnx.allocation.stage import loss_output   # the stage imports this module's callers
-    n = min(opts.allocation.probe_size, len(p.calib_samples))
-    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
-    check = OutputCheck(p.model, batches, p.providers, opts.allocation.loss,
-                        loss_output(p.model, opts.allocation.loss_output), n)
+    probe = probe_batches(p, min(opts.allocation.probe_size, len(p.calib_samples)))
+    check = OutputCheck(p.model, probe.batches, p.providers, opts.allocation.loss,
+                        loss_output(p.model, opts.allocation.loss_output), probe.samples)
     acts = opts.activations
     return check, Target(acts.min_agreement, acts.min_cosine, acts.min_sqnr_db)
 

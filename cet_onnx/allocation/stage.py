@@ -23,7 +23,7 @@ from cet_onnx.allocation.latency_budget import LatencyBudget
 from cet_onnx.allocation.solver import Limit, Solution, min_size, pareto_front
 from cet_onnx.calibration import padding
 from cet_onnx.calibration.branches import NOT_KEPT, WHY
-from cet_onnx.calibration.data import batched
+from cet_onnx.calibration.probe_batches import probe_batches
 from cet_onnx.errors import InputError
 from cet_onnx.io import external_data
 from cet_onnx.progress import Progress, warn
@@ -58,10 +58,8 @@ def loss_output(model: ir.Model, requested: str | None) -> str:
 def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dict[str, Any]]:
     """The long-lived probe session on the first ``--probe-size`` calibration samples."""
     a = opts.allocation
-    n = min(a.probe_size, len(p.calib_samples))
-    batches = batched(p.calib_samples[:n], p.batch_size, inputs=p.inputs)
-    n = sum(next(iter(b.values())).shape[0] for b in batches)
-    labels = p.labels[:n] if p.labels is not None else None
+    probe = probe_batches(p, min(a.probe_size, len(p.calib_samples)))
+    batches, labels, n = probe.batches, probe.labels, probe.samples
     out = loss_output(p.model, a.loss_output)
     reference = float_outputs(p.model, batches, out, p.providers)
     kind = output_kind(next(v for v in p.model.graph.outputs if v.name == out))
@@ -72,7 +70,7 @@ def probe_session(p: Prepared, opts: QuantizeOptions) -> tuple[ProbeSession, dic
     info = {"loss": loss, "loss_output": out, "output_kind": kind, "probe_samples": n, "base_loss": session.base_loss,
             "device": session.device, "probe_numerics": a.probe_numerics, "probes": a.probes,
             "probes_extrapolated": extrapolates(a.probes, loss, a.probe_numerics),
-            "loss_positions": padding.counted(session.positions)}
+            "loss_positions": padding.counted(session.positions), "probe_padding": probe.report()}
     return session, info
 
 

@@ -11,7 +11,7 @@ Pure functions over arrays.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -57,3 +57,38 @@ def counted(positions: np.ndarray | None) -> dict[str, int | str] | None:
     if positions is None:
         return None
     return {"mask": MASK_INPUTS[0], "counted": int(positions.sum()), "of": int(positions.size)}
+
+
+def lengths(samples: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray | None:
+    """Per sample, the position after its last token (the width its row needs), or None unless every
+    sample carries a 2-D attention mask of one width."""
+    name = mask_input(samples[0]) if samples else None
+    if name is None or any(np.ndim(s[name]) != 2 for s in samples) or \
+            len({np.shape(s[name])[1] for s in samples}) != 1:
+        return None
+    return np.array([_width(np.asarray(s[name])) for s in samples])
+
+
+def _width(mask: np.ndarray) -> int:
+    """Columns up to the last one any row of ``mask`` has a token in (at least 1)."""
+    used = np.flatnonzero((mask != 0).any(axis=0))
+    return int(used[-1]) + 1 if used.size else 1
+
+
+def trim(feed: Mapping[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
+    """``feed`` without the trailing positions that are padding in every row: the attention mask and each
+    input in ``names`` (inputs shaped ``[batch, sequence, ...]`` like the mask) cut after the last token."""
+    mask = mask_input(feed)
+    if mask is None or np.ndim(feed[mask]) != 2:
+        return dict(feed)
+    width = _width(np.asarray(feed[mask]))
+    cut = set(names) | {mask}
+    return {k: (np.ascontiguousarray(v[:, :width]) if k in cut else v) for k, v in feed.items()}
+
+
+def sequence_inputs(feed: Mapping[str, np.ndarray]) -> list[str]:
+    """Inputs of ``feed`` whose first two axes are the attention mask's ``[batch, sequence]`` (the mask included)."""
+    mask = mask_input(feed)
+    if mask is None or np.ndim(feed[mask]) != 2:
+        return []
+    return [k for k, v in feed.items() if np.ndim(v) >= 2 and tuple(np.shape(v)[:2]) == np.shape(feed[mask])]
