@@ -466,12 +466,14 @@ def _speed_advice(report: dict, slow: list[dict], lat: dict) -> str:
                 f"dequantize steps (float {lat['fp32_ms']:.3f} ms a run), or timing noise on a busy machine")
     bits = {w["name"]: w.get("bits") for w in report.get("weights", [])}
     low = [s for s in slow if (bits.get(s.get("weight")) or 4) < 7]
-    if low:
-        return f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
     mode = (report.get("activation_mode") or {}).get("mode")
-    return (f"Those weights are 8-bit already: they run fast only inside QLinearConv / QLinearMatMul, which need static "
-            f"8-bit activations around them (activation mode here: {mode}); --act-mode static gives them that (its "
-            f"activation plan keeps the accuracy target)")
+    eight = (f"8-bit weights run fast only inside QLinearConv / QLinearMatMul, which need static 8-bit activations "
+             f"around them (activation mode here: {mode}); --act-mode static gives them that (its activation plan "
+             f"keeps the accuracy target)")
+    if not low:
+        return f"Those weights are 8-bit already: {eight}"
+    advice = f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
+    return advice if len(low) == len(slow) else f"{advice}; the other {len(slow) - len(low)} are 8-bit: {eight}"
 
 
 def _say_tensor_errors(say: Callable[[str], None], report: dict) -> None:

@@ -180,3 +180,19 @@ def test_slower_warning_advice_fits_the_cause():
         warning = next(s for s in said if s.startswith("WARNING"))
         assert expected in warning and "2.30x SLOWER" in warning
         assert ("--act-mode static" in warning) == (bits == 8 and bool(slow))
+
+
+def test_slower_warning_names_both_causes_when_sub_8_bit_and_8_bit_weights_are_dequantized():
+    from cet_onnx.cli import _say_speed
+
+    lat = {"batch": 1, "threads": "default", "provider": "CPUExecutionProvider", "interleaved_runs": 100,
+           "fp32_ms": 15.0, "quantized_ms": 16.5, "ratio": 1.1}
+    slow = [{"weight": n, "consumer_op": "Conv"} for n in ("a", "b", "c")]
+    said: list[str] = []
+    _say_speed(said.append, {"kernels": {"ops": {"MatMulNBits": 2}, "dequantized_at_run_time": slow}, "latency": lat,
+                             "weights": [{"name": "a", "bits": 4}, {"name": "b", "bits": 2}, {"name": "c", "bits": 8}],
+                             "activation_mode": {"mode": "dynamic"}})
+    warning = next(s for s in said if s.startswith("WARNING"))
+    assert "3 weight(s) have no fast onnxruntime kernel" in warning
+    assert "give those 2 sub-8-bit weight(s) 8 bits" in warning and "the other 1 are 8-bit" in warning
+    assert "--act-mode static" in warning
