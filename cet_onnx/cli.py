@@ -121,8 +121,8 @@ def probe_options(fn: Callable) -> Callable:
                      help="Block sizes of the block-wise candidates (default: --block-size, else 32,128; "
                           "0: per-channel only)."),
         click.option("--loss", type=click.Choice(LOSSES), default=None,
-                     help="Loss the probes measure (default: ce with --labels, logmse for classifier-like "
-                          "outputs, else mse)."),
+                     help="Loss the probes measure (default: ce with --labels, else by what the output means: "
+                          "kl for logits / probabilities, cosine for embeddings, mse otherwise)."),
         click.option("--loss-output", default=None, metavar="NAME", help="Model output the loss is measured on."),
         labels_option(".npy of integer labels aligned with the --calib samples (task loss 'ce')."),
         click.option("--weight-clip", type=click.Choice(CLIP_MODES), default="auto", show_default=True,

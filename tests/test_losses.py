@@ -37,7 +37,9 @@ def test_cross_entropy_against_labels():
 
 def test_default_loss_choice():
     assert default_loss(np.zeros((2, 10), np.float32), has_labels=True) == "ce"
-    assert default_loss(np.zeros((2, 10), np.float32), has_labels=False) == "logmse"
+    assert default_loss(np.zeros((2, 10), np.float32), has_labels=False) == "kl"
+    assert default_loss(np.zeros((2, 10), np.float32), False, "logits") == "kl"
+    assert default_loss(np.zeros((2, 10), np.float32), False, "embedding") == "cosine"
     assert default_loss(np.zeros((2, 1), np.float32), has_labels=False) == "mse"
     with pytest.raises(ValueError):
         loss_value("nope", np.zeros((1, 2)), np.zeros((1, 2)))
