@@ -94,3 +94,18 @@ def test_linear_rows_transposes_left_operand_inputs():
     x = RNG.normal(size=(4, 6))
     np.testing.assert_array_equal(linear_rows(x, LayerSpec("w", "linear", "x", transpose_input=True)), x.T)
     np.testing.assert_array_equal(linear_rows(x[None], LayerSpec("w", "linear", "x")), x)
+
+
+def test_layer_inputs_count_real_tokens_only():
+    from cet_onnx.rounding.hessian import real_tokens, token_mask
+    tokens = token_mask({"input_ids": np.ones((2, 4)), "attention_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 0]])})
+    x = RNG.normal(size=(2, 4, 3))
+    spec = LayerSpec("w", "linear", "x")
+    np.testing.assert_array_equal(real_tokens(x, spec, tokens), np.concatenate([x[0, :2], x[1, :3]]))
+    np.testing.assert_array_equal(real_tokens(x.reshape(8, 3), spec, tokens), np.concatenate([x[0, :2], x[1, :3]]))
+    assert real_tokens(x, LayerSpec("w", "linear", "x", transpose_input=True), tokens) is x
+    swapped = x.reshape(4, 2, 3)                       # [sequence, batch, K]: not the mask's layout
+    assert real_tokens(swapped, spec, tokens) is swapped
+    other = RNG.normal(size=(5, 3))                    # rows that are not the batch's positions
+    assert real_tokens(other, spec, tokens) is other
+    assert real_tokens(x, spec, None) is x and token_mask({"x": np.ones((2, 4))}) is None
