@@ -8,7 +8,9 @@ against the float model's, the way onnxruntime's ``qdq_loss_debug`` and AIMET's 
 * **activations**: every activation input of a weight's layer, every output of such a layer and
   every other tensor the emitted graph quantizes (static Q/DQ, or the dynamic MatMul's run-time
   quantizer), found under the same name in both graphs, run on the same batches: both sessions
-  side by side, error sums accumulated batch by batch; above :data:`SIDE_BY_SIDE_MAX_BYTES` of
+  side by side, error sums accumulated run by run (where the model's sample axis is free, a batch
+  runs in pieces of as many samples as keep one run's exposed tensors of both models within
+  :data:`RUN_MAX_BYTES`; a dynamic quantizer then takes its range over a piece); above :data:`SIDE_BY_SIDE_MAX_BYTES` of
   weights the float model's tensors are computed first and held, so that onnxruntime never holds
   both models. Two SQNRs:
 
@@ -42,6 +44,8 @@ _CHUNK = 1 << 20   # elements per step of an SQNR sum
 #: float weight bytes up to which both sessions run side by side; above, the float model's tensors are
 #: computed first and held, and its session dropped before the quantized one is built
 SIDE_BY_SIDE_MAX_BYTES = 2**30
+#: bytes of exposed tensors (both models) one run may return, where the batches can be split into fewer samples
+RUN_MAX_BYTES = 2**27
 _STATIC_BITS = {ir.DataType.UINT8: 8, ir.DataType.INT8: 8, ir.DataType.UINT16: 16, ir.DataType.INT16: 16}
 
 
@@ -142,8 +146,13 @@ def _folded_relus(model: ir.Model, qmodel: ir.Model, quant: dict[str, Any]) -> s
 
 
 def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[WeightInfo],
-                      batches: Sequence[Feed], providers: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per activation tensor around a weight's layer present in both graphs (see the module doc)."""
+                      batches: Sequence[Feed], providers: Sequence[str], splittable: bool = False
+                      ) -> list[dict[str, Any]]:
+    """One row per activation tensor around a weight's layer present in both graphs (see the module doc).
+
+    ``splittable``: the batches may run in pieces of fewer samples (every input has a free sample axis 0),
+    so that the exposed tensors of one run stay within :data:`RUN_MAX_BYTES`.
+    """
     qnames = {v.name for node in branch_nodes(qmodel.graph) for v in node.outputs} | {v.name for v in qmodel.graph.inputs}
     fnames = {v.name for node in branch_nodes(model.graph) for v in node.outputs} | {v.name for v in model.graph.inputs}
     quant = {t: q for t, q in quantizers(qmodel).items() if t in fnames}
@@ -153,14 +162,18 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
         return []
     extra = [n for _, names in quant.values() for n in names]
     ref_sess = ExposedSession(model, roles, providers)
+    side_by_side = 4 * sum(w.size for w in weights) <= SIDE_BY_SIDE_MAX_BYTES
+    q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False) if side_by_side else None
+    rows = _samples_per_run(batches[0], ref_sess, q_sess) if splittable and side_by_side else None
+    feeds = [piece for feed in batches for piece in _pieces(feed, rows)]
     stored = None
-    if 4 * sum(w.size for w in weights) > SIDE_BY_SIDE_MAX_BYTES:
-        stored = [ref_sess.run(feed) for feed in batches]
+    if not side_by_side:
+        stored = [ref_sess.run(feed) for feed in feeds]
         ref_sess.close()   # one model in onnxruntime at a time, as verify does: hold the tensors instead
-    q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False)
+        q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False)
     folded = _folded_relus(model, qmodel, quant)
     to_float, own = {t: SqnrSums() for t in roles}, {t: SqnrSums() for t in quant}
-    for i, feed in enumerate(batches):
+    for i, feed in enumerate(feeds):
         ref = stored[i] if stored is not None else ref_sess.run(feed)
         got = q_sess.run(feed)
         for t in roles:
@@ -178,6 +191,21 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
              "sqnr_db": to_float[t].db(),
              "quantizer_sqnr_db": own[t].db() if t in own else None}
             for t, role in roles.items() if not gone.intersection([t, *quant.get(t, ("", []))[1]])]
+
+
+def _samples_per_run(feed: Feed, ref_sess: ExposedSession, q_sess: ExposedSession) -> int:
+    """Samples whose exposed tensors in both sessions fit :data:`RUN_MAX_BYTES`, from one run of one sample."""
+    one = _pieces(feed, 1)[0]
+    per_sample = sum(np.asarray(v).nbytes for v in (*ref_sess.run(one).values(), *q_sess.run(one).values()))
+    return max(1, int(RUN_MAX_BYTES // max(per_sample, 1)))
+
+
+def _pieces(feed: Feed, rows: int | None) -> list[Feed]:
+    """``feed`` as runs of at most ``rows`` samples along axis 0 (``feed`` itself when ``rows`` is None or larger)."""
+    n = int(np.shape(next(iter(feed.values())))[0]) if feed else 0
+    if rows is None or rows >= n:
+        return [feed]
+    return [{k: v[i:i + rows] for k, v in feed.items()} for i in range(0, n, rows)]
 
 
 def weight_errors(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

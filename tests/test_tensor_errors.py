@@ -164,3 +164,32 @@ def test_16_bit_activations_are_reported_as_such(cnn, tmp_path):
     assert quantized and all(r["precision"] == "int16 static" for r in quantized)
     # ~48 dB more than 8 bits where the range holds; the model input clips a little on held-out data
     assert np.median([float(r["quantizer_sqnr_db"]) for r in quantized]) > 80.0
+
+
+def test_batches_whose_tensors_exceed_the_run_budget_run_in_pieces_with_the_same_result(cnn, tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    from cet_onnx import tensor_errors
+    from cet_onnx.exposed import ExposedSession
+    from cet_onnx.graph.weights import find_weights
+    _quantize(cnn / "m.onnx", tmp_path / "q.onnx", cnn / "calib.npz")
+    model, qmodel = ir.load(cnn / "m.onnx"), ir.load(tmp_path / "q.onnx")
+    weights, _ = find_weights(model)
+    batches = [{"x": np.random.default_rng(i).normal(size=(8, 3, 8, 8)).astype(np.float32)} for i in range(3)]
+    sizes: list[int] = []
+    run = ExposedSession.run
+
+    def counted(self, feed):
+        sizes.append(feed["x"].shape[0])
+        return run(self, feed)
+
+    monkeypatch.setattr(ExposedSession, "run", counted)
+    whole = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"], splittable=True)
+    assert set(sizes) == {1, 8}                     # one sample to size the runs, then whole batches: they fit
+    sizes.clear()
+    monkeypatch.setattr(tensor_errors, "RUN_MAX_BYTES", 1)
+    pieces = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"], splittable=True)
+    assert set(sizes) == {1} and len(sizes) == 2 * (1 + 24)   # both sessions: the sizing run, then every sample
+    assert [r["name"] for r in pieces] == [r["name"] for r in whole]
+    for a, b in zip(whole, pieces):
+        assert a["sqnr_db"] == pytest.approx(b["sqnr_db"], abs=1e-3)
