@@ -97,7 +97,8 @@ def test_linear_rows_transposes_left_operand_inputs():
 
 
 def test_layer_inputs_count_real_tokens_only():
-    from cet_onnx.rounding.hessian import real_tokens, token_mask
+    from cet_onnx.calibration.padding import token_mask
+    from cet_onnx.rounding.hessian import real_tokens
     tokens = token_mask({"input_ids": np.ones((2, 4)), "attention_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 0]])})
     x = RNG.normal(size=(2, 4, 3))
     spec = LayerSpec("w", "linear", "x")

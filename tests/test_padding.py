@@ -60,3 +60,27 @@ def test_a_token_level_output_is_probed_and_verified_on_its_tokens(tmp_path):
     held_out = feeds["attention_mask"][-16:]
     assert outputs["logits"]["positions"]["counted"] == int(held_out.sum()) < held_out.size
     assert f"over {int(held_out.sum())} of {held_out.size} positions (the tokens of 'attention_mask')" in res.output
+
+
+def test_activation_ranges_and_layer_rows_see_real_tokens_only():
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx_ir as ir
+
+    from cet_onnx.calibration.observe import collect_ranges
+
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    tokens = padding.token_mask({"attention_mask": mask})
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 4, 3)).astype(np.float32)
+    x[mask == 0] = 100.0                      # padded positions: values no output reads
+    assert padding.at_tokens(x, tokens).shape == (5, 3) and padding.at_tokens(x, tokens).max() <= 1
+    assert padding.at_tokens(x.reshape(8, 3), tokens).shape == (5, 3)
+    assert padding.at_tokens(x[:, :, 0, None].transpose(1, 0, 2), tokens).shape == (4, 2, 1)   # not by position
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "zero"], ["y"]), helper.make_node("Cast", ["attention_mask"], ["m"], to=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 3]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("m", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    lo, hi = collect_ranges(model, ["y"], [{"x": x, "attention_mask": mask}], ["CPUExecutionProvider"], "minmax")["y"]
+    assert -1 <= lo < 0 < hi <= 1

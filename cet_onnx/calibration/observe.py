@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from cet_onnx.calibration import padding
 from cet_onnx.calibration.branches import NEVER_RUN
 from cet_onnx.calibration.ranges import make_observer
 from cet_onnx.errors import RuntimeFailure, first_line
@@ -65,6 +66,7 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
             values = session.run(feed)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during calibration: {first_line(exc)}") from None
+        tokens = padding.token_mask(feed)
         for name, value in values.items():
             if name in excluded:
                 continue
@@ -77,7 +79,7 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
                     raise RuntimeFailure(f"activation '{name}': {why}")
                 excluded[name] = why
                 continue
-            observers[name].update(value)
+            observers[name].update(padding.at_tokens(value, tokens))
             observed.add(name)
     excluded.update(session.dropped)
     session.close()

@@ -92,3 +92,21 @@ def sequence_inputs(feed: Mapping[str, np.ndarray]) -> list[str]:
     if mask is None or np.ndim(feed[mask]) != 2:
         return []
     return [k for k, v in feed.items() if np.ndim(v) >= 2 and tuple(np.shape(v)[:2]) == np.shape(feed[mask])]
+
+
+def token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Where a batch with a 2-D attention mask holds tokens (boolean ``[batch, sequence]``), or None."""
+    name = mask_input(feed)
+    return None if name is None or np.ndim(feed[name]) != 2 else np.asarray(feed[name]) != 0
+
+
+def at_tokens(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """``x`` at the real tokens only, where it is laid out by position: ``[batch, sequence, ...]`` or
+    flattened to ``[batch · sequence, ...]``; ``x`` itself otherwise (or without tokens)."""
+    if tokens is None or not tokens.any() or np.ndim(x) < 2:
+        return x
+    if np.shape(x)[:2] == tokens.shape:
+        return x[tokens]
+    if np.shape(x)[0] == tokens.size and np.ndim(x) == 2:
+        return x[tokens.reshape(-1)]
+    return x

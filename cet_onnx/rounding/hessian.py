@@ -175,12 +175,6 @@ def linear_rows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def token_mask(feed: Feed) -> np.ndarray | None:
-    """Where a batch with a 2-D attention mask holds tokens (``[batch, sequence]``), or None."""
-    name = padding.mask_input(feed)
-    return None if name is None or np.ndim(feed[name]) != 2 else np.asarray(feed[name]) != 0
-
-
 def real_tokens(x: np.ndarray, spec: LayerSpec, tokens: np.ndarray | None) -> np.ndarray:
     """A Gemm / MatMul input ``[batch, sequence, K]`` at its real tokens only (``[tokens, K]``).
 
@@ -188,14 +182,9 @@ def real_tokens(x: np.ndarray, spec: LayerSpec, tokens: np.ndarray | None) -> np
     pull the rounding towards them (55 % of the positions of the MiniLM calibration sentences of
     ``tools/minilm_data.py`` are padding). Other layer inputs are returned as they are.
     """
-    if tokens is None or spec.kind == "conv2d" or spec.transpose_input or spec.weight_is_a or spec.stacked \
-            or not tokens.any():
+    if spec.kind == "conv2d" or spec.transpose_input or spec.weight_is_a or spec.stacked or x.ndim not in (2, 3):
         return x
-    if x.ndim == 3 and x.shape[:2] == tokens.shape:
-        return x[tokens]
-    if x.ndim == 2 and x.shape[0] == tokens.size:   # flattened to [batch · sequence, K] for a Gemm
-        return x[tokens.reshape(-1)]
-    return x
+    return padding.at_tokens(x, tokens)
 
 
 @dataclass
@@ -262,7 +251,7 @@ def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Seque
             values = session.run({**feed, **weight_feeds})
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first_line(exc)}") from None
-        tokens = token_mask(feed)
+        tokens = padding.token_mask(feed)
         for layer in layers.values():
             x = np.asarray(values.get(layer.spec.input_tensor, np.zeros(0)), dtype=np.float32)
             if x.size:   # empty: inside an If branch this batch did not take, or a Loop that ran no iteration
