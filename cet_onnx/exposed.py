@@ -92,6 +92,26 @@ class ExposedSession:
         self._session = None
 
 
+#: bytes of exposed tensors one run may return where a batch can run in pieces of fewer samples
+RUN_MAX_BYTES = 2**27
+
+
+def samples_per_run(feed: Feed, sessions: Sequence[ExposedSession], budget: int | None = None) -> int:
+    """Samples whose exposed tensors in all ``sessions`` fit ``budget`` bytes (default :data:`RUN_MAX_BYTES`),
+    from one run of ``feed``'s first sample in each."""
+    one = pieces(feed, 1)[0]
+    per_sample = sum(np.asarray(v).nbytes for s in sessions for v in s.run(one).values())
+    return max(1, int((RUN_MAX_BYTES if budget is None else budget) // max(per_sample, 1)))
+
+
+def pieces(feed: Feed, rows: int | None) -> list[Feed]:
+    """``feed`` as runs of at most ``rows`` samples along axis 0 (``[feed]`` when ``rows`` is None or larger)."""
+    n = int(np.shape(next(iter(feed.values())))[0]) if feed else 0
+    if rows is None or rows >= n:
+        return [feed]
+    return [{k: v[i:i + rows] for k, v in feed.items()} for i in range(0, n, rows)]
+
+
 def _status(exc: Exception) -> str:
     """onnxruntime's own message in ``exc``, without its prefix."""
     text = first_line(exc)

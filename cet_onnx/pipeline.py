@@ -17,7 +17,7 @@ from cet_onnx.allocation.activation_plan import plan_activations
 from cet_onnx.allocation import static_trial
 from cet_onnx.allocation.activation_probes import activation_sensitivities
 from cet_onnx.allocation.stage import allocate, measured_loss, probe_session, sensitivity_report
-from cet_onnx.calibration.data import fixed_batch, run_reason
+from cet_onnx.calibration.data import samples_split
 from cet_onnx.calibration.branches import unexercised_weights
 from cet_onnx.calibration.observe import calibrate
 from cet_onnx.calibration.samples import read_samples
@@ -105,7 +105,7 @@ def add_tensor_errors(report: dict[str, Any], p: Prepared, emitted: Any, timer: 
     batches = p.verify_batches or p.calib_batches
     with timer.stage("tensor errors"):
         acts = activation_errors(p.model, emitted.model, p.weights, batches, p.providers,
-                                 splittable=run_reason(p.inputs) is None and fixed_batch(p.inputs) is None)
+                                 splittable=samples_split(p.inputs))
     report["tensor_errors"] = {"batches": "verify" if p.verify_batches else "calibration",
                                "tensors": acts + weights}
 

@@ -37,15 +37,13 @@ import onnx_ir as ir
 
 from cet_onnx.graph.passes._graph import branch_nodes
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.exposed import ExposedSession
+from cet_onnx.exposed import RUN_MAX_BYTES, ExposedSession, pieces, samples_per_run
 from cet_onnx.runner import Feed
 
 _CHUNK = 1 << 20   # elements per step of an SQNR sum
 #: float weight bytes up to which both sessions run side by side; above, the float model's tensors are
 #: computed first and held, and its session dropped before the quantized one is built
 SIDE_BY_SIDE_MAX_BYTES = 2**30
-#: bytes of exposed tensors (both models) one run may return, where the batches can be split into fewer samples
-RUN_MAX_BYTES = 2**27
 _STATIC_BITS = {ir.DataType.UINT8: 8, ir.DataType.INT8: 8, ir.DataType.UINT16: 16, ir.DataType.INT16: 16}
 
 
@@ -164,8 +162,8 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
     ref_sess = ExposedSession(model, roles, providers)
     side_by_side = 4 * sum(w.size for w in weights) <= SIDE_BY_SIDE_MAX_BYTES
     q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False) if side_by_side else None
-    rows = _samples_per_run(batches[0], ref_sess, q_sess) if splittable and side_by_side else None
-    feeds = [piece for feed in batches for piece in _pieces(feed, rows)]
+    rows = samples_per_run(batches[0], [ref_sess, q_sess], RUN_MAX_BYTES) if splittable and side_by_side else None
+    feeds = [piece for feed in batches for piece in pieces(feed, rows)]
     stored = None
     if not side_by_side:
         stored = [ref_sess.run(feed) for feed in feeds]
@@ -191,21 +189,6 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
              "sqnr_db": to_float[t].db(),
              "quantizer_sqnr_db": own[t].db() if t in own else None}
             for t, role in roles.items() if not gone.intersection([t, *quant.get(t, ("", []))[1]])]
-
-
-def _samples_per_run(feed: Feed, ref_sess: ExposedSession, q_sess: ExposedSession) -> int:
-    """Samples whose exposed tensors in both sessions fit :data:`RUN_MAX_BYTES`, from one run of one sample."""
-    one = _pieces(feed, 1)[0]
-    per_sample = sum(np.asarray(v).nbytes for v in (*ref_sess.run(one).values(), *q_sess.run(one).values()))
-    return max(1, int(RUN_MAX_BYTES // max(per_sample, 1)))
-
-
-def _pieces(feed: Feed, rows: int | None) -> list[Feed]:
-    """``feed`` as runs of at most ``rows`` samples along axis 0 (``feed`` itself when ``rows`` is None or larger)."""
-    n = int(np.shape(next(iter(feed.values())))[0]) if feed else 0
-    if rows is None or rows >= n:
-        return [feed]
-    return [{k: v[i:i + rows] for k, v in feed.items()} for i in range(0, n, rows)]
 
 
 def weight_errors(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

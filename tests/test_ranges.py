@@ -253,3 +253,30 @@ def test_mse_at_16_bits_clips_nothing(gauss: np.ndarray) -> None:
         lo, hi = _feed(make_observer("mse", symmetric=symmetric, num_bits=16), gauss)
         assert hi == pytest.approx(np.abs(gauss).max() if symmetric else gauss.max())
         assert lo == pytest.approx(-np.abs(gauss).max() if symmetric else gauss.min())
+
+
+def test_calibration_runs_large_batches_in_pieces_with_the_same_ranges(monkeypatch):
+    import onnx_ir as ir
+
+    from cet_onnx import exposed
+    from cet_onnx.calibration.observe import collect_ranges
+    from cet_onnx.graph.rewriter import activation_tensors
+    from models import small_cnn
+
+    model = ir.from_proto(small_cnn())
+    tensors = activation_tensors(model, remove_relus=True)
+    batches = [{"x": np.random.default_rng(i).normal(size=(8, 3, 8, 8)).astype(np.float32)} for i in range(2)]
+    sizes: list[int] = []
+    run = exposed.ExposedSession.run
+
+    def counted(self, feed):
+        sizes.append(feed["x"].shape[0])
+        return run(self, feed)
+
+    monkeypatch.setattr(exposed.ExposedSession, "run", counted)
+    whole = collect_ranges(model, tensors, batches, ["CPUExecutionProvider"], "mse")
+    assert sizes == [1, 8, 8]                       # one sample sizes the runs; whole batches fit
+    sizes.clear()
+    monkeypatch.setattr(exposed, "RUN_MAX_BYTES", 1)
+    split = collect_ranges(model, tensors, batches, ["CPUExecutionProvider"], "mse")
+    assert sizes == [1] * 17 and split == whole     # histograms merge exactly: the same ranges

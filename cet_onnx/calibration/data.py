@@ -849,6 +849,14 @@ def batched(samples: list[Feed], batch_size: int, *,
     return batches
 
 
+def samples_split(inputs: list[ModelInput]) -> bool:
+    """Whether a batch for ``inputs`` may run in pieces of fewer samples: every input has a free sample axis 0."""
+    try:
+        return run_reason(inputs) is None and fixed_batch(inputs) is None
+    except InputError:
+        return False
+
+
 def fixed_batch(inputs: list[ModelInput]) -> int | None:
     """The fixed size of axis 0 shared by the inputs, or None if it is dynamic."""
     sizes = {inp.shape[0] for inp in inputs
