@@ -21,6 +21,7 @@ from cet_onnx.calibration.branches import NEVER_RUN
 from cet_onnx.calibration.data import model_inputs, samples_split
 from cet_onnx.calibration.ranges import make_observer
 from cet_onnx.errors import RuntimeFailure, first_line
+from cet_onnx.graph import boundary
 from cet_onnx.graph.rewriter import activation_tensors
 from cet_onnx.progress import track
 from cet_onnx.quant.quantizer import ActivationParams, activation_params
@@ -62,8 +63,9 @@ def collect_ranges(model: ir.Model, tensors: Sequence[str], batches: Sequence[Fe
     names = list(tensors)
     excluded: dict[str, str] = {}
     observed: set[str] = set()
+    split = bool(batches) and samples_split(model_inputs(boundary.to_ir(model)))
     try:
-        rows = samples_per_run(batches[0], [session]) if batches and samples_split(model_inputs(model)) else None
+        rows = samples_per_run(batches[0], [session]) if split else None
     except Exception as exc:
         raise RuntimeFailure(f"onnxruntime failed during calibration: {first_line(exc)}") from None
     for feed in track([piece for b in batches for piece in pieces(b, rows)], desc=f"calibrating ({method})",
