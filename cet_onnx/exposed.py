@@ -96,12 +96,12 @@ class ExposedSession:
 RUN_MAX_BYTES = 2**27
 
 
-def samples_per_run(feed: Feed, sessions: Sequence[ExposedSession], budget: int | None = None) -> int:
-    """Samples whose exposed tensors in all ``sessions`` fit ``budget`` bytes (default :data:`RUN_MAX_BYTES`),
-    from one run of ``feed``'s first sample in each."""
+def samples_per_run(feed: Feed, sessions: Sequence[ExposedSession]) -> int:
+    """Samples whose exposed tensors in all ``sessions`` fit :data:`RUN_MAX_BYTES`, from one run of ``feed``'s
+    first sample in each."""
     one = pieces(feed, 1)[0]
     per_sample = sum(np.asarray(v).nbytes for s in sessions for v in s.run(one).values())
-    return max(1, int((RUN_MAX_BYTES if budget is None else budget) // max(per_sample, 1)))
+    return max(1, int(RUN_MAX_BYTES // max(per_sample, 1)))
 
 
 def pieces(feed: Feed, rows: int | None) -> list[Feed]:

@@ -10,7 +10,7 @@ against the float model's, the way onnxruntime's ``qdq_loss_debug`` and AIMET's 
   quantizer), found under the same name in both graphs, run on the same batches: both sessions
   side by side, error sums accumulated run by run (where the model's sample axis is free, a batch
   runs in pieces of as many samples as keep one run's exposed tensors of both models within
-  :data:`RUN_MAX_BYTES`; a dynamic quantizer then takes its range over a piece); above :data:`SIDE_BY_SIDE_MAX_BYTES` of
+  :data:`cet_onnx.exposed.RUN_MAX_BYTES`; a dynamic quantizer then takes its range over a piece); above :data:`SIDE_BY_SIDE_MAX_BYTES` of
   weights the float model's tensors are computed first and held, so that onnxruntime never holds
   both models. Two SQNRs:
 
@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from cet_onnx.graph.passes._graph import branch_nodes
 from cet_onnx.graph.weights import WeightInfo
-from cet_onnx.exposed import RUN_MAX_BYTES, ExposedSession, pieces, samples_per_run
+from cet_onnx.exposed import ExposedSession, pieces, samples_per_run
 from cet_onnx.runner import Feed
 
 _CHUNK = 1 << 20   # elements per step of an SQNR sum
@@ -149,7 +149,7 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
     """One row per activation tensor around a weight's layer present in both graphs (see the module doc).
 
     ``splittable``: the batches may run in pieces of fewer samples (every input has a free sample axis 0),
-    so that the exposed tensors of one run stay within :data:`RUN_MAX_BYTES`.
+    so that the exposed tensors of one run stay within :data:`cet_onnx.exposed.RUN_MAX_BYTES`.
     """
     qnames = {v.name for node in branch_nodes(qmodel.graph) for v in node.outputs} | {v.name for v in qmodel.graph.inputs}
     fnames = {v.name for node in branch_nodes(model.graph) for v in node.outputs} | {v.name for v in model.graph.inputs}
@@ -160,15 +160,13 @@ def activation_errors(model: ir.Model, qmodel: ir.Model, weights: Sequence[Weigh
         return []
     extra = [n for _, names in quant.values() for n in names]
     ref_sess = ExposedSession(model, roles, providers)
-    side_by_side = 4 * sum(w.size for w in weights) <= SIDE_BY_SIDE_MAX_BYTES
-    q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False) if side_by_side else None
-    rows = samples_per_run(batches[0], [ref_sess, q_sess], RUN_MAX_BYTES) if splittable and side_by_side else None
-    feeds = [piece for feed in batches for piece in pieces(feed, rows)]
     stored = None
-    if not side_by_side:
-        stored = [ref_sess.run(feed) for feed in feeds]
+    if 4 * sum(w.size for w in weights) > SIDE_BY_SIDE_MAX_BYTES:
+        stored = [ref_sess.run(feed) for feed in batches]
         ref_sess.close()   # one model in onnxruntime at a time, as verify does: hold the tensors instead
-        q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False)
+    q_sess = ExposedSession(qmodel, [*roles, *extra], providers, typed=False)
+    rows = samples_per_run(batches[0], [ref_sess, q_sess]) if splittable and stored is None else None
+    feeds = [piece for feed in batches for piece in pieces(feed, rows)]
     folded = _folded_relus(model, qmodel, quant)
     to_float, own = {t: SqnrSums() for t in roles}, {t: SqnrSums() for t in quant}
     for i, feed in enumerate(feeds):

@@ -169,7 +169,7 @@ def test_16_bit_activations_are_reported_as_such(cnn, tmp_path):
 def test_batches_whose_tensors_exceed_the_run_budget_run_in_pieces_with_the_same_result(cnn, tmp_path, monkeypatch):
     import onnx_ir as ir
 
-    from cet_onnx import tensor_errors
+    from cet_onnx import exposed, tensor_errors
     from cet_onnx.exposed import ExposedSession
     from cet_onnx.graph.weights import find_weights
     _quantize(cnn / "m.onnx", tmp_path / "q.onnx", cnn / "calib.npz")
@@ -187,7 +187,7 @@ def test_batches_whose_tensors_exceed_the_run_budget_run_in_pieces_with_the_same
     whole = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"], splittable=True)
     assert set(sizes) == {1, 8}                     # one sample to size the runs, then whole batches: they fit
     sizes.clear()
-    monkeypatch.setattr(tensor_errors, "RUN_MAX_BYTES", 1)
+    monkeypatch.setattr(exposed, "RUN_MAX_BYTES", 1)
     pieces = tensor_errors.activation_errors(model, qmodel, weights, batches, ["CPUExecutionProvider"], splittable=True)
     assert set(sizes) == {1} and len(sizes) == 2 * (1 + 24)   # both sessions: the sizing run, then every sample
     assert [r["name"] for r in pieces] == [r["name"] for r in whole]

@@ -75,11 +75,17 @@ def _width(mask: np.ndarray) -> int:
     return int(used[-1]) + 1 if used.size else 1
 
 
+def _mask_2d(feed: Mapping[str, np.ndarray]) -> str | None:
+    """The input of ``feed`` that is a 2-D ``[batch, sequence]`` attention mask, if any."""
+    name = mask_input(feed)
+    return name if name is not None and np.ndim(feed[name]) == 2 else None
+
+
 def trim(feed: Mapping[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
     """``feed`` without the trailing positions that are padding in every row: the attention mask and each
     input in ``names`` (inputs shaped ``[batch, sequence, ...]`` like the mask) cut after the last token."""
-    mask = mask_input(feed)
-    if mask is None or np.ndim(feed[mask]) != 2:
+    mask = _mask_2d(feed)
+    if mask is None:
         return dict(feed)
     width = _width(np.asarray(feed[mask]))
     cut = set(names) | {mask}
@@ -88,16 +94,16 @@ def trim(feed: Mapping[str, np.ndarray], names: Collection[str]) -> dict[str, np
 
 def sequence_inputs(feed: Mapping[str, np.ndarray]) -> list[str]:
     """Inputs of ``feed`` whose first two axes are the attention mask's ``[batch, sequence]`` (the mask included)."""
-    mask = mask_input(feed)
-    if mask is None or np.ndim(feed[mask]) != 2:
+    mask = _mask_2d(feed)
+    if mask is None:
         return []
     return [k for k, v in feed.items() if np.ndim(v) >= 2 and tuple(np.shape(v)[:2]) == np.shape(feed[mask])]
 
 
 def token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """Where a batch with a 2-D attention mask holds tokens (boolean ``[batch, sequence]``), or None."""
-    name = mask_input(feed)
-    return None if name is None or np.ndim(feed[name]) != 2 else np.asarray(feed[name]) != 0
+    name = _mask_2d(feed)
+    return None if name is None else np.asarray(feed[name]) != 0
 
 
 def at_tokens(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:

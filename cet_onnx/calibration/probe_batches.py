@@ -44,7 +44,7 @@ class ProbeBatches:
 
     @property
     def samples(self) -> int:
-        return sum(int(np.shape(next(iter(b.values())))[0]) for b in self.batches) if self.batches else 0
+        return _count(self.batches)
 
     def report(self) -> dict | None:
         """For the report: the positions run and padded, or why the batches keep their padding."""
@@ -78,9 +78,13 @@ def _labels(p: Prepared, order: np.ndarray | None, batches: Sequence[Feed]) -> n
     """``p.labels`` of the samples in ``batches`` (taken in ``order``; a fixed batch may drop the last few)."""
     if p.labels is None:
         return None
-    count = sum(int(np.shape(next(iter(b.values())))[0]) for b in batches)
     labels = p.labels if order is None else p.labels[order]
-    return labels[:count]
+    return labels[:_count(batches)]
+
+
+def _count(batches: Sequence[Feed]) -> int:
+    """Samples in ``batches`` (along axis 0 of each batch's first input)."""
+    return sum(int(np.shape(next(iter(b.values())))[0]) for b in batches)
 
 
 def _cuttable(inputs: Sequence[ModelInput], samples: Sequence[Feed]) -> list[str]:
