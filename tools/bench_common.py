@@ -144,6 +144,18 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
             "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2)}
 
 
+def run_captured(cmd: list[str]) -> tuple[float, str]:
+    """(wall seconds, stdout) of ``cmd`` in a fresh process from the repository root, with this checkout
+    importable (``PYTHONPATH``); exits with the command's stderr when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return wall, res.stdout
+
+
 def rel(p: Path) -> str:
     """``p`` relative to the repository root where it lies inside it, else as given."""
     p = Path(p)

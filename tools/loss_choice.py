@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +27,10 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 import bench_data  # noqa: E402
 
-ROOT, RESULTS = bench_data.ROOT, bench_data.RESULTS
+RESULTS = bench_data.RESULTS
 #: model → (calibration samples, evaluation samples, --avg-bits)
 PLAN = {"digits": (256, None, 3.0), "orientation": (128, None, 3.0), "ocr": (32, 150, 4.0), "magika": (256, None, 4.0)}
 
@@ -62,12 +62,9 @@ def measure(name: str, losses: list[str], work: Path) -> list[dict]:
         out = work / f"{name}.{loss}.onnx"
         cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", str(d.model), "-o", str(out), "--calib", str(calib),
                "--avg-bits", f"{avg:g}", "--loss", loss, "--no-cache", "--device", "cpu", "--json"]
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-        a = json.loads(res.stdout)["allocation"]
-        rows.append({"model": name, "run": f"--avg-bits {avg:g} --loss {loss}", "wall_s": round(time.perf_counter() - t0, 1),
+        wall, out_json = bench_common.run_captured(cmd)
+        a = json.loads(out_json)["allocation"]
+        rows.append({"model": name, "run": f"--avg-bits {avg:g} --loss {loss}", "wall_s": round(wall, 1),
                      "spearman": a.get("fidelity", {}).get("spearman"), **task_metrics(out, d, ref),
                      "command": " ".join(["cet-onnx", *cmd[3:]])})
         print(rows[-1], file=sys.stderr, flush=True)

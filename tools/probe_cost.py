@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 import bench_data  # noqa: E402
 
-ROOT = bench_data.ROOT
 RESULTS = bench_data.RESULTS
 WORK = Path(tempfile.mkdtemp(prefix="probe_cost_"))   # models, reports and calibration files of the runs
 #: model → (calib samples, avg bits, runs: (label, extra cet-onnx arguments))
@@ -47,17 +46,6 @@ PLAN = {
     # (two-sided evaluations of every weight x format) take far longer and are not run
     "minilm": (128, 4.0, [("fast", ["--probes", "fast"])]),
 }
-
-
-def _run(cmd: list[str]) -> tuple[float, str]:
-    """(wall seconds, stdout) of ``cmd`` in a fresh process; raises with its stderr on failure."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-    return wall, res.stdout
 
 
 def _calib(name: str, n: int) -> tuple[Path, Path]:
@@ -76,7 +64,7 @@ def measure(name: str) -> list[dict]:
     model, calib = _calib(name, n)
     rows = []
     load = os.getloadavg()[0]
-    wall, out = _run([sys.executable, "tools/ort_quantize.py", str(model), "-o", str(WORK / f"{name}.ort.onnx"),
+    wall, out = bench_common.run_captured([sys.executable, "tools/ort_quantize.py", str(model), "-o", str(WORK / f"{name}.ort.onnx"),
                       "--calib", str(calib)])
     ort_wall = wall
     rows.append({"model": name, "run": "onnxruntime quantize_static (INT8)", "wall_s": round(wall, 1),
@@ -85,7 +73,7 @@ def measure(name: str) -> list[dict]:
         load = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "cet_onnx.cli", "quantize", str(model), "-o", str(WORK / f"{name}.{extra[1]}.onnx"),
                "--calib", str(calib), "--avg-bits", f"{avg:g}", "--no-cache", "--device", "cpu", "--json", *extra]
-        wall, out = _run(cmd)
+        wall, out = bench_common.run_captured(cmd)
         rep = json.loads(out)
         a = rep["allocation"]
         rows.append({"model": name, "run": f"cet-onnx --avg-bits {avg:g} --probes {label}"
