@@ -40,14 +40,39 @@ def test_w8a8_digits_runs_qlinearconv_and_dequantizes_nothing(tmp_path):
     assert "DequantizeLinear" not in {op for op in k["ops"] if k["ops"][op] and op in ("Conv",)}
 
 
-def test_int4_digits_fuses_its_transposed_gemm_and_names_the_conv_weights_it_cannot(tmp_path):
-    report = _quantize(DIGITS / "model.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", "--weight-bits", "4")
+def _optimised_matches_plain(path, feeds):
+    """onnxruntime's optimised session (Casts folded, kernels fused) computes what the plain graph says."""
+    import onnxruntime as ort
+
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"]).run(None, feeds)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("bits", ["4", "2"])
+def test_low_bit_per_channel_digits_runs_in_the_int8_kernels_and_dequantizes_nothing(tmp_path, bits):
+    """INT4 / INT2 codes widened by a Cast onnxruntime folds at load: QLinearConv and QGemm, like W8A8."""
+    report = _quantize(DIGITS / "model.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", "--weight-bits", bits)
     k = report["kernels"]
-    assert k["ops"].get("MatMulNBits") == 1   # the classifier Gemm (transB=1), rewritten as MatMul + Add
-    slow = k["dequantized_at_run_time"]
-    assert len(slow) == 8 and {s["consumer_op"] for s in slow} == {"Conv"}
-    assert {s["weight"] for s in slow} == {w["name"] for w in report["weights"] if w["op"] == "Conv"}
+    assert k["ops"].get("QLinearConv") == 8 and k["ops"].get("QGemm") == 1
+    assert not k["dequantized_at_run_time"]
+    assert {w["format"].split("/")[0] for w in report["weights"]} == {f"int{bits}a"}
     assert report["verification"]["min_top1_agreement"] >= 0.95
+    _optimised_matches_plain(tmp_path / "q.onnx", {"image": np.load(DIGITS / "eval.npz")["image"][:8]})
+
+
+def test_low_bit_per_channel_matmuls_run_in_the_dynamic_int8_kernel(encoder, tmp_path):
+    report = _quantize(encoder / "encoder.onnx", tmp_path / "q.onnx", encoder / "calib.npz", "--weight-bits", "4",
+                       "--act-mode", "dynamic")
+    k = report["kernels"]
+    matmuls = [w for w in report["weights"] if w["op"] in ("MatMul", "Gemm")]
+    assert len(matmuls) == 6 and k["ops"].get("DynamicQuantizeMatMul", 0) + k["ops"].get("MatMulIntegerToFloat", 0) == 6
+    assert not k["dequantized_at_run_time"] and "MatMulNBits" not in k["ops"]
+    assert report["verification"]["min_mean_cosine"] > 0.9
+    _optimised_matches_plain(tmp_path / "q.onnx", {k_: v[:4] for k_, v in encoder_feeds(8).items()})
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic", "none"])

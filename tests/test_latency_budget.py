@@ -45,9 +45,11 @@ def test_an_int8_conv_layer_is_timed_as_the_qlinearconv_it_becomes(digits):
     proto, feed = _layer(digits, w, WeightFormat(8, "channel"))
     assert inspect_kernels(proto, digits.providers).ops == {"QLinearConv": 1}
     assert all(v.dtype == np.uint8 for v in feed.values())   # it receives codes, as inside the quantized model
-    proto, _ = _layer(digits, w, WeightFormat(4, "channel", symmetric=False))
+    proto, _ = _layer(digits, w, WeightFormat(4, "channel", symmetric=False))   # INT4 codes widened at load
     k = inspect_kernels(proto, digits.providers)
-    assert k.dequantized_at_run_time == [{"weight": w.name, "consumer_op": "Conv"}]
+    assert k.ops == {"QLinearConv": 1} and not k.dequantized_at_run_time
+    proto, _ = _layer(digits, w, WeightFormat(4, "block", 16, symmetric=False))   # blocked: no INT8 kernel
+    assert inspect_kernels(proto, digits.providers).dequantized_at_run_time == [{"weight": w.name, "consumer_op": "Conv"}]
 
 
 def test_every_available_format_gets_a_finite_cost_and_unavailable_ones_none(digits, tmp_path):

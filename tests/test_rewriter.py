@@ -152,22 +152,30 @@ def test_hardswish_split_is_exact_and_gets_quantized_mul():
     assert {"c", "h_hardsigmoid", "h"} <= set(tensors)  # the Conv output and both Mul inputs
 
 
-def test_int2_conv_keeps_a_float_bias_so_onnxruntime_cannot_fuse_it():
+def test_int2_conv_of_a_static_model_is_widened_gets_an_int32_bias_and_runs_as_qlinearconv():
+    from cet_onnx.kernels import inspect_kernels
+
     model = onnx.shape_inference.infer_shapes(small_cnn())
     x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     _, qweights, res = _quantize(model, lambda w: WeightFormat(2), data={"x": x})
-    inits = {t.name: t for t in res.model.graph.initializer}
-    convs = [n for n in res.model.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert convs and all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT for n in convs)
-    assert not res.quantized_biases
-    # a Conv without bias gets a zero float bias
+    convs = [n.name for n in res.model.graph.node if n.op_type == "Conv"]
+    assert convs and len(res.quantized_biases) >= len(convs)
+    assert inspect_kernels(res.model, ["CPUExecutionProvider"]).ops.get("QLinearConv") == len(convs)
+    np.testing.assert_allclose(_run(res.model, {"x": x}, optimize=True), _run(res.model, {"x": x}, optimize=False),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int2_conv_without_activation_quantization_keeps_a_float_bias():
+    """No INT8 kernel runs it: onnxruntime must not fuse the 2-bit type (a float bias stops its selectors)."""
+    model = onnx.shape_inference.infer_shapes(small_cnn())
+    x = RNG.normal(size=(8, 3, 8, 8)).astype(np.float32)
     nobias = onnx.ModelProto()
     nobias.CopyFrom(model)
     conv1 = next(n for n in nobias.graph.node if n.name == "conv1")
     del conv1.input[2]
-    _, _, res2 = _quantize(nobias, lambda w: WeightFormat(2), data={"x": x})
+    _, _, res2 = _quantize(nobias, lambda w: WeightFormat(2), acts=False, data={"x": x})
     conv1 = next(n for n in res2.model.graph.node if n.name == "conv1")
     zero = {t.name: t for t in res2.model.graph.initializer}[conv1.input[2]]
-    assert not numpy_helper.to_array(zero).any()
+    assert zero.data_type == onnx.TensorProto.FLOAT and not numpy_helper.to_array(zero).any()
     np.testing.assert_allclose(_run(res2.model, {"x": x}, optimize=True), _run(res2.model, {"x": x}, optimize=False),
                                rtol=1e-4, atol=1e-4)

@@ -11,7 +11,8 @@
 2. :class:`~.passes.fold_relu.FoldReluPass` — only when every activation is unsigned, and not
    under the transformer rule (:func:`transformer_rules`); only Relus whose output is planned;
 3. :class:`~.passes.weight_qdq.WeightQDQPass` — packed INT8 / INT4 / INT2 weights and
-   DequantizeLinear, then :class:`~.passes.gather_rows.GatherRowsPass` — embedding tables are
+   DequantizeLinear (per-channel INT4 / INT2 weights of Conv / MatMul / Gemm widened to INT8 by a
+   Cast onnxruntime folds at load, unless activations stay float: :func:`~.passes.weight_qdq.int8_kernel_weights`), then :class:`~.passes.gather_rows.GatherRowsPass` — embedding tables are
    looked up before they are dequantized;
 4. :class:`~.passes.int2_float_bias.Int2FloatBiasPass` — INT2-weight layers keep a float bias;
 5. :class:`~.passes.int32_bias.Int32BiasPass` — INT32 biases (before the activation pass, which
@@ -53,7 +54,7 @@ from cet_onnx.graph.passes.matmul_nbits_contrib import MatMulNBitsContribPass
 from cet_onnx.graph.passes.matmul_nbits_form import MatMulNBitsFormPass
 from cet_onnx.graph.passes.stable_sort import StableTopologicalSortPass
 from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
-from cet_onnx.graph.passes.weight_qdq import WeightQDQPass
+from cet_onnx.graph.passes.weight_qdq import WeightQDQPass, int8_kernel_weights
 from cet_onnx.graph.weights import WeightInfo
 from cet_onnx.quant.quantizer import ActivationParams, QuantizedWeight
 from cet_onnx.quant.sizes import container_bits
@@ -151,9 +152,11 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
         passes.append(FoldReluPass(nbits.float_nodes, planned=act_params))
-    biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes)
+    int8_codes = set() if weight_only else int8_kernel_weights(m.graph, qweights, nbits.weights)
+    biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes, int8_codes)
     dynamic_pass = DynamicMatMulPass()
-    passes += [WeightQDQPass(qweights, nbits.weights), GatherRowsPass(), Int2FloatBiasPass(qweights, weights), biases,
+    passes += [WeightQDQPass(qweights, nbits.weights, int8_codes), GatherRowsPass(),
+               Int2FloatBiasPass(qweights, weights, int8_codes), biases,
                HalfBiasAddPass(qweights, act_params),
                ActivationQDQPass(act_params, TRANSFORMER_ACTIVATION_OPS if transformer else ACTIVATION_OPS,
                                  nbits.float_nodes),

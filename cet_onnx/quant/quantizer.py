@@ -330,8 +330,9 @@ GRIDS = ("auto", "symmetric", "asymmetric")
 def grid_symmetric(bits: int, grid: str = "auto") -> bool:
     """Whether ``bits``-bit weights use the symmetric grid: ``auto`` is asymmetric at 4 bits and below.
 
-    8-bit weights stay symmetric so that onnxruntime's QLinearConv / QLinearMatMul fusions apply;
-    below that no integer kernel is used and the extra code level is free accuracy.
+    8-bit weights stay symmetric so that onnxruntime's QLinearConv / QLinearMatMul fusions apply
+    at full speed; below that the extra code level is free accuracy: the zero point is subtracted from
+    the codes when they are widened to INT8 at load (:mod:`cet_onnx.graph.passes.weight_qdq`).
     """
     if grid not in GRIDS:
         raise ValueError(f"weight grid must be one of {', '.join(GRIDS)}, got {grid!r}")

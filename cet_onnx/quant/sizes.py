@@ -9,12 +9,15 @@ import of :mod:`cet_onnx.quant.quantizer` (which imports this module).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:
     from cet_onnx.quant.quantizer import QuantizedWeight, WeightFormat
+
+#: how a weight's codes are laid out in the file (:func:`stored_form`)
+StoredForm = Literal["qdq", "nbits", "int8"]
 
 
 def container_bits(bits: int) -> int:
@@ -30,7 +33,7 @@ def packed_nbytes(count: int, cbits: int) -> int:
     return -(-count // per_byte)
 
 
-def stored_form(qw: QuantizedWeight, int2_blocked: bool = True
+def stored_form(qw: QuantizedWeight, form: StoredForm = "qdq"
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None, bool]:
     """(codes, scale, zero_point, axis, block_size, needs_reshape) exactly as written to the model.
 
@@ -40,18 +43,26 @@ def stored_form(qw: QuantizedWeight, int2_blocked: bool = True
     per-channel (or per-tensor) scale becomes one block spanning the whole reduction axis;
     a Conv kernel ``[O, I, k...]`` is stored as ``[O, I·k...]`` and reshaped back after
     dequantization so that its scales are not repeated per kernel position.
-    ``int2_blocked=False`` (a MatMul weight that runs as ``MatMulNBits``, with no activation Q/DQ for
+    ``form="nbits"`` (a MatMul weight that runs as ``MatMulNBits``, with no activation Q/DQ for
     those selectors to match) keeps the per-channel form: ``MatMulNBits`` takes it for any reduction
     length, a whole-axis block only when that length is a power of two. Bytes are the same either way.
-
-    A 2-D INT2 weight whose output channels are not a multiple of 4 is reshaped to its own shape after
+    A 2-D INT2 weight whose output channels are not a multiple of 4 is then reshaped to its own shape after
     dequantization (``needs_reshape``): onnxruntime 1.32's 2-bit ``MatMulNBits`` computes wrong results
     for such an N (see :mod:`cet_onnx.graph.passes.matmul_nbits_form`) and does not fuse through a Reshape.
+
+    ``form="int8"`` (codes widened to INT8 by a Cast before their DequantizeLinear, for onnxruntime's INT8
+    kernels: :mod:`cet_onnx.graph.passes.weight_qdq`; per-channel or per-tensor weights only) stores the
+    bytes of the ``"qdq"`` form, so sizes do not depend on the form: the same codes (a Conv kernel flattened,
+    ``needs_reshape`` then restores the shape *before* dequantization, where onnxruntime folds it) and the
+    same per-channel scales and zero points, 1-D along ``axis`` = the channel axis.
     """
     if container_bits(qw.fmt.bits) != 2:
         return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, False
+    if form == "int8" and qw.block_size is None:
+        q, scale, zp, _, _, reshape = stored_form(qw, "qdq")
+        return q, scale.reshape(-1), zp.reshape(-1), qw.channel_axis, None, reshape
     guard = qw.q.ndim == 2 and qw.q.shape[qw.channel_axis] % 4 != 0
-    if qw.block_size is not None or not int2_blocked:
+    if qw.block_size is not None or form == "nbits":
         return qw.q, qw.scale, qw.zero_point, qw.axis, qw.block_size, guard
     q, c, r = qw.q, qw.channel_axis, qw.reduction_axis
     nch = q.shape[c]

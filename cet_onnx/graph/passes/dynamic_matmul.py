@@ -2,8 +2,8 @@
 
 Rules, for every default-domain ``MatMul(A, B)`` in graph order where
 
-* ``B`` is computed by a ``DequantizeLinear`` of an INT8 initializer of rank 2 (as
-  :mod:`.weight_qdq` writes it), per tensor or per column (``axis`` 1 or -1), without
+* ``B`` is computed by a ``DequantizeLinear`` of an INT8 initializer of rank 2, or of INT4 / INT2
+  codes widened to INT8 by a ``Cast`` (as :mod:`.weight_qdq` writes them), per tensor or per column (``axis`` 1 or -1), without
   ``block_size`` (MatMulInteger has no blocked form), and
 * ``A`` is a float32 tensor that is not an initializer,
 
@@ -22,12 +22,12 @@ quantized MatMul kernel (``MatMulIntegerToFloat``, then ``DynamicQuantizeMatMul`
 and a Gemm's ``C`` is added to ``Y`` (``<name>_Add``). Transposed weights give MatMulInteger
 their codes transposed: stored so in a new initializer ``<codes>_transposed`` when this node is
 their only reader, else (a table tied to a Gather, a weight of several nodes) read through an
-int8 ``<codes>_Transpose`` node, which onnxruntime folds at load, so the file keeps one copy. Nodes reading the same ``A`` share one
+int8 ``<codes>_Transpose`` node, which onnxruntime folds at load, so the file keeps one copy (widened codes always take this route). Nodes reading the same ``A`` share one
 DynamicQuantizeLinear (the first one's). ``Y`` keeps the node's output value (name,
 type and uses). A weight DequantizeLinear that no node reads any more is removed, and so are
 codes that no node reads. Nodes are named after the MatMul (``<name>_DynamicQuantizeLinear``,
 ``_MatMulInteger``, ``_Cast``, ``_ScaleMul``, ``_Mul``); taken names get a numeric suffix.
-Sub-8-bit and blocked weights keep their weight-only DequantizeLinear: their fast kernel is a
+Blocked weights keep their weight-only DequantizeLinear: their fast kernel is a
 different one (``MatMulNBits``), which needs float activations.
 """
 
@@ -47,10 +47,10 @@ def int8_weight_dequantize(value: ir.Value | None, column_axis: int = 1) -> ir.N
     """The weight DequantizeLinear computing ``value``, when MatMulInteger can take its codes directly
     (``column_axis``: the axis of the output columns, 0 for a Gemm with ``transB``)."""
     dq = value.producer() if value is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx(dq) or len(dq.inputs) < 3:
+    if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx(dq) or len(dq.inputs) < 2:
         return None
     codes = dq.inputs[0]
-    if codes is None or not codes.is_initializer() or codes.dtype not in _INT8 or len(codes.shape or ()) != 2:
+    if codes is None or codes.dtype not in _INT8 or len(codes.shape or ()) != 2 or not _stored_codes(codes):
         return None
     if "block_size" in dq.attributes and dq.attributes["block_size"].as_int() != 0:
         return None
@@ -59,6 +59,32 @@ def int8_weight_dequantize(value: ir.Value | None, column_axis: int = 1) -> ir.N
     if per_column and axis % 2 != column_axis:
         return None
     return dq
+
+
+_WIDENING = ("Cast", "Reshape", "Sub")
+
+
+def _stored_codes(codes: ir.Value) -> bool:
+    """Whether ``codes`` is an initializer, or computed from initializers only by the Cast / Reshape /
+    Sub nodes that widen narrow codes to INT8 (:mod:`.weight_qdq`): a constant onnxruntime folds at load."""
+    if codes.is_initializer():
+        return True
+    node = codes.producer()
+    return (node is not None and node.op_type in _WIDENING and is_onnx(node) and all(v is not None and _stored_codes(v) for v in node.inputs))
+
+
+def _drop_unread(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove ``value`` when nothing reads it: its initializer, or its producer and, in turn, what only that read."""
+    if value.uses() or value.is_graph_output():
+        return
+    if value.is_initializer():
+        graph.initializers.pop(value.name)
+        return
+    node = value.producer()
+    if node is not None and remove_if_unread(graph, node):
+        for v in node.inputs:
+            if v is not None:
+                _drop_unread(graph, v)
 
 
 def _matmul_weight(b: ir.Value | None) -> tuple[ir.Node | None, bool]:
@@ -113,14 +139,14 @@ class DynamicMatMulPass(ir.passes.InPlacePass):
             if transpose is not None:
                 remove_if_unread(graph, transpose)
             old_codes = dq.inputs[0]
-            if remove_if_unread(graph, dq) and not old_codes.uses():
-                graph.initializers.pop(old_codes.name)
+            if remove_if_unread(graph, dq):
+                _drop_unread(graph, old_codes)
         return ir.passes.PassResult(model, modified=bool(self.converted))
 
     def _dynamic(self, names: UniqueNames, node: ir.Node, dq: ir.Node, codes: ir.Value,
                  bias: ir.Value | None) -> list[ir.Node]:
         base = node.name or node.outputs[0].name
-        scale, zero = dq.inputs[1], dq.inputs[2]
+        scale, zero = dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
 
         def named(op: str, inputs: list, suffix: str, n_out: int = 1, **attrs) -> ir.Node:
             outs = [ir.Value(name=names.value(f"{base}_{suffix}_output_{k}")) for k in range(n_out)]
@@ -147,9 +173,9 @@ def _transposed_codes(graph: ir.Graph, names: UniqueNames, dq: ir.Node) -> tuple
     When this node is the codes' only reader, a new initializer ``<codes>_transposed`` holds
     them transposed (the original is removed after). Codes read elsewhere too (a table tied
     to a Gather, a weight of several MatMuls) go through an int8 ``<codes>_Transpose`` node,
-    which onnxruntime folds at load, so the file keeps one copy."""
+    which onnxruntime folds at load, so the file keeps one copy (widened codes always take this route)."""
     codes = dq.inputs[0]
-    if len(codes.uses()) == 1 and len(dq.outputs[0].uses()) == 1:
+    if codes.is_initializer() and len(codes.uses()) == 1 and len(dq.outputs[0].uses()) == 1:
         name = names.value(f"{codes.name}_transposed")
         q = np.ascontiguousarray(codes.const_value.numpy().T)
         return [], initializer(graph, name, int_tensor(name, q, 8))

@@ -6,12 +6,13 @@ axis for Gemm); a bias it has stays float. onnxruntime's QDQ selectors need ever
 from DequantizeLinear, so a float bias stops them from fusing an INT2 weight into QLinearConv —
 which they would otherwise do (they exclude 4-bit but not 2-bit weights, and can move
 DequantizeLinear past the Reshape of the weight pass) and then fail to load the model. The
-INT32 bias pass leaves these nodes alone.
+INT32 bias pass leaves these nodes alone. Weights in ``int8_codes`` (widened to INT8 before their
+DequantizeLinear, :mod:`.weight_qdq`) are meant to be fused, and are left alone.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -34,15 +35,17 @@ def int2_weights(qweights: Mapping[str, QuantizedWeight]) -> set[str]:
 class Int2FloatBiasPass(ir.passes.InPlacePass):
     """Gives INT2-weight Conv / ConvTranspose / Gemm nodes a float zero bias where they have none."""
 
-    def __init__(self, qweights: Mapping[str, QuantizedWeight], weights: Sequence[WeightInfo]) -> None:
+    def __init__(self, qweights: Mapping[str, QuantizedWeight], weights: Sequence[WeightInfo],
+                 int8_codes: Collection[str] = ()) -> None:
         super().__init__()
         self.qweights = qweights
         self.channel_axis = {w.name: w.channel_axis for w in weights}
+        self.int8_codes = frozenset(int8_codes)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
-        int2 = int2_weights(self.qweights)
+        int2 = int2_weights(self.qweights) - self.int8_codes
         zeros: dict[str, ir.Value] = {}
         for node in graph:
             if node.op_type not in BIASED_OPS or len(node.inputs) < 2 or node.inputs[1] is None:

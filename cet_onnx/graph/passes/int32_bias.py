@@ -9,7 +9,7 @@ tensor ``b`` again — when all of these hold:
 * the node's input ``x`` gets activation Q/DQ (``x`` is in the activation plan, by its name
   before the activation pass renames the inputs: run this pass first);
 * its weight is quantized per tensor or per channel (block-wise weights keep a float bias) and
-  not INT2 (see :mod:`.int2_float_bias`); for Gemm, ``A`` is not a quantized weight and
+  not INT2 (see :mod:`.int2_float_bias`) unless it is in ``int8_codes`` (widened, :mod:`.weight_qdq`); for Gemm, ``A`` is not a quantized weight and
   ``beta`` is 1;
 * ``b`` is a float32 1-D initializer with one value per output channel, read by this node only;
 * every scale is positive and every code fits in INT32.
@@ -39,8 +39,10 @@ class Int32BiasPass(ir.passes.InPlacePass):
     """Quantizes the biases the module docstring describes."""
 
     def __init__(self, qweights: Mapping[str, QuantizedWeight], weights: Sequence[WeightInfo],
-                 act_params: Mapping[str, ActivationParams], float_nodes: Collection[str] = ()) -> None:
+                 act_params: Mapping[str, ActivationParams], float_nodes: Collection[str] = (),
+                 int8_codes: Collection[str] = ()) -> None:
         super().__init__()
+        self.int8_codes = frozenset(int8_codes)
         self.qweights = qweights
         self.weights = {w.name: w for w in weights}
         self.act_params = act_params
@@ -50,7 +52,7 @@ class Int32BiasPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
-        int2 = int2_weights(self.qweights)
+        int2 = int2_weights(self.qweights) - self.int8_codes
         self.quantized_biases = []
         nodes: dict[ir.Graph, list[ir.Node]] = {}
         for node in all_nodes(graph):

@@ -13,9 +13,10 @@ their DequantizeLinear and the MatMul (:func:`cet_onnx.quant.sizes.stored_form`,
 every run), and the node keeps its activation handling.
 
 Rules, for every default-domain MatMul or Gemm whose input B is a 2-D quantized weight in
-``qweights`` stored in fewer than 8 bits or in blocks (INT8 blocks never fuse into QLinearMatMul /
-QGemm; any format with ``all_bits``, for a model without activation quantization), read by that
-node only:
+``qweights`` stored in blocks (INT8 blocks never fuse into QLinearMatMul / QGemm; any format with
+``all_bits``, for a model without activation quantization), read by that node only (per-channel
+INT4 / INT2 weights of a model with quantized activations run in onnxruntime's INT8 kernels instead,
+widened at load: :mod:`.weight_qdq`, faster than ``MatMulNBits`` for more than one row):
 
 * the node goes to :attr:`float_nodes` and its weight to :attr:`weights` (an INT2 one then keeps a
   per-channel scale, see :func:`cet_onnx.quant.sizes.stored_form`): the activation Q/DQ pass leaves its input and output float
@@ -82,7 +83,7 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
             return None
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return None
-        return w if self.all_bits or container_bits(qw.fmt.bits) < 8 or qw.block_size is not None else None
+        return w if self.all_bits or qw.block_size is not None else None
 
     def _faulty_int2(self, node: ir.Node, w: ir.Value) -> bool:
         """An INT2 weight with a number of output columns N that is not a multiple of 4."""

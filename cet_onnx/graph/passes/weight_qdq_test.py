@@ -73,3 +73,55 @@ def test_names_already_taken_get_a_suffix():
     dq = m.graph.node(0)
     assert dq.name == "W_DequantizeLinear_1"
     assert [v.name for v in dq.inputs] == ["W_quantized", "W_scale_1", "W_zero_point"]
+
+
+def _widened(m, w, fmt):
+    qw = quantize_weight(w, fmt, 0, 1)
+    x = RNG.normal(size=(1, 3, 5, 5)).astype(np.float32)
+    fake = make_model([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], [tensor_info("x", [1, 3, 5, 5])],
+                      [tensor_info("y")], {"W": qw.dequantize()})
+    WeightQDQPass({"W": qw}, int8_codes={"W"})(m)
+    np.testing.assert_allclose(run(m, {"x": x})[0], run(fake, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    return qw
+
+
+def test_int4_symmetric_codes_widened_for_an_int8_kernel_keep_their_bytes():
+    m, w = _conv()
+    qw = _widened(m, w, WeightFormat(4, symmetric=True))
+    assert ops(m) == ["Cast", "Cast", "DequantizeLinear", "Conv"]
+    dq = node_named(m, "W_DequantizeLinear")
+    assert [v.producer().op_type for v in dq.inputs[::2]] == ["Cast", "Cast"]
+    assert all(v.dtype == onnx.TensorProto.INT8 for v in dq.inputs[::2]) and dq.attributes["axis"].as_int() == 0
+    stored = sum(len(v.const_value.tobytes()) for v in m.graph.initializers.values())
+    assert m.graph.initializers["W_quantized"].const_value.dtype == onnx.TensorProto.INT4 and stored == qw.nbytes()
+
+
+def test_conv_weight_zero_point_is_subtracted_from_the_widened_codes():
+    m, w = _conv()
+    qw = _widened(m, w, WeightFormat(4, symmetric=False))
+    assert np.any(qw.zero_point != 0)
+    assert ops(m) == ["Cast", "Cast", "Sub", "Cast", "DequantizeLinear", "Conv"]
+    dq = node_named(m, "W_DequantizeLinear")
+    assert len(dq.inputs) == 2 and dq.inputs[0].dtype == onnx.TensorProto.INT8   # no zero point: QLinearConv's fast path
+    assert m.graph.initializers["W_zero_point"].const_value.shape == (4, 1, 1, 1)
+    assert sum(len(v.const_value.tobytes()) for v in m.graph.initializers.values()) == qw.nbytes()
+
+
+def test_int2_kernel_widened_is_reshaped_before_it_is_dequantized():
+    m, w = _conv()
+    qw = _widened(m, w, WeightFormat(2, symmetric=False))
+    assert ops(m) == ["Cast", "Reshape", "Cast", "Sub", "Cast", "DequantizeLinear", "Conv"]
+    assert m.graph.initializers["W_quantized"].const_value.shape == (4, 27)   # the bytes of the plain INT2 form
+    assert sum(len(v.const_value.tobytes()) for v in m.graph.initializers.values()) == qw.nbytes()
+
+
+def test_int8_kernel_weights_are_per_channel_narrow_weights_of_conv_matmul_gemm_only():
+    from cet_onnx.graph.passes.weight_qdq import int8_kernel_weights
+
+    m, w = _conv()
+    per_channel = {"W": quantize_weight(w, WeightFormat(4), 0, 1)}
+    assert int8_kernel_weights(m.graph, per_channel, ()) == {"W"}
+    assert int8_kernel_weights(m.graph, per_channel, {"W"}) == set()
+    assert int8_kernel_weights(m.graph, {"W": quantize_weight(w, WeightFormat(8), 0, 1)}, ()) == set()
+    m2, w2 = _conv((4, 8, 1, 1), inputs=[tensor_info("x", [1, 8, 5, 5])])
+    assert int8_kernel_weights(m2.graph, {"W": quantize_weight(w2, WeightFormat(4, "block", 4), 0, 1)}, ()) == set()
