@@ -450,8 +450,9 @@ def _say_speed(say: Callable, report: dict) -> None:
         if lat["ratio"] > 1.0:
             slow = k.get("dequantized_at_run_time") or []
             why = (f": {len(slow)} weight(s) have no fast onnxruntime kernel in their format and are dequantized "
-                   f"on every run (onnxruntime has no INT4/INT2 Conv kernel; INT8 Conv / MatMul weights fuse into "
-                   f"QLinearConv / QLinearMatMul with static activations)" if slow else "")
+                   f"on every run (onnxruntime runs an INT2 / INT4 weight fast only per channel with quantized "
+                   f"activations, in its INT8 kernels, or as a blocked MatMul weight in MatMulNBits; INT8 Conv / MatMul "
+                   f"weights fuse into QLinearConv / QLinearMatMul with static activations)" if slow else "")
             advice = _speed_advice(report, slow, lat)
             say(f"WARNING: the quantized model is {lat['ratio']:.2f}x SLOWER than the float model{why}. "
                 f"{advice}; README 'Speed' explains the trade-off.")
@@ -460,7 +461,8 @@ def _say_speed(say: Callable, report: dict) -> None:
 
 
 def _speed_advice(report: dict, slow: list[dict], lat: dict) -> str:
-    """What to change for speed: low-bit weights to 8 bits, or static activations for 8-bit ones."""
+    """What to change for speed: low-bit weights to 8 bits or per channel (or a latency budget), or static
+    activations for 8-bit ones."""
     if not slow:
         return (f"No weight is dequantized on every run: the extra time is the activations' quantize / "
                 f"dequantize steps (float {lat['fp32_ms']:.3f} ms a run), or timing noise on a busy machine")
@@ -472,7 +474,11 @@ def _speed_advice(report: dict, slow: list[dict], lat: dict) -> str:
              f"keeps the accuracy target)")
     if not low:
         return f"Those weights are 8-bit already: {eight}"
-    advice = f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
+    advice = (f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
+              + (", or per-channel formats (--candidate-block 0 in a budget), which run in the INT8 kernels"
+                 if mode == "static" else "")
+              + ("; with a budget, --max-latency-ratio 1.0 lets the solver weigh speed against size"
+                 if report.get("allocation") else ""))
     return advice if len(low) == len(slow) else f"{advice}; the other {len(slow) - len(low)} are 8-bit: {eight}"
 
 

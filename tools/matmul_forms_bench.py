@@ -11,6 +11,8 @@ M = 1 and M = 64 rows, the median of interleaved runs (:func:`cet_onnx.latency.i
 * ``ort-dynamic``: onnxruntime ``quantize_dynamic`` with its defaults (fused to
   ``DynamicQuantizeMatMul``: INT8 weights, activations quantized at run time);
 * ``cet w8 dynamic``: ``cet-onnx quantize --weight-bits 8 --act-mode dynamic``;
+* ``cet w4 ch dynamic``: ``--weight-bits 4 --act-mode dynamic``: INT4 codes per channel in the file,
+  widened to INT8 by a Cast onnxruntime folds at load, run by the same dynamic INT8 kernel;
 * ``cet w4 b32`` / ``w4 b128`` / ``w2 b128``: ``cet-onnx quantize --weight-bits B --block-size S``
   (the plain ONNX form onnxruntime fuses into ``MatMulNBits``, accuracy level 4).
 
@@ -44,6 +46,7 @@ SHAPES = [(384, 384), (384, 1536), (1536, 384)]
 ROWS = [1, 64]
 CET_FORMS = {
     "cet w8 dynamic": ["--weight-bits", "8", "--act-mode", "dynamic"],
+    "cet w4 ch dynamic": ["--weight-bits", "4", "--act-mode", "dynamic"],
     "cet w4 b32": ["--weight-bits", "4", "--block-size", "32"],
     "cet w4 b128": ["--weight-bits", "4", "--block-size", "128"],
     "cet w2 b128": ["--weight-bits", "2", "--block-size", "128"],
