@@ -470,8 +470,11 @@ def _speed_advice(report: dict, slow: list[dict], lat: dict) -> str:
     low = [s for s in slow if (bits.get(s.get("weight")) or 4) < 7]
     mode = (report.get("activation_mode") or {}).get("mode")
     eight = (f"8-bit weights run fast only inside QLinearConv / QLinearMatMul, which need static 8-bit activations "
-             f"around them (activation mode here: {mode}); --act-mode static gives them that (its activation plan "
-             f"keeps the accuracy target)")
+             f"around them (activation mode here: {mode}); " +
+             ("the activation plan left some of theirs float or 16-bit to keep the accuracy target (the report's "
+              "activations_left_float); --act-precision uniform puts every planned tensor at --act-bits"
+              if mode == "static" else
+              "--act-mode static gives them that (its activation plan keeps the accuracy target)"))
     if not low:
         return f"Those weights are 8-bit already: {eight}"
     advice = (f"For speed, give those {len(low)} sub-8-bit weight(s) 8 bits (--weight-bits 8, or --bits 8 in a budget)"
