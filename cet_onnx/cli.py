@@ -303,6 +303,12 @@ def main() -> None:
               help="Write low-bit MatMul weights as com.microsoft.MatMulNBits nodes instead of plain ONNX "
                    "DequantizeLinear -> MatMul (which onnxruntime fuses into the same kernel at load time). "
                    "The file then needs onnxruntime.")
+@click.option("--widen-low-bit/--no-widen-low-bit", default=True, show_default=True,
+              help="Per-channel INT4 / INT2 weights of layers with quantized activations keep their narrow codes "
+                   "in the file behind a Cast to INT8, which onnxruntime folds at load, so they run in its INT8 "
+                   "kernels (QLinearConv, DynamicQuantizeMatMul); the model then needs onnxruntime >= 1.23. "
+                   "--no-widen-low-bit writes them plainly (MatMulNBits form or dequantized on every run), "
+                   "loadable by onnxruntime >= 1.19.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, metavar="0-4",
               help=f"With --emit-contrib: MatMulNBits' accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
                    f"input compute) [default: {DEFAULT_ACCURACY_LEVEL}, as onnxruntime's own fusion].")
@@ -322,7 +328,7 @@ def main() -> None:
 def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std, layout, device, weight_bits,
              act_bits, act_mode, act_precision, act_min_agreement, act_min_cosine, act_min_sqnr, weight_only, act_symmetric, per_tensor, block_size, calib_method, percentile, no_simplify,
              fix_inputs, keep_fixed_inputs, verify_size, verify_min_sqnr, verify_min_agreement, verify_max_latency_ratio, latency_batch,
-             latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, accuracy_level, allocator,
+             latency_threads, avg_bits, max_size, max_loss, max_latency, max_latency_ratio, emit_contrib, widen_low_bit, accuracy_level, allocator,
              refine_rounds, bits,
              candidate_block, loss, loss_output, labels, weight_clip, weight_grid, int8_full_range, rounding, sequential, probe_numerics, probes, probe_size, hutchinson_samples, fidelity_samples,
              cache_dir, no_cache, workers, ray, reproducible, seed, as_json, quiet):
@@ -361,7 +367,7 @@ def quantize(model, output, calib, calib_size, batch_size, image_size, mean, std
         run=RunOptions(device=device, simplify=not no_simplify, seed=seed, reproducible=reproducible,
                        latency_batch=latency_batch, latency_threads=latency_threads, fix_inputs=fix_inputs,
                        keep_fixed_inputs=keep_fixed_inputs,
-                       emit_contrib=_contrib_level(emit_contrib, accuracy_level)))
+                       emit_contrib=_contrib_level(emit_contrib, accuracy_level), widen_low_bit=widen_low_bit))
     report = run_quantize(model, output, calib, opts, verify_min_sqnr, verify_min_agreement,
                           max_latency_ratio=verify_max_latency_ratio)
     if as_json:

@@ -39,16 +39,18 @@ def check_output_path(model_path: str | os.PathLike, out_path: Path) -> None:
 
 
 def emit(p: Prepared, qweights: dict[str, QuantizedWeight], model_path: str | os.PathLike,
-         contrib_level: int | None = None, act_params: dict[str, ActivationParams] | None = None) -> Emitted:
+         contrib_level: int | None = None, act_params: dict[str, ActivationParams] | None = None,
+         widen: bool = True) -> Emitted:
     """Rewrite the graph with Q/DQ and the quantized weights (``contrib_level``: MatMul weights in the
     ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with that ``accuracy_level``, ``--emit-contrib``).
     ``act_params``: the activation precisions to write (the activation plan's), instead of ``p.act_params``.
+    ``widen``: per-channel low-bit weights widened for onnxruntime's INT8 kernels (``--no-widen-low-bit``: not).
 
     Unchanged initializers left on disk: small ones are read into the output; large ones
     (embedding tables, say) keep pointing at the input's files and are streamed into OUT.data.
     """
     result = rewrite(p.model, p.weights, qweights, p.act_params if act_params is None else act_params, source=str(model_path),
-                     dynamic=p.act_mode == "dynamic", contrib_level=contrib_level)
+                     dynamic=p.act_mode == "dynamic", contrib_level=contrib_level, widen=widen)
     qmodel = result.model
     if external_data.external_nbytes(qmodel) < external_data.STREAM_BYTES:
         external_data.load_into(qmodel)

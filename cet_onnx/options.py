@@ -127,6 +127,7 @@ class RunOptions:
     latency_batch: int = 1          # samples per run when timing float vs quantized (0: not timed)
     latency_threads: int = 0        # onnxruntime intra-op threads when timing (0: onnxruntime's default)
     emit_contrib: int | None = None  # write com.microsoft.MatMulNBits with this accuracy_level (None: plain ONNX)
+    widen_low_bit: bool = True       # per-channel INT4 / INT2 weights widened to INT8 at load (onnxruntime >= 1.23)
     fix_inputs: tuple[tuple[str, str], ...] = ()  # --fix-input NAME=VALUE: (name, value text) pairs
     keep_fixed_inputs: bool = False  # the emitted model still declares the fixed inputs (their value is ignored)
 

@@ -175,7 +175,7 @@ def quantize(model_path: str | os.PathLike, out_path: str | os.PathLike, calib: 
         for w in p.weights:
             w.integer_kernel = w.integer_kernel and w.name not in act_plan.full_range
     with timer.stage("rewrite"):
-        emitted = emit(p, qweights, model_path, opts.run.emit_contrib, act_plan.params)
+        emitted = emit(p, qweights, model_path, opts.run.emit_contrib, act_plan.params, opts.run.widen_low_bit)
         rows = weight_rows(p.weights, qweights, allocation, p.values)
         del qweights  # the codes now live in the emitted model; keep one copy while checking and verifying
         check(emitted)

@@ -64,6 +64,17 @@ def test_low_bit_per_channel_digits_runs_in_the_int8_kernels_and_dequantizes_not
     _optimised_matches_plain(tmp_path / "q.onnx", {"image": np.load(DIGITS / "eval.npz")["image"][:8]})
 
 
+def test_no_widen_low_bit_writes_the_plain_form_older_runtimes_load(tmp_path):
+    """--no-widen-low-bit: no Cast (onnxruntime < 1.23 has no Cast from INT4): the Convs are dequantized on
+    every run and the classifier Gemm becomes MatMulNBits, as before the widening."""
+    report = _quantize(DIGITS / "model.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", "--weight-bits", "4",
+                       "--no-widen-low-bit")
+    k = report["kernels"]
+    assert k["ops"].get("MatMulNBits") == 1 and "QLinearConv" not in k["ops"]
+    assert {s["consumer_op"] for s in k["dequantized_at_run_time"]} == {"Conv"} and len(k["dequantized_at_run_time"]) == 8
+    assert "Cast" not in {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+
+
 def test_low_bit_per_channel_matmuls_run_in_the_dynamic_int8_kernel(encoder, tmp_path):
     report = _quantize(encoder / "encoder.onnx", tmp_path / "q.onnx", encoder / "calib.npz", "--weight-bits", "4",
                        "--act-mode", "dynamic")

@@ -40,8 +40,10 @@ _MIN_IR = {13: 7, 21: 10, 23: 11, 24: 12, 25: 13}
 
 # --------------------------------------------------------------------------- specs
 def _dq_spec(name, qtype, opset, *, shape=(64, 16), axis=1, block_size=None,
-             scale_dtype="FLOAT", output_dtype=None, zero_point=True, matmul=False, seed=0):
-    """Weight-only DequantizeLinear on an initializer (optionally feeding a MatMul)."""
+             scale_dtype="FLOAT", output_dtype=None, zero_point=True, matmul=False, widen=False, seed=0):
+    """Weight-only DequantizeLinear on an initializer (optionally feeding a MatMul); ``widen``: the
+    codes and zero point go through ``Cast(to=INT8)`` first, as cet-onnx writes low-bit weights for
+    onnxruntime's INT8 kernels."""
     rng = np.random.default_rng(seed)
     lo, hi = _RANGE[qtype]
     q = rng.integers(lo, hi + 1, size=shape).astype(np.int64)
@@ -68,7 +70,7 @@ def _dq_spec(name, qtype, opset, *, shape=(64, 16), axis=1, block_size=None,
     expected = ((q - z_full).astype(out_np) * s_full.astype(out_np)).astype(out_np)
     spec = dict(kind="dq", name=name, qtype=qtype, opset=opset, q=q, scale=scale, scale_dtype=scale_dtype,
                 zp=zp if zero_point else None, axis=axis, block_size=block_size,
-                output_dtype=output_dtype, out_dtype=output_dtype or scale_dtype, exact=True)
+                output_dtype=output_dtype, out_dtype=output_dtype or scale_dtype, exact=True, widen=widen)
     if matmul:
         x = rng.standard_normal((4, shape[0])).astype(np.float32)
         spec.update(x=x, exact=False)
@@ -97,7 +99,9 @@ def all_specs():
     S.append(_dq_spec("int4_block_op21", "INT4", 21, axis=0, block_size=32))
     S.append(_dq_spec("uint4_block_op21", "UINT4", 21, axis=0, block_size=32))
     S.append(_dq_spec("int4_block_matmul_op21", "INT4", 21, axis=0, block_size=32, matmul=True))
+    S.append(_dq_spec("int4_axis_cast_int8_op21", "INT4", 21, widen=True))
     S.append(_dq_spec("int2_axis_op25", "INT2", 25))
+    S.append(_dq_spec("int2_axis_cast_int8_op25", "INT2", 25, widen=True))
     S.append(_dq_spec("int2_block_op25", "INT2", 25, axis=0, block_size=32))
     S.append(_dq_spec("int2_block_matmul_op25", "INT2", 25, axis=0, block_size=32, matmul=True))
     S.append(_dq_spec("int8_axis_fp16s_outf32_op23", "INT8", 23, scale_dtype="FLOAT16", output_dtype="FLOAT"))
@@ -168,6 +172,10 @@ def build_model(spec):
         if spec["zp"] is not None:
             inits.append(_raw_tensor(onnx, "w_zp", spec["qtype"], spec["zp"]))
             ins.append("w_zp")
+        casts = []
+        if spec.get("widen"):
+            casts = [helper.make_node("Cast", [name], [f"{name}_int8"], to=onnx.TensorProto.INT8) for name in ins[::2]]
+            ins = [f"{n}_int8" if i % 2 == 0 else n for i, n in enumerate(ins)]
         attrs = {"axis": spec["axis"]}
         if spec["block_size"]:
             attrs["block_size"] = spec["block_size"]
@@ -175,13 +183,13 @@ def build_model(spec):
             attrs["output_dtype"] = _dtype(onnx, spec["output_dtype"])
         out_t = _dtype(onnx, spec["out_dtype"])
         if "x" in spec:
-            nodes = [helper.make_node("DequantizeLinear", ins, ["w_dq"], **attrs),
+            nodes = [*casts, helper.make_node("DequantizeLinear", ins, ["w_dq"], **attrs),
                      helper.make_node("MatMul", ["x", "w_dq"], ["y"])]
             inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(spec["x"].shape))]
             outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
                                                      [spec["x"].shape[0], spec["q"].shape[1]])]
         else:
-            nodes = [helper.make_node("DequantizeLinear", ins, ["y"], **attrs)]
+            nodes = [*casts, helper.make_node("DequantizeLinear", ins, ["y"], **attrs)]
             inputs = []
             outputs = [helper.make_tensor_value_info("y", out_t, list(spec["q"].shape))]
         note = _onnx_unpack_note(onnx, w, spec["q"])

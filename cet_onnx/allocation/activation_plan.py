@@ -336,7 +336,8 @@ def _timings(p: Prepared, opts: Any, qweights: Mapping[str, QuantizedWeight], pa
     threads = opts.run.latency_threads
 
     def session(chosen: dict[str, ActivationParams]) -> Any:
-        return make_session(rewrite(p.model, p.weights, dict(qweights), chosen).model, p.providers, threads=threads)
+        return make_session(rewrite(p.model, p.weights, dict(qweights), chosen, widen=opts.run.widen_low_bit).model,
+                            p.providers, threads=threads)
 
     base = session(params)
     out = np.zeros((len(params), 3))

@@ -46,11 +46,12 @@ class LatencyBudget:
     def __init__(self, p: Prepared, opts: QuantizeOptions, cand: Candidates):
         a, r = opts.allocation, opts.run
         require_in_memory(p.model, external_data.data_dir(p.model) is not None)
-        self.p, self.cand, self.threads = p, cand, r.latency_threads
+        self.p, self.cand, self.threads, self.widen = p, cand, r.latency_threads, r.widen_low_bit
         self.feed = latency_feed(p.calib_batches, r.latency_batch, p.inputs)
         cache_dir = (Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()) if a.use_cache else None
         lat = measure_layer_latencies(p.model, p.weights, cand.formats, cand.available, p.values, self.feed,
-                                      p.act_params, p.act_mode, p.providers, r.latency_threads, cache_dir)
+                                      p.act_params, p.act_mode, p.providers, r.latency_threads, cache_dir,
+                                      widen=r.widen_low_bit)
         self.delta = np.nan_to_num(lat.delta_ms)
         fastest = np.argmin(np.where(cand.available, self.delta, np.inf), axis=1)
         self.float_ms, self.fastest_ms = self.measure(fastest, anchor=False)
@@ -91,7 +92,8 @@ class LatencyBudget:
         p = self.p
         qweights = {w.name: quantize_weight(np.asarray(p.values[w.name], np.float32), self.cand.formats[int(j)],
                                             w.channel_axis, w.reduction_axis) for w, j in zip(p.weights, choice)}
-        emitted = rewrite(p.model, p.weights, qweights, p.act_params, dynamic=p.act_mode == "dynamic").model
+        emitted = rewrite(p.model, p.weights, qweights, p.act_params, dynamic=p.act_mode == "dynamic",
+                          widen=self.widen).model
         del qweights
         sessions = [make_session(p.model, p.providers, threads=self.threads),
                     make_session(emitted, p.providers, threads=self.threads)]

@@ -134,14 +134,14 @@ def _layer_model(model: ir.Model, node: ir.Node, w: WeightInfo, acts: dict[str, 
 
 
 def _cache_key(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightFormat], acts_quantized: list[str],
-               act_mode: str, providers: Sequence[str], threads: int) -> str:
+               act_mode: str, providers: Sequence[str], threads: int, widen: bool = True) -> str:
     shapes = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type)
               for i in layer.graph.input]
     node = layer.graph.node[0]
     settings = {"op": node.op_type, "domain": node.domain, "attrs": [str(a) for a in node.attribute],
                 "inputs": shapes, "weight": list(w.shape), "weight_input": list(node.input).index(w.name),
                 "axes": [w.channel_axis, w.reduction_axis], "consts": [(t.name, list(t.dims)) for t in layer.graph.initializer],
-                "formats": [f.label for f in formats], "acts": acts_quantized, "act_mode": act_mode,
+                "formats": [f.label for f in formats], "acts": acts_quantized, "act_mode": act_mode, "widen": widen,
                 "method": _METHOD, "version": __version__, "ort": ort.__version__, "providers": list(providers), "threads": threads,
                 "cpu": [platform.machine(), os.cpu_count(), cpu_name()]}
     return "latency-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
@@ -150,8 +150,10 @@ def _cache_key(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightFo
 def measure_layer_latencies(model: ir.Model, weights: Sequence[WeightInfo], formats: Sequence[WeightFormat],
                             available: np.ndarray, values: dict[str, np.ndarray], feed: Feed,
                             act_params: dict[str, ActivationParams] | None, act_mode: str,
-                            providers: Sequence[str], threads: int, cache_dir: Path | None) -> LayerLatencies:
-    """Time every weight's layer in float and in each available format (see the module docstring)."""
+                            providers: Sequence[str], threads: int, cache_dir: Path | None,
+                            widen: bool = True) -> LayerLatencies:
+    """Time every weight's layer in float and in each available format (see the module docstring);
+    ``widen``: low-bit codes widened for onnxruntime's INT8 kernels, as :func:`rewrite` writes them."""
     acts = layer_activations(model, weights, feed, providers)
     nodes = {n.name: n for n in model.graph}
     delta = np.where(available, 0.0, np.nan)
@@ -171,11 +173,12 @@ def measure_layer_latencies(model: ir.Model, weights: Sequence[WeightInfo], form
                 ({relu.outputs[0].name} if relu is not None else set())
             layer_acts = {k: v for k, v in (act_params or {}).items() if k in names}
             fmts = [j for j in range(len(formats)) if available[i, j]]
-            key = _cache_key(layer, w, [formats[j] for j in fmts], sorted(layer_acts), act_mode, providers, threads)
+            key = _cache_key(layer, w, [formats[j] for j in fmts], sorted(layer_acts), act_mode, providers, threads,
+                             widen)
             entry = probe_cache.load(cache_dir, key) if cache_dir is not None else None
             if entry is None:
                 entry = _time_layer(layer, w, [formats[j] for j in fmts], values, layer_acts, act_mode, acts,
-                                    providers, threads)
+                                    providers, threads, widen)
                 if cache_dir is not None:
                     probe_cache.store(cache_dir, key, entry)
             float_ms[i] = entry["float_ms"]
@@ -188,13 +191,13 @@ def measure_layer_latencies(model: ir.Model, weights: Sequence[WeightInfo], form
 
 def _time_layer(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightFormat], values: dict[str, np.ndarray],
                 layer_acts: dict[str, ActivationParams], act_mode: str, acts: dict[str, np.ndarray],
-                providers: Sequence[str], threads: int) -> dict[str, Any]:
+                providers: Sequence[str], threads: int, widen: bool = True) -> dict[str, Any]:
     base = ir.from_proto(layer)
     feed = {i.name: acts[i.name] for i in layer.graph.input}
     sessions, feeds = [make_session(layer, providers, threads=threads)], [feed]
     for f in formats:
         qw = quantize_weight(np.asarray(values[w.name], np.float32), f, w.channel_axis, w.reduction_axis)
-        emitted = rewrite(base, [w], {w.name: qw}, layer_acts or None, dynamic=act_mode == "dynamic").model
+        emitted = rewrite(base, [w], {w.name: qw}, layer_acts or None, dynamic=act_mode == "dynamic", widen=widen).model
         proto, qfeed = deployed_boundary(ir.to_proto(emitted), feed, layer_acts)
         sessions.append(make_session(proto, providers, threads=threads))
         feeds.append(qfeed)

@@ -118,14 +118,17 @@ def _half_precision_opset(model: Model, qweights: dict[str, QuantizedWeight],
 
 def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
             act_params: dict[str, ActivationParams] | None, source: str = "model",
-            dynamic: bool = False, contrib_level: int | None = None) -> RewriteResult[Model]:
+            dynamic: bool = False, contrib_level: int | None = None, widen: bool = True) -> RewriteResult[Model]:
     """Return a QDQ copy of ``model`` (the input is not modified).
 
     ``qweights`` maps weight names to their quantized form; ``act_params`` maps activation
     tensors (from :func:`activation_tensors`) to their parameters, or is None for weight-only
     quantization (then also no ``DynamicQuantizeLSTM``, which quantizes its input at run time). ``dynamic``: INT8-weight MatMuls quantize their input at run time. ``contrib_level``: write
     MatMul weights in the ``MatMulNBits`` form as ``com.microsoft.MatMulNBits`` with this ``accuracy_level``
-    (None: plain ONNX, fused by onnxruntime at load time). Unsigned activation parameters turn on Relu folding. Initializers that stay
+    (None: plain ONNX, fused by onnxruntime at load time). ``widen``: per-channel INT4 / INT2 weights of a
+    model with quantized activations are widened to INT8 for onnxruntime's INT8 kernels (needs onnxruntime
+    ≥ 1.23 for the Cast from INT4); without it they take the ``MatMulNBits`` form (MatMul / Gemm) or are
+    dequantized on every run (Conv), loadable by onnxruntime ≥ 1.19. Unsigned activation parameters turn on Relu folding. Initializers that stay
     unchanged keep referring to their external data. The result has no value_info.
     """
     weight_only = act_params is None and not dynamic
@@ -140,7 +143,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     m = boundary.working_copy(model)
     transformer = transformer_rules(m.graph)
     qweights = dict(qweights)   # the MatMulNBits form stores some weights transposed
-    nbits = MatMulNBitsFormPass(qweights, all_bits=weight_only)   # not for a static plan that left every activation float
+    nbits = MatMulNBitsFormPass(qweights, all_bits=weight_only, low_bit_channels=not widen)   # not for a static plan that left every activation float
     for p in (UpgradeOpsetPass(target, source), nbits):
         p(m)
     if contrib_level is not None:
@@ -152,7 +155,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
         passes.append(FoldReluPass(nbits.float_nodes, planned=act_params))
-    int8_codes = set() if weight_only else int8_kernel_weights(m.graph, qweights, nbits.weights)
+    int8_codes = set() if weight_only or not widen else int8_kernel_weights(m.graph, qweights, nbits.weights)
     biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes, int8_codes)
     dynamic_pass = DynamicMatMulPass()
     passes += [WeightQDQPass(qweights, nbits.weights, int8_codes), GatherRowsPass(),

@@ -16,7 +16,8 @@ Rules, for every default-domain MatMul or Gemm whose input B is a 2-D quantized 
 ``qweights`` stored in blocks (INT8 blocks never fuse into QLinearMatMul / QGemm; any format with
 ``all_bits``, for a model without activation quantization), read by that node only (per-channel
 INT4 / INT2 weights of a model with quantized activations run in onnxruntime's INT8 kernels instead,
-widened at load: :mod:`.weight_qdq`, faster than ``MatMulNBits`` for more than one row):
+widened at load: :mod:`.weight_qdq`, faster than ``MatMulNBits`` for more than one row; with
+``low_bit_channels``, for runtimes without that widening, they take this form too):
 
 * the node goes to :attr:`float_nodes` and its weight to :attr:`weights` (an INT2 one then keeps a
   per-channel scale, see :func:`cet_onnx.quant.sizes.stored_form`): the activation Q/DQ pass leaves its input and output float
@@ -45,10 +46,12 @@ from cet_onnx.quant.sizes import container_bits
 class MatMulNBitsFormPass(ir.passes.InPlacePass):
     """Low-bit MatMul / Gemm weights in the form of ``MatMulNBits`` (see the module docstring)."""
 
-    def __init__(self, qweights: MutableMapping[str, QuantizedWeight], all_bits: bool = False) -> None:
+    def __init__(self, qweights: MutableMapping[str, QuantizedWeight], all_bits: bool = False,
+                 low_bit_channels: bool = False) -> None:
         super().__init__()
         self.qweights = qweights
         self.all_bits = all_bits
+        self.low_bit_channels = low_bit_channels
         self.float_nodes: set[str] = set()
         self.weights: set[str] = set()   # the weights of those nodes
         self.guarded: set[str] = set()   # INT2 weights onnxruntime must not fuse (see the module docstring)
@@ -83,7 +86,8 @@ class MatMulNBitsFormPass(ir.passes.InPlacePass):
             return None
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return None
-        return w if self.all_bits or qw.block_size is not None else None
+        low_bit = self.low_bit_channels and container_bits(qw.fmt.bits) < 8
+        return w if self.all_bits or low_bit or qw.block_size is not None else None
 
     def _faulty_int2(self, node: ir.Node, w: ir.Value) -> bool:
         """An INT2 weight with a number of output columns N that is not a multiple of 4."""
