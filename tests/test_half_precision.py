@@ -38,7 +38,7 @@ def half(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("args", [[], ["--weight-bits", "4", "--weight-only"], ["--avg-bits", "4.5", "--fidelity-samples", "0",
+@pytest.mark.parametrize("args", [[], ["--weight-bits", "4", "--weight-only"], ["--weight-bits", "4"], ["--avg-bits", "4.5", "--fidelity-samples", "0",
                                                                                    "--refine-rounds", "0"]])
 def test_a_float16_model_quantizes_with_float16_scales_and_runs(half, tmp_path, args):
     out = tmp_path / "q.onnx"
