@@ -680,8 +680,8 @@ def findings(results: dict) -> list[str]:
             if lo > o["latency_ms"]:
                 out.append(f"{name}: every cet-onnx model below 8 bits is slower than ORT INT8 at batch 1 on one thread "
                            f"({lo:.2f}–{hi:.2f} ms vs {o['latency_ms']:.2f} ms; FP32 {fp['latency_ms']:.2f} ms): onnxruntime's "
-                           "CPU provider has no integer kernel for INT4/INT2 Conv weights, so their DequantizeLinear "
-                           "runs on every inference (README, \"Speed of low-bit models\").")
+                           "CPU provider has no kernel for INT4/INT2 weights in blocks (per-channel ones run in its INT8 "
+                           "kernels), so their DequantizeLinear runs on every inference (README, \"Speed\").")
             elif hi > 1.1 * o["latency_ms"]:
                 out.append(f"{name}: cet-onnx models below 8 bits take {lo:.2f}–{hi:.2f} ms at batch 1 on one thread vs "
                            f"{o['latency_ms']:.2f} ms for ORT INT8 (FP32 {fp['latency_ms']:.2f} ms).")

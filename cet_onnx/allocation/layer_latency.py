@@ -1,7 +1,8 @@
 """Measured latency of every weight × candidate format: the solver's third resource (``--max-latency``).
 
 A format's speed is not a property of its bits: onnxruntime runs an INT8 Conv group as
-``QLinearConv``, an INT4 Conv weight is dequantized on every run, a blocked INT4 MatMul weight
+``QLinearConv`` (and a per-channel INT4 / INT2 one too, widened to INT8 at load), a blocked INT4 Conv
+weight is dequantized on every run, a blocked INT4 MatMul weight
 becomes ``MatMulNBits`` (faster with larger blocks), an INT2 one is slower than float on CPUs
 without a 2-bit kernel. So each weight's layer is timed in each emitted form:
 
