@@ -140,10 +140,19 @@ def _too_small(limits):
 
 def test_an_infeasible_size_stops_once_the_smallest_within_the_latency_budget_is_measured_within_it():
     from cet_onnx.errors import InputError
-    lb = _budget_without_a_model([10.9])
+    lb = _budget_without_a_model([10.9, 10.8])   # within the budget twice: the slower one counts
     with pytest.raises(InputError, match="cannot be met"):
         lb.closed_loop(_too_small)
     assert len(lb.history) == 1 and lb.history[0]["solved"] == "smallest within the latency budget"
+    assert lb.history[0]["measured_ms"] == 10.9
+
+
+def test_one_lucky_measurement_within_the_budget_does_not_pass_it():
+    from cet_onnx.errors import InputError
+    lb = _budget_without_a_model([10.9, 13.0])   # within the budget once, over it when taken again
+    with pytest.raises(InputError, match="cannot be met"):
+        lb.closed_loop(_too_small)
+    assert lb.history[0]["measured_ms"] == 13.0 and lb.scale == pytest.approx(3.0)
 
 
 def test_an_infeasible_size_refits_when_the_smallest_within_measures_over_the_budget():
