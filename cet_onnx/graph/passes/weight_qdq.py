@@ -79,7 +79,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
         shifted = form == "int8" and bool(np.any(zp != 0)) and _conv_only(graph.initializers[name])
         if shifted:   # subtracted from the codes at load: QLinearConv is fastest with a zero weight zero point
             view = [1] * qw.q.ndim
-            view[axis] = -1
+            if axis is not None:   # per tensor: one zero point, broadcast over everything
+                view[axis] = -1
             zp = zp.reshape(view)
         inputs = []
         for suffix, tensor in (("quantized", lambda n: int_tensor(n, q, qw.fmt.bits)),

@@ -125,3 +125,14 @@ def test_int8_kernel_weights_are_per_channel_narrow_weights_of_conv_matmul_gemm_
     assert int8_kernel_weights(m.graph, {"W": quantize_weight(w, WeightFormat(8), 0, 1)}, ()) == set()
     m2, w2 = _conv((4, 8, 1, 1), inputs=[tensor_info("x", [1, 8, 5, 5])])
     assert int8_kernel_weights(m2.graph, {"W": quantize_weight(w2, WeightFormat(4, "block", 4), 0, 1)}, ()) == set()
+
+
+def test_per_tensor_conv_zero_point_is_subtracted_too():
+    w = np.abs(RNG.normal(size=(4, 3, 3, 3))).astype(np.float32) + 0.5   # all positive: a non-zero zero point
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [tensor_info("x", [1, 3, 5, 5])], [tensor_info("y")], {"W": w}, opset=25)
+    qw = _widened(m, w, WeightFormat(4, "tensor", symmetric=False))
+    assert np.any(qw.zero_point != 0)
+    assert ops(m) == ["Cast", "Cast", "Sub", "Cast", "DequantizeLinear", "Conv"]
+    assert m.graph.initializers["W_zero_point"].const_value.shape == (1, 1, 1, 1)
+    assert sum(len(v.const_value.tobytes()) for v in m.graph.initializers.values()) == qw.nbytes()
