@@ -27,9 +27,10 @@ from cet_onnx.quant.sizes import container_bits
 BIASED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
-def int2_weights(qweights: Mapping[str, QuantizedWeight]) -> set[str]:
-    """Names of the weights stored in INT2."""
-    return {n for n, qw in qweights.items() if container_bits(qw.fmt.bits) == 2}
+def int2_weights(qweights: Mapping[str, QuantizedWeight], int8_codes: Collection[str] = ()) -> set[str]:
+    """Names of the weights stored in INT2 that reach their DequantizeLinear as INT2 (not widened to INT8
+    for onnxruntime's INT8 kernels: ``int8_codes``, :mod:`.weight_qdq`)."""
+    return {n for n, qw in qweights.items() if container_bits(qw.fmt.bits) == 2 and n not in int8_codes}
 
 
 class Int2FloatBiasPass(ir.passes.InPlacePass):
@@ -45,7 +46,7 @@ class Int2FloatBiasPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
-        int2 = int2_weights(self.qweights) - self.int8_codes
+        int2 = int2_weights(self.qweights, self.int8_codes)
         zeros: dict[str, ir.Value] = {}
         for node in graph:
             if node.op_type not in BIASED_OPS or len(node.inputs) < 2 or node.inputs[1] is None:

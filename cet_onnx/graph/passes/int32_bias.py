@@ -52,7 +52,7 @@ class Int32BiasPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = UniqueNames(graph)
-        int2 = int2_weights(self.qweights) - self.int8_codes
+        int2 = int2_weights(self.qweights, self.int8_codes)
         self.quantized_biases = []
         nodes: dict[ir.Graph, list[ir.Node]] = {}
         for node in all_nodes(graph):

@@ -111,12 +111,16 @@ def dequantize_nodes(graph: ir.Graph, names: UniqueNames, name: str, inputs: lis
     out.dtype = dtype
     if reshape_to is not None:
         out.name = names.value(f"{name}_dequantized_2d")
-        shape_name = names.value(f"{name}_shape")
-        shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(reshape_to, np.int64)))
-        nodes.append(ir.node("Reshape", [out, shape], name=names.node(f"{name}_Reshape")))
+        nodes.append(ir.node("Reshape", [out, _shape(graph, names, name, reshape_to)], name=names.node(f"{name}_Reshape")))
         out = nodes[-1].outputs[0]
         out.dtype = dtype
     return nodes, out
+
+
+def _shape(graph: ir.Graph, names: UniqueNames, name: str, shape: tuple[int, ...]) -> ir.Value:
+    """The int64 initializer ``name_shape`` holding ``shape``, the target of a weight's Reshape."""
+    fresh = names.value(f"{name}_shape")
+    return initializer(graph, fresh, array_tensor(fresh, np.array(shape, np.int64)))
 
 
 def int8_kernel_weights(graph: ir.Graph, qweights: Mapping[str, QuantizedWeight],
@@ -160,9 +164,7 @@ def _widened(graph: ir.Graph, names: UniqueNames, name: str, inputs: list[ir.Val
     wide = ir.DataType.INT32 if shifted else ir.DataType.INT8
     codes8 = add("Cast", [codes], "quantized_Cast", wide, codes.shape, to=wide)
     if reshape_to is not None:
-        shape_name = names.value(f"{name}_shape")
-        shape = initializer(graph, shape_name, array_tensor(shape_name, np.array(reshape_to, np.int64)))
-        codes8 = add("Reshape", [codes8, shape], "Reshape", wide, reshape_to)
+        codes8 = add("Reshape", [codes8, _shape(graph, names, name, reshape_to)], "Reshape", wide, reshape_to)
     if not shifted:
         return nodes, [codes8, scale, add("Cast", [zero], "zero_point_Cast", wide, zero.shape, to=wide)]
     zero32 = add("Cast", [zero], "zero_point_Cast", wide, zero.shape, to=wide)
