@@ -35,6 +35,7 @@ class Prepared:
     roundings: RoundingPlan = field(default_factory=RoundingPlan)
     rtn_fallback: dict = field(default_factory=dict)     # weight → why it keeps round-to-nearest
     specs: dict = field(default_factory=dict)            # weight → LayerSpec
+    gathers: dict = field(default_factory=dict)          # embedding table → (indices tensor, rows): lookups counted
     hessians_deferred: bool = False                      # major-axis Hessians are collected while quantizing
     float_activations: dict = field(default_factory=dict)  # planned activation → why it stays float
     act_mode: str = "static"                             # static | dynamic | none (cet_onnx.graph.act_mode)

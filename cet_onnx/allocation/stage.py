@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from cet_onnx import __version__
 from cet_onnx.allocation import cache as probe_cache, parallel
-from cet_onnx.allocation.allocate import Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
+from cet_onnx.allocation.allocate import FAST_SCHEME, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
 from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
@@ -133,6 +133,7 @@ def _cache_settings(p: Prepared, opts: QuantizeOptions, cand: Candidates, alloca
             "hessian_rows": r.hessian_rows if p.rounding == "major-axis" else None,
             "clip": opts.weights.clip, "grid": opts.weights.grid, "numerics": opts.allocation.probe_numerics,
             "probes": opts.allocation.probes if allocator == "cet" else None,
+            "fast_scheme": FAST_SCHEME if allocator == "cet" and opts.allocation.probes == "fast" else None,
             "weights": [w.name for w in cand.weights], "available": cand.available.tolist(),
             "act_mode": p.act_mode, "version": __version__,
             "integer_kernel": [w.name for w in cand.weights if w.integer_kernel]}   # their 8-bit codes are ±63

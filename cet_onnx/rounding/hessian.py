@@ -13,7 +13,7 @@ have no Hessian and keep round-to-nearest; :func:`layer_spec` says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +24,7 @@ from cet_onnx.progress import track
 from cet_onnx.graph.passes._graph import branch_nodes
 from cet_onnx.exposed import ExposedSession
 from cet_onnx.graph.passes.extra_outputs import per_iteration, stack_depth
+from cet_onnx.rounding.row_counts import RowCounts
 from cet_onnx.runner import Feed
 from cet_onnx.graph.weights import WeightInfo
 
@@ -234,17 +235,24 @@ class LayerHessian:
 
 def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Sequence[Feed],
                      weight_feeds: dict[str, np.ndarray], providers: Sequence[str], max_rows: int = 8192,
-                     seed: int = 0, desc: str = "layer Hessians") -> dict[str, LayerHessian]:
+                     seed: int = 0, desc: str = "layer Hessians", gathers: Mapping[str, tuple[str, int]] | None = None
+                     ) -> dict[str, LayerHessian | RowCounts]:
     """Hessians of every spec's layer, one streamed pass over ``batches`` (take them with ``.hessians()``).
 
     ``probe`` is the deployed graph with weights as inputs (see :func:`cet_onnx.allocation.probes.probe_model`);
     ``weight_feeds`` gives the value of each weight that ``probe`` takes as a graph input (already
     quantized ones, for a sequential pass); the other weights are the probe's own initializers.
+    ``gathers``: embedding table → (its indices tensor, its rows); their lookups are counted in the
+    same pass (:class:`~cet_onnx.rounding.row_counts.RowCounts`).
     """
-    if not specs:
+    gathers = dict(gathers or {})
+    if not specs and not gathers:
         return {}
-    session = ExposedSession(probe, [s.input_tensor for s in specs], providers, typed=False, optimize=True)
-    layers = {s.name: LayerHessian(s) for s in specs}
+    inputs = {v.name for v in probe.graph.inputs}
+    exposed = [s.input_tensor for s in specs] + [t for t, _ in gathers.values() if t not in inputs]
+    session = ExposedSession(probe, exposed, providers, typed=False, optimize=True)
+    layers: dict[str, LayerHessian | RowCounts] = {s.name: LayerHessian(s) for s in specs}
+    layers.update({name: RowCounts(rows) for name, (_, rows) in gathers.items()})
     rng = np.random.default_rng(seed)
     for feed in track(batches, desc=desc, unit="batch"):
         try:
@@ -252,14 +260,20 @@ def collect_hessians(probe: ir.Model, specs: Sequence[LayerSpec], batches: Seque
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed while collecting layer inputs: {first_line(exc)}") from None
         tokens = padding.token_mask(feed)
+        for name, (tensor, _) in gathers.items():
+            indices = feed[tensor] if tensor in inputs else values.get(tensor)
+            if indices is not None and np.size(indices):
+                layers[name].update(indices, tokens)
         for layer in layers.values():
+            if isinstance(layer, RowCounts):
+                continue
             x = np.asarray(values.get(layer.spec.input_tensor, np.zeros(0)), dtype=np.float32)
             if x.size:   # empty: inside an If branch this batch did not take, or a Loop that ran no iteration
                 for part in per_iteration(real_tokens(x, layer.spec, tokens), layer.spec.stacked):
                     layer.update(part, rng, max_rows)
     session.close()  # it holds the model's weights
     for layer in layers.values():
-        if layer.spec.input_tensor in session.dropped:
+        if isinstance(layer, LayerHessian) and layer.spec.input_tensor in session.dropped:
             layer.h, layer.rows = [], 0
             layer.unobserved = f"its layer input '{layer.spec.input_tensor}' is {session.dropped[layer.spec.input_tensor]}"
     return layers

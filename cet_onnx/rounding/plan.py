@@ -19,7 +19,8 @@ from cet_onnx.quant.sizes import gather_format_ok
 from cet_onnx.quant.quantizer import QuantizedWeight, RoundingPlan, WeightFormat, clip_for, grid_symmetric, \
     quantize_weight
 from cet_onnx.rounding.gptq import major_axis_rounding
-from cet_onnx.rounding.hessian import collect_hessians, hessian_nbytes, layer_spec
+from cet_onnx.rounding.hessian import LayerHessian, collect_hessians, hessian_nbytes, layer_spec
+from cet_onnx.rounding.row_counts import counted_rounding, gather_indices
 from cet_onnx.timer import Timer
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ def hessian_budget(weights: list[WeightInfo]) -> int:
 
 
 def layer_specs(p: Prepared) -> None:
-    """Fill ``p.specs`` (how each weight meets its input) and ``p.rtn_fallback`` (why a weight has no Hessian)."""
+    """Fill ``p.specs`` (how each weight meets its input), ``p.rtn_fallback`` (why a weight has no Hessian)
+    and ``p.gathers`` (the embedding tables among those, whose lookups are counted instead)."""
     missing = [w for w in p.weights if w.name not in p.specs and w.name not in p.rtn_fallback]
     if not missing:
         return
@@ -110,6 +112,9 @@ def layer_specs(p: Prepared) -> None:
         spec, why = layer_spec(probe, w)
         if spec is None:
             p.rtn_fallback[w.name] = why
+            indices = gather_indices(probe, w)
+            if indices is not None:
+                p.gathers[w.name] = (indices, w.shape[0])
         else:
             p.specs[w.name] = spec
 
@@ -127,14 +132,18 @@ def prepare_major_axis(p: Prepared, opts: QuantizeOptions, weight_feeds: dict | 
     feeds = weight_feeds or {}
     probe = probe_model(p.model, [w for w in p.weights if w.name in feeds], p.act_params)
     specs = [p.specs[w.name] for w in (only or p.weights) if w.name in p.specs]
+    gathers = {w.name: p.gathers[w.name] for w in (only or p.weights) if keep_hessians and w.name in p.gathers}
     desc = "layer Hessians"
     if only is not None and specs:
         desc = f"layer Hessians ({specs[0].name}{f' + {len(specs) - 1} more' if len(specs) > 1 else ''})"
     hess = collect_hessians(probe, specs, p.calib_batches, feeds, p.providers,
-                            opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc)
+                            opts.weight_rounding.hessian_rows, opts.run.seed, desc=desc, gathers=gathers)
     for w in only or p.weights:
         layer = hess.get(w.name)
-        if layer is not None and not layer.rows:
+        if layer is not None and not isinstance(layer, LayerHessian):   # an embedding table's lookups
+            if layer.seen:
+                p.roundings.roundings[w.name] = counted_rounding(layer.counts)
+        elif layer is not None and not layer.rows:
             p.rtn_fallback[w.name] = layer.unobserved or f"its layer input was never computed on the calibration data ({NEVER_RUN})"
         elif layer is not None:
             # with fewer rows than columns the quadratic form (a columns³ product) costs more than probes
