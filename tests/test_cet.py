@@ -81,6 +81,35 @@ def test_downstream_probes_cost_what_whole_model_probes_cost(cnn_session, monkey
     assert session.runs > runs0
 
 
+@pytest.mark.parametrize("rebuilt", [True, False])
+def test_leave_one_out_runs_suffixes_and_measures_what_the_whole_model_does(cnn_session, monkeypatch, rebuilt):
+    """The closed loop's in-context costs: with each weight alone back in float, the rest quantized.
+    Suffix runs on cut tensors computed with the assignment in place give the whole model's losses,
+    for weights as constants (rebuilt) and bound as inputs, in one group or several."""
+    session, weights, values = cnn_session
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(small_cnn()))
+    chosen = {w.name: quantize_weight(values[w.name], WeightFormat(2 if k % 2 else 4), w.channel_axis,
+                                      w.reduction_axis) for k, w in enumerate(weights)}
+    whole = ProbeSession(model, weights, {w.name: values[w.name] for w in weights}, None, session.batches,
+                         ["CPUExecutionProvider"], "kl", "logits", downstream=False, rebuilt=rebuilt)
+    expected = {n: whole.assignment_loss({k: v for k, v in chosen.items() if k != n}) for n in chosen}
+    assert len(set(expected.values())) == len(expected) and min(expected.values()) > 0
+    for cache in (None, "largest cut"):
+        cut = ProbeSession(model, weights, {w.name: values[w.name] for w in weights}, None, session.batches,
+                           ["CPUExecutionProvider"], "kl", "logits", rebuilt=rebuilt)
+        if cache:
+            cut.probe_one_sided(weights[0].name, chosen[weights[0].name].dequantize())   # fixes the groups
+            monkeypatch.setattr(cut._downstream, "cache_bytes", max(cut._downstream.sizes.values()))
+            cut._downstream._groups = None
+        monkeypatch.setattr(cut, "assignment_loss", lambda _: pytest.fail("a weight ran the whole model"))
+        calls = []
+        got = cut.leave_one_out(chosen, lambda: calls.append(1))
+        assert len(calls) == len(chosen) and set(got) == set(chosen)
+        for n in chosen:
+            assert got[n] == pytest.approx(expected[n], rel=1e-5, abs=1e-9)
+        assert (len(cut._downstream.partition()) > 1) == (cache is not None)
+
+
 def test_downstream_probes_type_the_cut_tensors_a_graph_leaves_undeclared(cnn_session):
     """Without shape inference the cut tensors have no declared type: the suffix takes their values' types."""
     session, weights, values = cnn_session

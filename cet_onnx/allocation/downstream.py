@@ -71,15 +71,14 @@ class DownstreamProbes:
         #: bytes of each cut tensor over all batches (its first batch's times the batches), set with the groups
         self.sizes: dict[str, int] = {}
         self._current: dict[str, Suffix] = {}
+        self._templates: dict[str, tuple[bytes, list[str]]] = {}   # each suffix graph is cut once
 
     def suffix(self, name: str) -> Suffix | None:
         """Weight ``name``'s suffix with its feeds, or None where the whole model must run."""
         if name in self._current:
             return self._current[name]
         try:
-            if self._groups is None:
-                self._groups = self._partition()
-            group = next((g for g in self._groups if name in g), None)
+            group = next((g for g in self.partition() if name in g), None)
             if group is None:
                 return None
             self._current = {}   # one group's cut tensors in memory at a time
@@ -88,6 +87,32 @@ class DownstreamProbes:
             self._groups, self._current = [], {}
             return None
         return self._current[name]
+
+    def partition(self) -> list[list[str]]:
+        """The groups of weights whose cut tensors are held together (fixed on first use)."""
+        if self._groups is None:
+            self._groups = self._partition()
+        return self._groups
+
+    def release(self) -> None:
+        """Drop the cut tensors held for the probes."""
+        self._current = {}
+
+    def cut_tensors(self, group: Sequence[str]) -> list[str]:
+        """The tensors (besides model inputs) that cross the cuts of ``group``'s weights."""
+        return sorted({t for w in group for t in self._cuts[w] if t not in self._inputs})
+
+    def suffixes(self, group: Sequence[str], computed: Sequence[Feed]) -> dict[str, Suffix]:
+        """The suffixes of ``group`` fed with ``computed``: per probe batch, the values of
+        :meth:`cut_tensors` from a run of the whole graph (with other weights than the float ones, say)."""
+        out = {}
+        for w in group:
+            feeds = [{t: (b[t] if t in self._inputs else c[t]) for t in self._cuts[w]}
+                     for b, c in zip(self.batches, computed)]
+            if w not in self._templates:
+                self._templates[w] = self._template(w, feeds[0] if feeds else {})
+            out[w] = Suffix(*self._templates[w], feeds)
+        return out
 
     def _partition(self) -> list[list[str]]:
         """Consecutive weights whose cut tensors over all batches fit :attr:`cache_bytes` together."""
@@ -112,17 +137,11 @@ class DownstreamProbes:
 
     def _load(self, group: list[str]) -> dict[str, Suffix]:
         """The suffixes of ``group`` with their cut tensors, from one exposed run of the probe graph per batch."""
-        names = sorted({t for w in group for t in self._cuts[w] if t not in self._inputs})
+        names = self.cut_tensors(group)
         session = ExposedSession(self.deployed, names, self.providers, typed=False, optimize=True) if names else None
         computed = [session.run(feed) if session else {} for feed in self.batches]
         session = None
-        out = {}
-        for w in group:
-            feeds = [{t: (b[t] if t in self._inputs else c[t]) for t in self._cuts[w]}
-                     for b, c in zip(self.batches, computed)]
-            template, reads = self._template(w, feeds[0] if feeds else {})
-            out[w] = Suffix(template, reads, feeds)
-        return out
+        return self.suffixes(group, computed)
 
     def _template(self, name: str, feed: Feed) -> tuple[bytes, list[str]]:
         """The suffix graph of ``name`` with every weight it reads a placeholder, and those weights' names;

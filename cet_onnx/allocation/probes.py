@@ -33,9 +33,10 @@ for the ellipsoid case, negative where the form is indefinite (hyperbolic parabo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -48,6 +49,7 @@ from cet_onnx.quant.sizes import stored_form
 from cet_onnx.graph import boundary
 from cet_onnx.graph.boundary import Model
 from cet_onnx.graph.passes.dequantize_inputs import CodeForm, DequantizeInputsPass
+from cet_onnx.graph.passes.extra_outputs import ExposeOutputsPass
 from cet_onnx.graph.passes.probe_graph import ProbeGraphPass
 from cet_onnx.graph.passes.upgrade_opset import UpgradeOpsetPass, opset_version
 from cet_onnx.graph.passes.weight_placeholders import WeightPlaceholdersPass
@@ -257,19 +259,25 @@ class ProbeSession:
             raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
         return parts
 
-    def _rebuilt_outputs(self, overrides: dict[str, np.ndarray], suffix: Suffix | None = None) -> list[np.ndarray]:
+    def _rebuilt_outputs(self, overrides: Mapping[str, np.ndarray], suffix: Suffix | None = None) -> list[np.ndarray]:
         """The loss output of a session built for this evaluation: of the whole probe graph, or of ``suffix``."""
         template, names = (self._template, [w.name for w in self.weights]) if suffix is None else \
             (suffix.template, suffix.weights)
+        session, keep = self._constant_session(template, names, overrides)
+        return self._run_batches(session, {}, None if suffix is None else suffix.feeds)
+
+    def _constant_session(self, template: bytes, names: Sequence[str], overrides: Mapping[str, np.ndarray]
+                          ) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
+        """A session on ``template`` with weights ``names`` as constants (``overrides`` in place of the float
+        ones), and the values it reads them from (onnxruntime does not copy them: keep them while it runs)."""
         keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
             overrides[n] if n in overrides else self.values[n], dtype=self._dtypes[n])) for n in names]
         opts = session_options(threads=self.threads)
-        opts.add_external_initializers(names, keep)
+        opts.add_external_initializers(list(names), keep)
         try:
-            session = ort.InferenceSession(template, opts, providers=self.providers)
+            return ort.InferenceSession(template, opts, providers=self.providers), keep
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed during a probe: {first_line(exc)}") from None
-        return self._run_batches(session, {}, None if suffix is None else suffix.feeds)
 
     def _bound_outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         bound = overrides if self.resident else {
@@ -321,6 +329,52 @@ class ProbeSession:
         if self.resident:
             return self.loss({n: q.dequantize() for n, q in chosen.items()})
         return self._score(self._coded_outputs(chosen))
+
+    def leave_one_out(self, chosen: Mapping[str, QuantizedWeight], progress: Callable[[], Any] = lambda: None
+                      ) -> dict[str, float]:
+        """For every weight of ``chosen``: the loss with that weight alone back in float, the others quantized.
+
+        With downstream-only runs (:attr:`downstream`), the tensors that cross a group's cuts are
+        computed once with every weight of ``chosen`` in place (one pass of the whole graph per
+        group), and each weight's loss is its suffix run with that weight float: everything
+        before its layer computes what the assignment computes. Other weights (no suffix, or a
+        graph onnxruntime cannot cut) run the whole model. ``progress`` is called once per weight.
+        """
+        out: dict[str, float] = {}
+        if self._downstream is not None:
+            deq = {n: np.ascontiguousarray(q.dequantize(), dtype=np.float32) for n, q in chosen.items()}
+            self._downstream.release()   # the probes' cut tensors (of the float model) are not needed now
+            try:
+                for group in self._downstream.partition():
+                    members = [w for w in group if w in deq]
+                    if members:
+                        computed = self._cut_values(self._downstream.cut_tensors(members), deq)
+                        for name, suffix in self._downstream.suffixes(members, computed).items():
+                            over = {k: deq[k] for k in suffix.weights if k in deq and k != name}
+                            out[name] = self._score(_joined(self._rebuilt_outputs(over, suffix)))
+                            progress()
+            except Exception:   # a graph onnxruntime cannot cut here: the rest run the whole model
+                pass
+            deq = None
+        for name in chosen:
+            if name not in out:
+                out[name] = self.assignment_loss({k: v for k, v in chosen.items() if k != name})
+                progress()
+        return out
+
+    def _cut_values(self, names: list[str], weights: Mapping[str, np.ndarray]) -> list[Feed]:
+        """Per probe batch, tensors ``names`` of the whole graph with ``weights`` in place of the float ones."""
+        if not names:
+            return [{} for _ in self.batches]
+        m = ir.serde.deserialize_model(onnx.ModelProto.FromString(self._downstream.placeholders))
+        ExposeOutputsPass(names, typed=False)(m)
+        session, keep = self._constant_session(ir.to_proto(m).SerializeToString(), [w.name for w in self.weights],
+                                               weights)
+        out = []
+        for feed in self.batches:
+            out.append(dict(zip(names, session.run(names, feed))))
+            self.runs += 1
+        return out
 
     def _coded_outputs(self, chosen: Mapping[str, QuantizedWeight]) -> np.ndarray:
         if self._codes_model is None:
