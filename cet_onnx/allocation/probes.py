@@ -345,36 +345,46 @@ class ProbeSession:
             deq = {n: np.ascontiguousarray(q.dequantize(), dtype=np.float32) for n, q in chosen.items()}
             self._downstream.release()   # the probes' cut tensors (of the float model) are not needed now
             try:
-                for group in self._downstream.partition():
-                    members = [w for w in group if w in deq]
-                    if members:
-                        computed = self._cut_values(self._downstream.cut_tensors(members), deq)
-                        for name, suffix in self._downstream.suffixes(members, computed).items():
-                            over = {k: deq[k] for k in suffix.weights if k in deq and k != name}
-                            out[name] = self._score(_joined(self._rebuilt_outputs(over, suffix)))
-                            progress()
+                groups = [m for m in ([w for w in g if w in deq] for g in self._downstream.partition()) if m]
+                cut = self._cut_values(sorted({t for g in groups for t in self._downstream.cut_tensors(g)}), deq)
+                for members in groups:
+                    computed = cut(self._downstream.cut_tensors(members))
+                    for name, suffix in self._downstream.suffixes(members, computed).items():
+                        over = {k: deq[k] for k in suffix.weights if k in deq and k != name}
+                        out[name] = self._score(_joined(self._rebuilt_outputs(over, suffix)))
+                        progress()
             except Exception:   # a graph onnxruntime cannot cut here: the rest run the whole model
                 pass
-            deq = None
+            deq = cut = None
         for name in chosen:
             if name not in out:
                 out[name] = self.assignment_loss({k: v for k, v in chosen.items() if k != name})
                 progress()
         return out
 
-    def _cut_values(self, names: list[str], weights: Mapping[str, np.ndarray]) -> list[Feed]:
-        """Per probe batch, tensors ``names`` of the whole graph with ``weights`` in place of the float ones."""
-        if not names:
-            return [{} for _ in self.batches]
+    def _cut_values(self, exposed: list[str], weights: Mapping[str, np.ndarray]
+                    ) -> Callable[[list[str]], list[Feed]]:
+        """A function giving, per probe batch, tensors ``names`` (of ``exposed``) of the whole graph with
+        ``weights`` in place of the float ones: one session for every group (a run computes only
+        what the names it asks for need)."""
+        if not exposed:
+            return lambda names: [{} for _ in self.batches]
         m = ir.serde.deserialize_model(onnx.ModelProto.FromString(self._downstream.placeholders))
-        ExposeOutputsPass(names, typed=False)(m)
+        ExposeOutputsPass(exposed, typed=False)(m)
         session, keep = self._constant_session(ir.to_proto(m).SerializeToString(), [w.name for w in self.weights],
                                                weights)
-        out = []
-        for feed in self.batches:
-            out.append(dict(zip(names, session.run(names, feed))))
-            self.runs += 1
-        return out
+
+        def run(names: list[str]) -> list[Feed]:
+            if not names:
+                return [{} for _ in self.batches]
+            out = []
+            for feed in self.batches:
+                out.append(dict(zip(names, session.run(names, feed))))
+                self.runs += 1
+            return out
+
+        run.keep = keep   # onnxruntime reads the weights from these while the session lives
+        return run
 
     def _coded_outputs(self, chosen: Mapping[str, QuantizedWeight]) -> np.ndarray:
         if self._codes_model is None:
