@@ -572,6 +572,10 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
             say(f"  latency budget ({lb['constraint']}, batch {lb['batch']}): float {lb['float_ms']:.3f} ms, "
                 f"budget {lb['budget_ms']:.3f} ms, predicted {lb['predicted_ms']:.3f} ms "
                 f"(every layer's formats timed; anchored on the fastest assignment, measured {lb['fastest_assignment_ms']:.3f} ms)")
+            kept = a.get("kept_float") or {}
+            if kept:
+                say(f"  {len(kept)} weight(s) kept float ({next(iter(kept.values()))}): "
+                    + ", ".join(list(kept)[:5]) + (", ..." if len(kept) > 5 else ""))
             loop = lb.get("closed_loop") or []
             if loop:
                 say("  latency closed loop: " + ", ".join(f"predicted {h['predicted_ms']:.3f} / measured "

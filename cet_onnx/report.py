@@ -37,17 +37,25 @@ def report_path(out: str | os.PathLike) -> Path:
 def weight_rows(weights: list[WeightInfo], qweights: dict[str, QuantizedWeight],
                 allocation: dict[str, Any] | None, values: Mapping[str, np.ndarray] | None = None
                 ) -> list[dict[str, Any]]:
-    """One row per quantized weight: shape, format, bytes, SQNR of the dequantized weight against
-    ``values`` (the float weights, when given) and the allocator's predicted ΔL."""
+    """One row per weight: shape, format, bytes, SQNR of the dequantized weight against ``values`` (the
+    float weights, when given) and the allocator's predicted ΔL. A weight absent from ``qweights`` was
+    kept float (by the solver, under a latency budget): its row says ``float`` and counts its float bytes."""
     predicted = (allocation or {}).get("per_weight_predicted")
-    return [
-        {"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
-         "bits": qweights[w.name].fmt.bits, "format": qweights[w.name].fmt.label,
-         "bytes_fp32": 4 * w.size, "bytes": qweights[w.name].nbytes(),
-         **({"integer_kernel": True} if w.integer_kernel else {}),   # read by a u8 x s8 kernel: codes within ±63
-         **({"sqnr_db": _weight_sqnr(values[w.name], qweights[w.name])} if values is not None else {}),
-         **({"predicted_delta_loss": predicted[w.name]} if predicted is not None else {})}
-        for w in weights]
+    return [{"name": w.name, "op": w.op_type, "shape": list(w.shape), "params": w.size,
+             **(_quantized_row(w, qweights[w.name], values) if w.name in qweights else _float_row(w, values)),
+             **({"predicted_delta_loss": predicted[w.name]} if predicted is not None else {})}
+            for w in weights]
+
+
+def _quantized_row(w: WeightInfo, qw: QuantizedWeight, values: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+    return {"bits": qw.fmt.bits, "format": qw.fmt.label, "bytes_fp32": 4 * w.size, "bytes": qw.nbytes(),
+            **({"integer_kernel": True} if w.integer_kernel else {}),   # read by a u8 x s8 kernel: codes within ±63
+            **({"sqnr_db": _weight_sqnr(values[w.name], qw)} if values is not None else {})}
+
+
+def _float_row(w: WeightInfo, values: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+    itemsize = np.asarray(values[w.name]).dtype.itemsize if values is not None else 4
+    return {"bits": 8 * itemsize, "format": "float", "bytes_fp32": 4 * w.size, "bytes": itemsize * w.size}
 
 
 def _weight_sqnr(weight: np.ndarray, qw: QuantizedWeight) -> float:

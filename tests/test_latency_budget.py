@@ -182,3 +182,51 @@ def test_a_budget_below_the_measured_anchor_needs_no_solve_to_fail():
 def test_latency_budget_option_errors(tmp_path, args, message):
     res = _quantize(tmp_path, *args)
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_float_is_timed_as_one_more_format_of_every_layer(digits, tmp_path):
+    from cet_onnx.allocation.float_option import KEEP_FLOAT
+    from cet_onnx.latency import latency_feed
+    fmts = [WeightFormat(8, "channel"), KEEP_FLOAT]
+    available = np.ones((len(digits.weights), 2), bool)
+    lat = L.measure_layer_latencies(digits.model, digits.weights, fmts, available, digits.values,
+                                    latency_feed(digits.calib_batches, 1), digits.act_params, "static",
+                                    digits.providers, 1, tmp_path)
+    assert np.isfinite(lat.delta_ms).all()
+    # the float form of a layer is not the float layer itself: in static mode it keeps its activation Q/DQ
+    assert lat.as_report(digits.weights, fmts)["stem.0.weight"]["delta_ms"]["float"] is not None
+
+
+def test_a_weight_the_latency_row_keeps_float_is_left_out_of_the_emitted_weights(digits):
+    """Float as a format (latency budgets): chosen when every quantized form of a layer is too slow; the weight
+    stays float in the emitted model, which onnxruntime runs, and the report counts its float bytes."""
+    from cet_onnx.allocation.float_option import WithFloat
+    from cet_onnx.allocation.solver import Limit, solve_size_budget
+    from cet_onnx.allocation.stage import candidates
+    from cet_onnx.report import _totals, weight_rows
+    from cet_onnx.runner import make_session
+    opts = QuantizeOptions(allocation=AllocationOptions(avg_bits=8))
+    cand = WithFloat(candidates(digits, opts))
+    n, k = cand.sizes.shape
+    assert k == len(cand.base.formats) + 1 and cand.available[:, -1].all()
+    np.testing.assert_array_equal(cand.sizes[:, -1], [4.0 * w.size for w in cand.weights])
+    costs = np.where(cand.available, 1.0 / np.maximum(cand.sizes, 1), np.inf)   # wider: less loss
+    costs[:, -1] = 0.0
+    slow = np.zeros((n, k))
+    slow[0, :-1] = 1.0   # every quantized form of the first layer costs 1 ms more than float
+    sol = solve_size_budget(costs, cand.sizes, cand.sizes[:, -1].sum() / 3, [Limit(slow, 0.5, "latency")])
+    assert sol.choice[0] == k - 1 and (sol.choice[1:] != k - 1).any()
+    chosen = cand.chosen(sol.choice)
+    first = digits.weights[0].name
+    assert first not in chosen and len(chosen) == n - sum(sol.choice == k - 1)
+    emitted = L.rewrite(digits.model, digits.weights, chosen, digits.act_params).model
+    inits = {v.name: v for v in emitted.graph.initializers.values()}
+    assert inits[first].const_value.dtype == ir.DataType.FLOAT
+    session = make_session(emitted, digits.providers)
+    x = digits.calib_batches[0]
+    assert np.isfinite(session.run(None, {k: v for k, v in x.items()})[0]).all()
+    rows = weight_rows(digits.weights, chosen, None, digits.values)
+    row = next(r for r in rows if r["name"] == first)
+    assert row["format"] == "float" and row["bits"] == 32 and row["bytes"] == 4 * digits.weights[0].size
+    assert _totals(rows)["weight_bytes"] == sum(r["bytes"] for r in rows)
+    cand.base.close()

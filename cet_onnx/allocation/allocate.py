@@ -465,6 +465,8 @@ def refine_size_budget(session: ProbeSession, sens: Sensitivity, cand: Candidate
         finally:
             bar.close()
         for i, w in enumerate(cand.weights):
+            if w.name not in without:   # kept float (under a latency budget): nothing to put back
+                continue
             in_context = loss - without[w.name]
             isolated = costs[i, sol.choice[i]]
             if isolated > 0 and in_context > 0:

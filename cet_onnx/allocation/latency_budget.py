@@ -22,6 +22,7 @@ import numpy as np
 
 from cet_onnx.allocation import cache as probe_cache
 from cet_onnx.allocation.allocate import Candidates, smallest_within
+from cet_onnx.allocation.float_option import WithFloat
 from cet_onnx.allocation.layer_latency import measure_layer_latencies, require_in_memory
 from cet_onnx.allocation.solver import Limit, Solution
 from cet_onnx.errors import InputError
@@ -47,14 +48,15 @@ class LatencyBudget:
     def __init__(self, p: Prepared, opts: QuantizeOptions, cand: Candidates):
         a, r = opts.allocation, opts.run
         require_in_memory(p.model, external_data.data_dir(p.model) is not None)
-        self.p, self.cand, self.threads, self.widen = p, cand, r.latency_threads, r.widen_low_bit
+        self.p, self.threads, self.widen = p, r.latency_threads, r.widen_low_bit
         self.feed = latency_feed(p.calib_batches, r.latency_batch, p.inputs)
         cache_dir = (Path(a.cache_dir) if a.cache_dir else probe_cache.default_dir()) if a.use_cache else None
-        lat = measure_layer_latencies(p.model, p.weights, cand.formats, cand.available, p.values, self.feed,
-                                      p.act_params, p.act_mode, p.providers, r.latency_threads, cache_dir,
-                                      widen=r.widen_low_bit)
+        self.cand = WithFloat(cand)   # float is a format here: the fastest form of some layers
+        lat = measure_layer_latencies(p.model, p.weights, self.cand.formats, self.cand.available, p.values,
+                                      self.feed, p.act_params, p.act_mode, p.providers, r.latency_threads,
+                                      cache_dir, widen=r.widen_low_bit)
         self.delta = np.nan_to_num(lat.delta_ms)
-        fastest = np.argmin(np.where(cand.available, self.delta, np.inf), axis=1)
+        fastest = np.argmin(np.where(self.cand.available, self.delta, np.inf), axis=1)
         self.float_ms, self.fastest_ms = self.measure(fastest, anchor=False)
         self.fastest = fastest
         self.fastest_sum, self.scale = self._sum(fastest), 1.0
@@ -67,7 +69,7 @@ class LatencyBudget:
             "batch": r.latency_batch, "threads": r.latency_threads or "onnxruntime default",
             "float_ms": round(self.float_ms, 4), "fastest_assignment_ms": round(self.fastest_ms, 4),
             "budget_ms": round(self.budget_ms, 4), "constraint": self.flag, "max_ratio": a.max_latency_ratio,
-            "untimed": lat.untimed, "per_weight": lat.as_report(p.weights, cand.formats)}
+            "untimed": lat.untimed, "per_weight": lat.as_report(p.weights, self.cand.formats)}
 
     @property
     def limit(self) -> Limit:
@@ -92,7 +94,8 @@ class LatencyBudget:
         with ``anchor`` the quantized time is rescaled to the first float measurement (machine drift cancels)."""
         p = self.p
         qweights = {w.name: quantize_weight(np.asarray(p.values[w.name], np.float32), self.cand.formats[int(j)],
-                                            w.channel_axis, w.reduction_axis) for w, j in zip(p.weights, choice)}
+                                            w.channel_axis, w.reduction_axis) for w, j in zip(p.weights, choice)
+                    if int(j) != self.cand.float_index}
         emitted = rewrite(p.model, p.weights, qweights, p.act_params, dynamic=p.act_mode == "dynamic",
                           widen=self.widen).model
         del qweights

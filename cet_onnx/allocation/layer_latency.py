@@ -12,6 +12,8 @@ without a 2-bit kernel. So each weight's layer is timed in each emitted form:
 * each format's form is what :func:`cet_onnx.graph.rewriter.rewrite` emits for that layer (weight
   Q/DQ, the layer's activation Q/DQ in static mode, the dynamic MatMul in dynamic mode), with the
   weight rounded to nearest (codes do not change the speed);
+* under a latency budget float is a format too (:mod:`.float_option`): the layer with its weight
+  float and, in static mode, its activation Q/DQ as the rewrite leaves them;
 * the float layer and every form run in turns (:func:`cet_onnx.latency.interleaved_ms`), and a
   format's cost is its median minus the float layer's: the change of the whole model's latency
   when that weight alone takes that format. The model's predicted latency is the float model's
@@ -40,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from cet_onnx import __version__
 from cet_onnx.allocation import cache as probe_cache
+from cet_onnx.allocation.float_option import is_float
 from cet_onnx.errors import InputError
 from cet_onnx.graph.passes.extra_outputs import ExposeOutputsPass
 from cet_onnx.graph.rewriter import rewrite
@@ -197,8 +200,9 @@ def _time_layer(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightF
     feed = {i.name: acts[i.name] for i in layer.graph.input}
     sessions, feeds = [make_session(layer, providers, threads=threads)], [feed]
     for f in formats:
-        qw = quantize_weight(np.asarray(values[w.name], np.float32), f, w.channel_axis, w.reduction_axis)
-        emitted = rewrite(base, [w], {w.name: qw}, layer_acts or None, dynamic=act_mode == "dynamic", widen=widen).model
+        qweights = {} if is_float(f) else \
+            {w.name: quantize_weight(np.asarray(values[w.name], np.float32), f, w.channel_axis, w.reduction_axis)}
+        emitted = rewrite(base, [w], qweights, layer_acts or None, dynamic=act_mode == "dynamic", widen=widen).model
         proto, qfeed = deployed_boundary(ir.to_proto(emitted), feed, layer_acts)
         sessions.append(make_session(proto, providers, threads=threads))
         feeds.append(qfeed)

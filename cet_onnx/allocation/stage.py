@@ -16,6 +16,7 @@ from cet_onnx import __version__
 from cet_onnx.allocation import cache as probe_cache, parallel
 from cet_onnx.allocation.allocate import FAST_SCHEME, Budget, Candidates, Sensitivity, candidate_formats, closed_loop_loss_budget, \
     fidelity, measure_cet, measure_cet_fast, measure_hawq, measure_sqnr, refine_size_budget, solve
+from cet_onnx.allocation.float_option import WHY_FLOAT, WithFloat, is_float
 from cet_onnx.allocation.losses import default_loss
 from cet_onnx.graph.output_kind import output_kind
 from cet_onnx.allocation.probes import ProbeSession, float_outputs
@@ -239,6 +240,8 @@ def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer
     Returns (format per weight, the quantized weights to emit, the report, the probe session).
     The weights are the candidates' own codes; None where the emitted ones must be quantized
     afresh (``--sequential`` rounding, or the ``uniform`` allocator, which quantizes no candidates).
+    Weights the solver keeps float (an option under a latency budget, :mod:`.float_option`) are in
+    neither: they stay as they are.
     """
     a = opts.allocation
     with timer.stage("allocate"):
@@ -253,32 +256,38 @@ def allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, timer: Timer
                 lb = LatencyBudget(p, opts, cand)
         with timer.stage("allocate"):
             formats, report = _allocate(p, opts, budget, session, info, cand, lb)
-        choice = [cand.formats.index(formats[w.name]) for w in p.weights]
         reuse = probed and not opts.weight_rounding.sequential
-        return formats, cand.chosen(choice) if reuse else None, report, session
+        qweights = {w.name: cand.quantize(i, cand.formats.index(formats[w.name]))
+                    for i, w in enumerate(p.weights) if w.name in formats} if reuse else None
+        return formats, qweights, report, session
     finally:
         cand.close()
 
 
 def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: ProbeSession, info: dict[str, Any],
               cand: Candidates, lb: LatencyBudget | None) -> tuple[dict[str, WeightFormat], dict[str, Any]]:
+    """(format per quantized weight, the report): weights kept float are left out of the formats."""
     a = opts.allocation
     runs0, t0 = session.runs, time.perf_counter()
     sens = None if a.allocator == "uniform" else sensitivities(p, opts, session, cand, a.allocator, info)
     probe_seconds = time.perf_counter() - t0
+    solved: Candidates | WithFloat = cand
+    if lb is not None and sens is not None:   # float is a format too: the fastest form of some layers
+        solved = lb.cand
+        sens = solved.sensitivity(sens)
     report: dict[str, Any] = {"allocator": a.allocator, "budget": budget.describe(), **info,
-                              "formats": [f.label for f in cand.formats],
+                              "formats": [f.label for f in solved.formats],
                               "unexercised_weights": dict(p.unexercised)}
     total_params = sum(w.size for w in p.weights)
 
     def choose(limits: list[Limit]) -> tuple[Solution, list, np.ndarray | None]:
         if budget.max_loss is not None and sens is not None:
-            return (*closed_loop_loss_budget(session, sens, cand, budget, limits=limits), None)
+            return (*closed_loop_loss_budget(session, sens, solved, budget, limits=limits), None)
         if a.allocator == "cet" and sens is not None and a.refine_rounds > 0:
-            solve(sens, cand, budget, session.base_loss, limits)  # a clear error when the budget is infeasible
-            return refine_size_budget(session, sens, cand, budget.size_bytes(total_params), a.refine_rounds,
+            solve(sens, solved, budget, session.base_loss, limits)  # a clear error when the budget is infeasible
+            return refine_size_budget(session, sens, solved, budget.size_bytes(total_params), a.refine_rounds,
                                       limits=limits)
-        return solve(sens, cand, budget, session.base_loss, limits), [], None
+        return solve(sens, solved, budget, session.base_loss, limits), [], None
 
     sol, history, corrected = lb.closed_loop(choose) if lb is not None else choose([])
     limits = [lb.limit] if lb is not None else []
@@ -299,14 +308,15 @@ def _allocate(p: Prepared, opts: QuantizeOptions, budget: Budget, session: Probe
             return {"bytes": s.size, "predicted_loss": session.base_loss + s.cost, "avg_bits": 8 * s.size / total_params,
                     **({"predicted_latency_ms": lb.predict(s.choice)} if lb is not None else {})}
 
-        report["pareto_front"] = [point(s) for s in pareto_front(sens.costs, cand.sizes, a.pareto_points, limits)]
+        report["pareto_front"] = [point(s) for s in pareto_front(sens.costs, solved.sizes, a.pareto_points, limits)]
         if lb is not None:   # the latency axis: the front without the latency row, each point's predicted ms
-            report["pareto_front_without_latency_budget"] = [point(s) for s in pareto_front(sens.costs, cand.sizes,
+            report["pareto_front_without_latency_budget"] = [point(s) for s in pareto_front(sens.costs, solved.sizes,
                                                                                            a.pareto_points)]
         if a.fidelity_samples:
-            report["fidelity"] = fidelity(session, sens, cand, a.fidelity_samples, opts.run.seed, corrected)
-    formats = {w.name: cand.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
-    return formats, report
+            report["fidelity"] = fidelity(session, sens, solved, a.fidelity_samples, opts.run.seed, corrected)
+    formats = {w.name: solved.formats[int(sol.choice[i])] for i, w in enumerate(p.weights)}
+    report["kept_float"] = {name: WHY_FLOAT for name, f in formats.items() if is_float(f)}
+    return {name: f for name, f in formats.items() if not is_float(f)}, report
 
 
 def measured_loss(session: ProbeSession, qweights: dict[str, QuantizedWeight]) -> float:

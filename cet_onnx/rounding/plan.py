@@ -192,12 +192,13 @@ def quantize_all(p: Prepared, opts: QuantizeOptions, formats: dict[str, WeightFo
 
 def quantize_weights(values: dict[str, np.ndarray], weights: list[WeightInfo], formats: dict[str, WeightFormat],
                      clip: str = "auto", roundings: RoundingPlan | None = None) -> dict[str, QuantizedWeight]:
-    """Round every weight to its format (with the rounding ``roundings`` plans, else round-to-nearest)."""
+    """Round every weight that has a format (with the rounding ``roundings`` plans, else round-to-nearest);
+    a weight without one stays float."""
     roundings = roundings or RoundingPlan()
     return {w.name: quantize_weight(values[w.name], formats[w.name], w.channel_axis, w.reduction_axis,
                                     rounding=roundings.get(w.name, formats[w.name]),
                                     clip_ratio=clip_for(formats[w.name], clip), integer_kernel=w.integer_kernel)
-            for w in weights}
+            for w in weights if w.name in formats}
 
 
 def hessian_chunks(p: Prepared, budget: int) -> list[list[WeightInfo]]:
@@ -233,7 +234,7 @@ def sequential_quantize(p: Prepared, opts: QuantizeOptions, formats: dict[str, W
     """Quantize in graph order, each layer's Hessian taken with every earlier weight already quantized."""
     feeds: dict[str, np.ndarray] = {}
     out: dict[str, QuantizedWeight] = {}
-    for w in p.weights:
+    for w in (w for w in p.weights if w.name in formats):   # a weight without a format stays float
         if w.name in p.specs:
             prepare_major_axis(p, opts, weight_feeds=feeds, only=[w])
         qw = quantize_weights(p.values, [w], {w.name: formats[w.name]}, opts.weights.clip, p.roundings)[w.name]
