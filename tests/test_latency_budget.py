@@ -100,6 +100,7 @@ def test_the_closed_loop_fits_layer_costs_to_whole_model_measurements():
     lb = object.__new__(LatencyBudget)   # the fit alone: no model, no timing
     lb.delta = np.array([[0.0, 1.0, 3.0], [0.0, 2.0, 5.0]])
     lb.fastest_ms, lb.fastest_sum, lb.scale, lb.points, lb.budget_ms, lb.flag = 10.0, 0.0, 1.0, [], 13.0, "test"
+    lb.fastest = np.array([0, 0])
     a, b = np.array([1, 1]), np.array([2, 0])
     assert lb.predict(a) == 13.0 and lb.limit.holds(a)
     lb._fit(a, 16.0)             # the whole model is twice as slow as its layers say
@@ -128,6 +129,7 @@ def _budget_without_a_model(measured: list[float]):
     lb.cand = SimpleNamespace(available=np.ones((2, 2), bool), sizes=np.array([[1.0, 4.0], [1.0, 4.0]]))
     lb.fastest, lb.fastest_ms, lb.fastest_sum, lb.scale, lb.points, lb.history = np.array([1, 1]), 10.0, 0.0, 1.0, [], []
     lb.budget_ms, lb.float_ms, lb.flag, lb.report = 11.0, 12.0, "--max-latency-ratio 0.92", {"batch": 1}
+    lb.p, lb.all_float_ms = SimpleNamespace(act_mode="none"), None
     timings = iter(measured)
     lb.measure = lambda choice: (lb.float_ms, next(timings))
     return lb
@@ -230,3 +232,24 @@ def test_a_weight_the_latency_row_keeps_float_is_left_out_of_the_emitted_weights
     assert row["format"] == "float" and row["bits"] == 32 and row["bytes"] == 4 * digits.weights[0].size
     assert _totals(rows)["weight_bytes"] == sum(r["bytes"] for r in rows)
     cand.base.close()
+
+
+def test_a_layer_gain_the_whole_model_contradicts_is_charged_to_the_weights_that_took_it():
+    """Layer timings said both quantized forms are faster than float; the whole model measured the first
+    choice slower: its excess goes to the weight it moved, and the next solve moves the other one."""
+    from cet_onnx.allocation.solver import solve_size_budget
+    lb = _budget_without_a_model([11.0, 9.5, 9.5])
+    lb.delta = np.array([[0.0, -1.0], [0.0, -1.5]])   # column 0: float (the anchor), column 1: quantized
+    lb.fastest, lb.fastest_ms, lb.budget_ms = np.array([0, 0]), 10.0, 10.0
+    costs, sizes = np.array([[0.0, 0.2], [0.0, 0.1]]), np.array([[4.0, 1.0], [4.0, 1.0]])
+    chosen = []
+
+    def choose(limits):
+        sol = solve_size_budget(costs, sizes, 5.0, limits)   # one weight must be quantized
+        chosen.append(sol.choice.tolist())
+        return (sol,)
+
+    sol, = lb.closed_loop(choose)
+    assert chosen == [[0, 1], [1, 0]]          # the cheaper-loss weight first, then, once it was charged, the other
+    assert lb.delta[1, 1] == pytest.approx(0.0 + (11.0 - 8.5))   # no gain left below float, plus the excess
+    assert [h["measured_ms"] for h in lb.history] == [11.0, 9.5] and sol.choice.tolist() == [1, 0]

