@@ -253,3 +253,21 @@ def test_a_layer_gain_the_whole_model_contradicts_is_charged_to_the_weights_that
     assert chosen == [[0, 1], [1, 0]]          # the cheaper-loss weight first, then, once it was charged, the other
     assert lb.delta[1, 1] == pytest.approx(0.0 + (11.0 - 8.5))   # no gain left below float, plus the excess
     assert [h["measured_ms"] for h in lb.history] == [11.0, 9.5] and sol.choice.tolist() == [1, 0]
+
+
+def test_a_form_dequantized_on_every_run_is_never_timed_faster_than_float(digits):
+    """A blocked INT4 Conv weight is dequantized on every run: its cost is clamped at 0 (in the whole graph it is
+    the float Conv plus a DequantizeLinear); the QLinearConv form and the float form are not clamped."""
+    from cet_onnx.allocation.float_option import KEEP_FLOAT
+    from cet_onnx.latency import latency_feed
+    w = next(w for w in digits.weights if w.name == "block1.cb1.0.weight")
+    acts = L.layer_activations(digits.model, digits.weights, latency_feed(digits.calib_batches, 1), digits.providers)
+    node = next(n for n in digits.model.graph if n.name == w.consumers[0])
+    layer = L._layer_model(digits.model, node, w, acts, digits.values)
+    names = {v.name for v in node.inputs if v is not None} | {o.name for o in node.outputs} | \
+        {L._relu_after(node).outputs[0].name}
+    la = {k: v for k, v in digits.act_params.items() if k in names}
+    fmts = [WeightFormat(8, "channel"), WeightFormat(4, "block", 16, symmetric=False), KEEP_FLOAT]
+    entry = L._time_layer(layer, w, fmts, digits.values, la, "static", acts, digits.providers, 1)
+    assert entry["dequantized"] == [False, True, False]
+    assert entry["delta_ms"][1] >= 0.0

@@ -16,7 +16,10 @@ without a 2-bit kernel. So each weight's layer is timed in each emitted form:
   float and, in static mode, its activation Q/DQ as the rewrite leaves them;
 * the float layer and every form run in turns (:func:`cet_onnx.latency.interleaved_ms`), and a
   format's cost is its median minus the float layer's: the change of the whole model's latency
-  when that weight alone takes that format. The model's predicted latency is the float model's
+  when that weight alone takes that format. A form whose weight onnxruntime dequantizes on every
+  run (:func:`cet_onnx.kernels.inspect_kernels` on the layer) costs at least 0: it computes the
+  float layer plus a DequantizeLinear, and where it timed faster alone the float layer was paying
+  its own layout reorders (onnxruntime's NCHWc Convs, which a whole float graph chains). The model's predicted latency is the float model's
   measured latency plus the chosen formats' costs.
 
 Results are cached on disk beside the probe results, keyed by everything they depend on (op,
@@ -47,6 +50,7 @@ from cet_onnx.errors import InputError
 from cet_onnx.graph.passes.extra_outputs import ExposeOutputsPass
 from cet_onnx.graph.rewriter import rewrite
 from cet_onnx.graph.weights import WeightInfo
+from cet_onnx.kernels import inspect_kernels
 from cet_onnx.latency import cpu_name, interleaved_ms
 from cet_onnx.progress import Progress
 from cet_onnx.quant.quantizer import ActivationParams, WeightFormat, quantize_weight
@@ -55,7 +59,7 @@ from cet_onnx.runner import Feed, make_session
 #: timing of one layer: fewer rounds and seconds than a whole model (there are many layers)
 LAYER_ROUNDS = (10, 60, 1.0)   # min rounds, max rounds, seconds
 _OUT = "__layer_output"
-_METHOD = 3   # bump when the way a layer is cut out or timed changes: cached timings of another method are stale
+_METHOD = 4   # bump when the way a layer is cut out or timed changes: cached timings of another method are stale
 
 
 @dataclass
@@ -198,7 +202,7 @@ def _time_layer(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightF
                 providers: Sequence[str], threads: int, widen: bool = True) -> dict[str, Any]:
     base = ir.from_proto(layer)
     feed = {i.name: acts[i.name] for i in layer.graph.input}
-    sessions, feeds = [make_session(layer, providers, threads=threads)], [feed]
+    sessions, feeds, dequantized = [make_session(layer, providers, threads=threads)], [feed], []
     for f in formats:
         qweights = {} if is_float(f) else \
             {w.name: quantize_weight(np.asarray(values[w.name], np.float32), f, w.channel_axis, w.reduction_axis)}
@@ -206,8 +210,12 @@ def _time_layer(layer: onnx.ModelProto, w: WeightInfo, formats: Sequence[WeightF
         proto, qfeed = deployed_boundary(ir.to_proto(emitted), feed, layer_acts)
         sessions.append(make_session(proto, providers, threads=threads))
         feeds.append(qfeed)
+        dequantized.append(bool(qweights) and bool(inspect_kernels(proto, providers).dequantized_at_run_time))
     ms, _ = interleaved_ms(sessions, feeds, *LAYER_ROUNDS)
-    return {"float_ms": ms[0], "delta_ms": [m - ms[0] for m in ms[1:]]}
+    # a weight dequantized on every run computes the float layer plus a DequantizeLinear: it is never faster in
+    # the whole graph, and a faster isolated timing is the float layer paying its own layout reorders (NCHWc)
+    return {"float_ms": ms[0], "delta_ms": [max(m - ms[0], 0.0) if d else m - ms[0] for m, d in zip(ms[1:], dequantized)],
+            "dequantized": dequantized}
 
 
 def deployed_boundary(model: onnx.ModelProto, feed: Feed, act_params: dict[str, ActivationParams]
