@@ -571,7 +571,8 @@ def _print_quantize_summary(report: dict, report_file: Path) -> None:
         if lb:
             say(f"  latency budget ({lb['constraint']}, batch {lb['batch']}): float {lb['float_ms']:.3f} ms, "
                 f"budget {lb['budget_ms']:.3f} ms, predicted {lb['predicted_ms']:.3f} ms "
-                f"(every layer's formats timed; anchored on the fastest assignment, measured {lb['fastest_assignment_ms']:.3f} ms)")
+                f"(every layer's formats timed; anchored on {lb.get('anchor', 'the fastest assignment')}, "
+                f"measured {lb['fastest_assignment_ms']:.3f} ms)")
             kept = a.get("kept_float") or {}
             if kept:
                 say(f"  {len(kept)} weight(s) kept float ({next(iter(kept.values()))}): "
