@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, help="folder for the model and outputs (kept); default: a temporary one")
     ap.add_argument("--out", type=Path, default=RESULTS / "large_model")
     ap.add_argument("--max-ratio", type=float, help="fail when a cet-onnx run's peak RSS exceeds this × weight bytes")
+    ap.add_argument("--min-sqnr", type=float, help="fail when a cet-onnx run's output SQNR (dB, held-out samples) is "
+                                                   "below this: a destroyed model passes no memory check")
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c != "ort-run" and c not in CONFIGS]
@@ -139,13 +141,19 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_md(result, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
-    if args.max_ratio is not None:
-        over = [r for r in result["rows"] if r["config"] != "ort-run" and r["peak_rss_over_weight_bytes"] > args.max_ratio]
-        for r in over:
-            print(f"FAIL: {r['config']}: peak RSS {r['peak_rss_over_weight_bytes']:.2f} x weight bytes "
-                  f"> --max-ratio {args.max_ratio}", file=sys.stderr)
-        if over:
-            sys.exit(1)
+    failures = []
+    for r in result["rows"]:
+        if r["config"] == "ort-run":
+            continue
+        if args.max_ratio is not None and r["peak_rss_over_weight_bytes"] > args.max_ratio:
+            failures.append(f"{r['config']}: peak RSS {r['peak_rss_over_weight_bytes']:.2f} x weight bytes "
+                            f"> --max-ratio {args.max_ratio}")
+        if args.min_sqnr is not None and not r["min_sqnr_db"] >= args.min_sqnr:
+            failures.append(f"{r['config']}: output SQNR {r['min_sqnr_db']} dB < --min-sqnr {args.min_sqnr}")
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

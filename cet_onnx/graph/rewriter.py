@@ -154,7 +154,7 @@ def rewrite(model: Model, weights: list[WeightInfo], qweights: dict[str, Quantiz
         DynamicLSTMPass(qweights)(m)
     passes: list[ir.passes.PassBase] = []
     if act_params and all(p.dtype.kind == "u" for p in act_params.values()) and not transformer:
-        passes.append(FoldReluPass(nbits.float_nodes, planned=act_params))
+        passes.append(FoldReluPass(nbits.float_nodes, planned=act_params, activation_ops=ACTIVATION_OPS))
     int8_codes = set() if weight_only or not widen else int8_kernel_weights(m.graph, qweights, nbits.weights)
     biases = Int32BiasPass(qweights, weights, act_params, nbits.float_nodes, int8_codes)
     dynamic_pass = DynamicMatMulPass()

@@ -37,7 +37,7 @@ import onnx_ir as ir
 from cet_onnx.graph.names import UniqueNames
 from cet_onnx.graph.passes._graph import FRONT, all_nodes, branch_nodes, initializer, insert_front, is_constant, is_onnx, \
     values_by_name
-from cet_onnx.graph.passes.fold_relu import foldable_relus
+from cet_onnx.graph.passes.fold_relu import WEIGHT_OPS, foldable_relus
 from cet_onnx.graph.tensors import array_tensor, float_numpy
 from cet_onnx.quant.quantizer import ActivationParams
 
@@ -48,7 +48,7 @@ ACTIVATION_OPS = frozenset({
     "GlobalAveragePool", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Flatten", "Reshape", "Transpose",
     "Squeeze", "Unsqueeze", "Resize",
 })
-WEIGHT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+WEIGHT_OUTPUT_OPS = WEIGHT_OPS
 #: Static mode on a transformer graph: the ops whose inputs are quantized. LayerNorm, Softmax,
 #: GELU and residual Add inputs stay float (published practice: their ranges are wide or
 #: outlier-heavy), and so do the attention products (a MatMul of two activations) and every

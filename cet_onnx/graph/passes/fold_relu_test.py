@@ -52,3 +52,29 @@ def test_with_a_plan_only_relus_whose_output_is_planned_fold():
     p(m)
     assert p.folded == 1 and ops(m) == ["MatMul", "Relu", "MatMul", "Neg"]
     assert m.graph.node(1).outputs[0].name == "r1"
+
+
+def test_with_activation_ops_a_relu_stays_where_its_quantizer_would_be_dropped():
+    """MatMul → Add → Relu → MatMul with both MatMuls fused into MatMulNBits (``keep_after``): the activation
+    pass drops the pair on the Relu output (its only reader takes float), so the Relu must stay."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="m1"), helper.make_node("Add", ["h", "w"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "w"], ["y"], name="m2")]
+    ops_ = {"MatMul", "Add", "Relu"}
+
+    def relus(keep):
+        m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y")], {"w": W})
+        return foldable_relus(m.graph, keep, planned={"r"}, activation_ops=ops_)
+
+    assert relus({"m1", "m2"}) == []                   # its only reader reads float: nothing would clamp it
+    assert len(relus({"m1"})) == 1                      # the second MatMul reads it dequantized: folded
+    m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y")], {"w": W})
+    assert len(foldable_relus(m.graph, {"m1", "m2"}, planned={"r"})) == 1   # without activation_ops: the old rule
+
+
+def test_with_activation_ops_a_relu_after_a_weight_op_folds_when_any_reader_is_not_float():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="m1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Neg", ["r"], ["y"], name="neg")]
+    m = make_model(nodes, [tensor_info("x", [1, 4])], [tensor_info("y")], {"w": W})
+    assert len(foldable_relus(m.graph, (), planned={"r"}, activation_ops={"MatMul"})) == 1   # Neg reads it dequantized
+    m = make_model(nodes[:2], [tensor_info("x", [1, 4])], [tensor_info("r", [1, 4])], {"w": W})
+    assert foldable_relus(m.graph, (), planned={"r"}, activation_ops={"MatMul"}) == []       # a graph output stays float
