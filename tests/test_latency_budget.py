@@ -116,6 +116,9 @@ def test_a_latency_budget_below_the_fastest_assignment_says_what_was_measured(tm
     res = _quantize(tmp_path, "--avg-bits", "2.5", "--max-latency-ratio", "0.05", "--latency-batch", "16")
     assert res.exit_code == 2
     assert "--max-latency-ratio 0.05 cannot be met: the fastest assignment of formats measured" in res.output
+    # static mode: what every weight float measured with the activation Q/DQ still in place, and the way out
+    assert "with static activations their Q/DQ stay even where every weight is float (measured" in res.output
+    assert "--act-mode none or dynamic leaves them float" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "q.onnx").exists()
 
 
